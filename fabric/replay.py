@@ -1,0 +1,94 @@
+"""RFC 6479 anti-replay window over a caller-supplied buffer.
+
+The same algorithm as wireguard-go `replay/replay.go`: a ring of 128 blocks of
+64 bits, so 8128 counters behind the newest are still accepted. The state lives
+in any writable buffer (a bytearray for one process, an mmap'd slot of the
+host-shared session table for many), laid out as:
+
+    offset 0   u64 last   highest counter accepted so far
+    offset 8   128 x u64  the ring of bitmap blocks
+
+Callers serialise access (the session table holds a per-slot lock).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_WINDOW_BITS
+
+BLOCK_BIT_LOG = 6
+RING_BLOCKS = REPLAY_WINDOW_BITS // REPLAY_BLOCK_BITS  # 128
+BLOCK_MASK = RING_BLOCKS - 1
+BIT_MASK = REPLAY_BLOCK_BITS - 1
+WINDOW_SIZE = (RING_BLOCKS - 1) * REPLAY_BLOCK_BITS  # 8128
+STATE_SIZE = 8 + RING_BLOCKS * 8
+
+_U64 = struct.Struct("<Q")
+
+
+def reset(buf: bytearray | memoryview, off: int = 0) -> None:
+    """Forget every counter: the window of a fresh session."""
+    buf[off : off + STATE_SIZE] = bytes(STATE_SIZE)
+
+
+def seen(buf: bytearray | memoryview, off: int, counter: int) -> bool:
+    """True if `counter` would be refused now (already seen, too old, or over the limit).
+
+    Changes nothing: used as a cheap filter before the AEAD tag is checked.
+    """
+    if counter >= REJECT_AFTER_MESSAGES:
+        return True
+    (last,) = _U64.unpack_from(buf, off)
+    if counter > last:
+        return False
+    if last - counter > WINDOW_SIZE:
+        return True
+    block = (counter >> BLOCK_BIT_LOG) & BLOCK_MASK
+    (bits,) = _U64.unpack_from(buf, off + 8 + block * 8)
+    return bool(bits >> (counter & BIT_MASK) & 1)
+
+
+def accept(buf: bytearray | memoryview, off: int, counter: int) -> bool:
+    """Record `counter`; False if it is a replay or outside the window.
+
+    Call only after the packet's AEAD tag verified (wireguard-go device/receive.go).
+    """
+    if counter >= REJECT_AFTER_MESSAGES:
+        return False
+    (last,) = _U64.unpack_from(buf, off)
+    index_block = counter >> BLOCK_BIT_LOG
+    if counter > last:
+        current = last >> BLOCK_BIT_LOG
+        diff = min(index_block - current, RING_BLOCKS)
+        ring = off + 8
+        for i in range(current + 1, current + diff + 1):
+            _U64.pack_into(buf, ring + (i & BLOCK_MASK) * 8, 0)
+        _U64.pack_into(buf, off, counter)
+    elif last - counter > WINDOW_SIZE:
+        return False
+    pos = off + 8 + (index_block & BLOCK_MASK) * 8
+    (old,) = _U64.unpack_from(buf, pos)
+    new = old | (1 << (counter & BIT_MASK))
+    if new == old:
+        return False
+    _U64.pack_into(buf, pos, new)
+    return True
+
+
+class ReplayWindow:
+    """A replay window owning its own buffer (one process, one session)."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray(STATE_SIZE)
+
+    def accept(self, counter: int) -> bool:
+        return accept(self.buf, 0, counter)
+
+    def seen(self, counter: int) -> bool:
+        return seen(self.buf, 0, counter)
+
+    def reset(self) -> None:
+        reset(self.buf, 0)
