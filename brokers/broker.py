@@ -1,0 +1,603 @@
+"""The session broker: authority for peers and sessions (DESIGN.md, "broker").
+
+Sockets (endpoints from fabric.paths.StateDir):
+  PUB     key-value updates with sequence numbers and a heartbeat (Clone pattern)
+  ROUTER  snapshots on request (ICANHAZ? ... KTHXBAI)
+  ROUTER  handshake commits from workers (REQ): the authority checks
+          - the receiver index is unused,
+          - the TAI64N timestamp is newer than the peer's last (whitepaper 5.1),
+          - the previous initiation from the peer is INITIATION_FLOOD_INTERVAL old,
+          then assigns a session id (monotonic, persisted) and a session-table slot
+  PULL    counters from edges and workers, once a second (also announces edges)
+  REP     admin requests (`fabric admin`, `fabric peer`)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from fabric import crypto
+from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
+from fabric.constants import (
+    INITIATION_FLOOD_INTERVAL,
+    MAX_SESSIONS_PER_PEER,
+    SESSION_KEEP_TIME,
+)
+from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
+from fabric.log import Log
+from fabric.paths import StateDir
+from fabric.sessiontable import DEFAULT_SLOTS
+
+log = Log("broker")
+
+EDGE_GONE_AFTER = 5.0
+STATE_VERSION = 1
+
+
+@dataclass
+class Peer:
+    name: str
+    public: bytes
+    allowed_ips: list[str]
+    psk: bytes | None = None
+    keepalive: int = 0
+    last_timestamp: bytes = bytes(12)
+    last_initiation: float = 0.0
+
+    def value(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "public": self.public,
+            "psk": self.psk,
+            "allowed_ips": self.allowed_ips,
+            "keepalive": self.keepalive,
+        }
+
+    def to_state(self) -> dict[str, Any]:
+        return {**self.value(), "last_timestamp": self.last_timestamp, "last_initiation": self.last_initiation}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> Peer:
+        return cls(
+            d["name"], d["public"], list(d["allowed_ips"]), d.get("psk"), d.get("keepalive", 0),
+            d.get("last_timestamp", bytes(12)), d.get("last_initiation", 0.0),
+        )
+
+
+def peer_key(public: bytes) -> bytes:
+    return b"peer/" + crypto.key_to_base64(public).encode()
+
+
+def session_key(sid: int) -> bytes:
+    return b"session/%d" % sid
+
+
+@dataclass
+class Reports:
+    """Latest counters from each process (role, id, pid); totals are sums over them."""
+
+    latest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, report: dict[str, Any], now: float) -> None:
+        key = (str(report["role"]), int(report["id"]), int(report["pid"]))
+        self.latest[key] = (now, report)
+
+
+class Broker:
+    def __init__(
+        self,
+        state_dir: StateDir,
+        address: str,
+        listen_port: int,
+        endpoint: str | None = None,
+        config_peers: list[PeerConfig] | None = None,
+        slots: int = DEFAULT_SLOTS,
+    ) -> None:
+        self.sd = state_dir
+        self.address = address
+        self.network = ipaddress.ip_interface(address).network
+        self.listen_port = listen_port
+        self.endpoint = endpoint
+        self.slots = slots
+        self.epoch = secrets.randbits(63)
+        self.seq = 0
+        self.kv: dict[bytes, dict[str, Any]] = {}
+        self.peers: dict[bytes, Peer] = {}
+        self.sessions: dict[int, dict[str, Any]] = {}
+        self.next_sid = 1
+        self.edges: dict[int, dict[str, Any]] = {}
+        self.reports = Reports()
+        self.counters: dict[str, int] = {}
+        self.private = self._load_server_key()
+        self.public = crypto.public_key(self.private)
+        self._load_state()
+        for pc in config_peers or []:
+            self._put_peer(Peer(pc.name, pc.public_key, pc.allowed_ips, pc.preshared_key, pc.persistent_keepalive), persist=False)
+        self._persist()
+        self._publish(b"server", {
+            "public": self.public, "private": self.private,
+            "address": self.address, "listen_port": self.listen_port, "slots": self.slots,
+        })
+
+    # --- state --------------------------------------------------------------
+
+    def _load_server_key(self) -> bytes:
+        path = self.sd.server_key
+        if path.exists():
+            try:
+                return crypto.key_from_base64(path.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}; remove it to generate a new server key") from None
+        key = crypto.generate_private_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(crypto.key_to_base64(key) + "\n")
+        log.info("generated server key", path=path)
+        return key
+
+    def _load_state(self) -> None:
+        path = self.sd.broker_state
+        if not path.exists():
+            self.next_sid = self._sid_floor()
+            return
+        try:
+            data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+            if data.get("version") != STATE_VERSION:
+                raise ValueError(f"state version {data.get('version')}")
+            for d in data["peers"]:
+                p = Peer.from_state(d)
+                self.peers[p.public] = p
+            for s in data["sessions"]:
+                if s["peer"] in self.peers:
+                    self.sessions[s["id"]] = s
+            self.next_sid = max(int(data["next_sid"]), self._sid_floor())
+        except Exception as exc:
+            # Never reuse session ids (and so slot generations): start above any past id.
+            bad = path.with_suffix(".corrupt")
+            os.replace(path, bad)
+            log.error("broker state unreadable, starting empty", error=str(exc), moved_to=bad)
+            self.next_sid = self._sid_floor()
+            return
+        for p in self.peers.values():
+            self._publish(peer_key(p.public), p.value())
+        for sid, s in self.sessions.items():
+            self._publish(session_key(sid), s)
+        log.info("resumed state", peers=len(self.peers), sessions=len(self.sessions))
+
+    @staticmethod
+    def _sid_floor() -> int:
+        # Session ids grow across restarts even if the state file is lost:
+        # milliseconds since the epoch, times 4096 ids per millisecond.
+        return int(time.time() * 1000) << 12
+
+    def _persist(self) -> None:
+        data = {
+            "version": STATE_VERSION,
+            "peers": [p.to_state() for p in self.peers.values()],
+            "sessions": list(self.sessions.values()),
+            "next_sid": self.next_sid,
+        }
+        path = self.sd.broker_state
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(msgpack.packb(data, use_bin_type=True))
+        os.replace(tmp, path)
+
+    # --- publishing (Clone pattern) ----------------------------------------
+
+    def _publish(self, key: bytes, value: dict[str, Any] | None) -> None:
+        self.seq += 1
+        if value is None:
+            self.kv.pop(key, None)
+        else:
+            self.kv[key] = value
+        if hasattr(self, "pub"):
+            try:
+                KVMsg(key, self.seq, self.epoch, value).send(self.pub)
+            except zmq.Again:
+                self.count("pub_dropped")
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _put_peer(self, peer: Peer, persist: bool = True) -> None:
+        old = self.peers.get(peer.public)
+        if old is not None:
+            peer.last_timestamp, peer.last_initiation = old.last_timestamp, old.last_initiation
+        self.peers[peer.public] = peer
+        self._publish(peer_key(peer.public), peer.value())
+        if persist:
+            self._persist()
+
+    def _delete_session(self, sid: int) -> None:
+        if self.sessions.pop(sid, None) is not None:
+            self._publish(session_key(sid), None)
+
+    # --- handshake commits --------------------------------------------------
+
+    def commit(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        peer = self.peers.get(req.get("peer", b""))
+        if peer is None:
+            return {"ok": False, "reason": "unknown_peer"}
+        ts = req.get("timestamp")
+        if not isinstance(ts, bytes) or len(ts) != 12:
+            return {"ok": False, "reason": "bad_request"}
+        if ts <= peer.last_timestamp:  # TAI64N is big-endian: byte order is time order
+            return {"ok": False, "reason": "stale_timestamp"}
+        if now - peer.last_initiation < INITIATION_FLOOD_INTERVAL:
+            return {"ok": False, "reason": "flood"}
+        local_index = req.get("local_index")
+        if not isinstance(local_index, int) or any(
+            s["local_index"] == local_index for s in self.sessions.values()
+        ):
+            return {"ok": False, "reason": "index_in_use"}
+        used = {s["slot"] for s in self.sessions.values()}
+        mine = sorted((s["created"], sid) for sid, s in self.sessions.items() if s["peer"] == peer.public)
+        while len(mine) >= MAX_SESSIONS_PER_PEER:
+            _, old = mine.pop(0)
+            used.discard(self.sessions[old]["slot"])
+            self._delete_session(old)
+        slot = next((i for i in range(1, self.slots) if i not in used), None)
+        if slot is None:
+            return {"ok": False, "reason": "table_full"}
+        sid = self.next_sid
+        self.next_sid += 1
+        session = {
+            "id": sid,
+            "slot": slot,
+            "peer": peer.public,
+            "local_index": local_index,
+            "remote_index": int(req["remote_index"]),
+            "send_key": bytes(req["send_key"]),
+            "recv_key": bytes(req["recv_key"]),
+            "created": now,
+            "endpoint": bytes(req.get("endpoint", b"")),
+        }
+        peer.last_timestamp = ts
+        peer.last_initiation = now
+        self.sessions[sid] = session
+        self._publish(session_key(sid), session)
+        self._persist()
+        self.count("handshakes")
+        log.info("session committed", peer=peer.name, session=sid, slot=slot)
+        return {"ok": True, "session": session}
+
+    # --- admin ----------------------------------------------------------------
+
+    def admin(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        op = req.get("op")
+        handler = {
+            "peers": self._admin_peers,
+            "sessions": self._admin_sessions,
+            "peer_add": self._admin_peer_add,
+            "peer_remove": self._admin_peer_remove,
+            "status": self._admin_status,
+            "stats": self._admin_stats,
+            "server": self._admin_server,
+        }.get(op if isinstance(op, str) else "")
+        if handler is None:
+            return {"ok": False, "error": f"unknown admin op {op!r}"}
+        try:
+            return handler(req, now)
+        except (ConfigError, ValueError, KeyError, TypeError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    def _admin_server(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        return {
+            "ok": True, "public_key": crypto.key_to_base64(self.public), "address": self.address,
+            "listen_port": self.listen_port, "endpoint": self.endpoint,
+        }
+
+    def _fresh_reports(self, now: float) -> list[dict[str, Any]]:
+        return [r for _, r in self.reports.latest.values()]
+
+    def _peer_totals(self) -> dict[bytes, list[int]]:
+        totals: dict[bytes, list[int]] = {}
+        for _, r in self.reports.latest.values():
+            for pub, vals in r.get("peers", {}).items():
+                t = totals.setdefault(pub, [0, 0, 0, 0])
+                for i, v in enumerate(vals[:4]):
+                    t[i] += int(v)
+        return totals
+
+    def _session_rows(self, now: float) -> list[dict[str, Any]]:
+        per_edge: dict[int, dict[str, int]] = {}
+        per_worker: dict[int, dict[str, int]] = {}
+        endpoints: dict[int, tuple[float, str]] = {}
+        for (role, rid, _), (_, r) in self.reports.latest.items():
+            target = per_edge if role == "edge" else per_worker
+            for sid, info in r.get("sessions", {}).items():
+                d = target.setdefault(int(sid), {})
+                d[str(rid)] = d.get(str(rid), 0) + int(info.get("packets", 0))
+                ep = info.get("endpoint")
+                if ep and info.get("last_rx", 0) >= endpoints.get(int(sid), (0.0, ""))[0]:
+                    endpoints[int(sid)] = (info.get("last_rx", 0), ep)
+        totals = self._peer_totals()
+        rows = []
+        for sid, s in sorted(self.sessions.items()):
+            p = self.peers.get(s["peer"])
+            if p is None:
+                continue
+            t = totals.get(p.public, [0, 0, 0, 0])
+            rows.append({
+                "session_id": sid,
+                "peer": p.name,
+                "public_key": crypto.key_to_base64(p.public),
+                "endpoint": endpoints.get(sid, (0, ""))[1],
+                "allowed_ips": p.allowed_ips,
+                "latest_handshake": s["created"],
+                "age": round(now - s["created"], 1),
+                "rx_bytes": t[0],
+                "tx_bytes": t[1],
+                "slot": s["slot"],
+                "packets_per_edge": per_edge.get(sid, {}),
+                "packets_per_worker": per_worker.get(sid, {}),
+            })
+        return rows
+
+    def _admin_sessions(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        return {"ok": True, "sessions": self._session_rows(now)}
+
+    def _admin_peers(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        totals = self._peer_totals()
+        rows = []
+        sessions = self._session_rows(now)
+        for p in sorted(self.peers.values(), key=lambda p: p.name):
+            mine = [s for s in sessions if s["public_key"] == crypto.key_to_base64(p.public)]
+            newest = max(mine, key=lambda s: s["latest_handshake"], default=None)
+            t = totals.get(p.public, [0, 0, 0, 0])
+            rows.append({
+                "name": p.name,
+                "public_key": crypto.key_to_base64(p.public),
+                "allowed_ips": p.allowed_ips,
+                "endpoint": newest["endpoint"] if newest else "",
+                "latest_handshake": newest["latest_handshake"] if newest else None,
+                "rx_bytes": t[0],
+                "tx_bytes": t[1],
+                "rx_packets": t[2],
+                "tx_packets": t[3],
+                "persistent_keepalive": p.keepalive,
+                "sessions": len(mine),
+            })
+        return {"ok": True, "peers": rows}
+
+    def _next_free_ip(self) -> str:
+        taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = {ipaddress.ip_interface(self.address).ip}
+        for p in self.peers.values():
+            for n in p.allowed_ips:
+                net = ipaddress.ip_network(n)
+                if net.version == self.network.version and net.subnet_of(self.network):  # type: ignore[arg-type]
+                    taken.update(net)
+        for i, host in enumerate(self.network.hosts()):
+            if host not in taken:
+                return f"{host}/{host.max_prefixlen}"
+            if i > 1 << 16:
+                break
+        raise ValueError(f"no free address left in {self.network}; pass --allowed-ip")
+
+    def _admin_peer_add(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        name = req.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
+            raise ValueError("peer name must be 1 to 64 printable characters")
+        if any(p.name == name for p in self.peers.values()):
+            raise ValueError(f"a peer named {name!r} exists already; remove it first or pick another name")
+        ips = req.get("allowed_ips") or [self._next_free_ip()]
+        nets = [parse_network(ip, "allowed-ip") for ip in ips]
+        check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()] + [(name, nets)])
+        private = None
+        if req.get("public_key"):
+            public = crypto.key_from_base64(req["public_key"])
+        else:
+            private = crypto.generate_private_key()
+            public = crypto.public_key(private)
+        if public in self.peers:
+            raise ValueError(f"that public key belongs to peer {self.peers[public].name!r} already")
+        psk = crypto.generate_private_key() if req.get("psk") else None
+        keepalive = int(req.get("keepalive", 0))
+        self._put_peer(Peer(name, public, nets, psk, keepalive))
+        log.info("peer added", peer=name, allowed_ips=",".join(nets))
+        return {
+            "ok": True,
+            "name": name,
+            "public_key": crypto.key_to_base64(public),
+            "private_key": crypto.key_to_base64(private) if private else None,
+            "preshared_key": crypto.key_to_base64(psk) if psk else None,
+            "allowed_ips": nets,
+            "server_public_key": crypto.key_to_base64(self.public),
+            "listen_port": self.listen_port,
+            "endpoint": self.endpoint,
+            "network": str(self.network),
+        }
+
+    def _admin_peer_remove(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        name = req.get("name")
+        peer = next((p for p in self.peers.values() if p.name == name), None)
+        if peer is None:
+            raise ValueError(f"no peer named {name!r}; `fabric admin peers` lists them")
+        for sid in [sid for sid, s in self.sessions.items() if s["peer"] == peer.public]:
+            self._delete_session(sid)
+        del self.peers[peer.public]
+        self._publish(peer_key(peer.public), None)
+        self._persist()
+        log.info("peer removed", peer=name)
+        return {"ok": True, "name": name}
+
+    def _admin_status(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        procs = []
+        for (role, rid, pid), (seen, r) in sorted(self.reports.latest.items()):
+            procs.append({
+                "role": role, "id": rid, "pid": pid, "age": round(now - seen, 1),
+                "alive": now - seen < EDGE_GONE_AFTER, "counters": r.get("counters", {}),
+            })
+        return {
+            "ok": True, "broker": {"pid": os.getpid(), "seq": self.seq, "epoch": self.epoch,
+                                   "counters": self.counters},
+            "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
+        }
+
+    def _admin_stats(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        totals: dict[str, int] = dict(self.counters)
+        for _, r in self.reports.latest.values():
+            for k, v in r.get("counters", {}).items():
+                key = f"{r['role']}.{k}"
+                totals[key] = totals.get(key, 0) + int(v)
+        return {"ok": True, "counters": dict(sorted(totals.items()))}
+
+    # --- stats and edge registry -------------------------------------------
+
+    def on_report(self, report: dict[str, Any], now: float) -> None:
+        try:
+            role, rid = report["role"], int(report["id"])
+            if role not in ("edge", "worker"):
+                raise ValueError(role)
+            self.reports.add(report, now)
+        except (KeyError, ValueError, TypeError):
+            self.count("bad_report")
+            return
+        if role == "edge":
+            value = {"id": rid, "work": str(report.get("work", "")), "result": str(report.get("result", ""))}
+            self.edges[rid] = {"seen": now, **value}
+            if self.kv.get(b"edge/%d" % rid) != value:
+                self._publish(b"edge/%d" % rid, value)
+
+    def tick(self, now: float) -> None:
+        changed = False
+        for sid, s in list(self.sessions.items()):
+            if now - s["created"] > SESSION_KEEP_TIME:
+                self._delete_session(sid)
+                changed = True
+        if changed:
+            self._persist()
+        for rid, e in list(self.edges.items()):
+            if now - e["seen"] > EDGE_GONE_AFTER:
+                del self.edges[rid]
+                self._publish(b"edge/%d" % rid, None)
+                log.info("edge gone", edge=rid)
+        try:
+            KVMsg(HUGZ, self.seq, self.epoch).send(self.pub)
+        except zmq.Again:
+            pass
+
+    # --- sockets ----------------------------------------------------------------
+
+    def bind(self, ctx: zmq.Context) -> None:
+        self.ctx = ctx
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 100000)
+        self.snap = ctx.socket(zmq.ROUTER)
+        self.commits = ctx.socket(zmq.ROUTER)
+        self.stats = ctx.socket(zmq.PULL)
+        self.adm = ctx.socket(zmq.REP)
+        for sock, ep in (
+            (self.pub, self.sd.broker_pub),
+            (self.snap, self.sd.broker_snapshot),
+            (self.commits, self.sd.broker_commit),
+            (self.stats, self.sd.broker_stats),
+            (self.adm, self.sd.admin),
+        ):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ep)
+
+    def _serve_snapshot(self) -> None:
+        parts = self.snap.recv_multipart(zmq.NOBLOCK)
+        if len(parts) < 2 or parts[1] != ICANHAZ:
+            self.count("bad_snapshot_request")
+            return
+        ident = parts[0]
+        for key, value in self.kv.items():
+            KVMsg(key, self.seq, self.epoch, value).send(self.snap, ident)
+        KVMsg(KTHXBAI, self.seq, self.epoch).send(self.snap, ident)
+
+    def _serve_commit(self, now: float) -> None:
+        parts = self.commits.recv_multipart(zmq.NOBLOCK)
+        if len(parts) != 3 or parts[1] != b"":
+            self.count("bad_commit_frame")
+            return
+        try:
+            req = msgpack.unpackb(parts[2], raw=False, strict_map_key=False)
+            reply = self.commit(req, now) if isinstance(req, dict) else {"ok": False, "reason": "bad_request"}
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            self.count("bad_commit")
+            reply = {"ok": False, "reason": "bad_request", "error": str(exc)}
+        self.commits.send_multipart([parts[0], b"", msgpack.packb(reply, use_bin_type=True)])
+
+    def _serve_admin(self, now: float) -> None:
+        raw = self.adm.recv(zmq.NOBLOCK)
+        try:
+            req = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            reply = self.admin(req, now) if isinstance(req, dict) else {"ok": False, "error": "request must be a map"}
+        except Exception as exc:  # the admin socket must always answer
+            self.count("bad_admin")
+            reply = {"ok": False, "error": f"malformed request: {exc}"}
+        self.adm.send(msgpack.packb(reply, use_bin_type=True))
+
+    def _drain_stats(self, now: float) -> None:
+        for _ in range(1000):
+            try:
+                raw = self.stats.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                rep = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+                if not isinstance(rep, dict):
+                    raise ValueError("not a map")
+            except Exception:
+                self.count("bad_report")
+                continue
+            self.on_report(rep, now)
+
+    def serve(self, stop: list[bool]) -> None:
+        poller = zmq.Poller()
+        for s in (self.snap, self.commits, self.stats, self.adm):
+            poller.register(s, zmq.POLLIN)
+        next_tick = 0.0
+        while not stop[0]:
+            ready = dict(poller.poll(250))
+            now = time.time()
+            try:
+                if self.snap in ready:
+                    self._serve_snapshot()
+                if self.commits in ready:
+                    self._serve_commit(now)
+                if self.stats in ready:
+                    self._drain_stats(now)
+                if self.adm in ready:
+                    self._serve_admin(now)
+            except zmq.Again:
+                pass
+            if now >= next_tick:
+                self.tick(now)
+                next_tick = now + 1.0
+
+
+def run(state_dir: StateDir, address: str, listen_port: int, endpoint: str | None,
+        config_peers: list[PeerConfig]) -> int:
+    state_dir.ensure()
+    lock = state_dir.lock("broker")
+    broker = Broker(state_dir, address, listen_port, endpoint, config_peers)
+    ctx = zmq.Context()
+    broker.bind(ctx)
+    stop = [False]
+
+    def _stop(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("broker running", state_dir=state_dir.root, peers=len(broker.peers))
+    try:
+        broker.serve(stop)
+    finally:
+        ctx.destroy(0)
+        os.close(lock)
+    return 0

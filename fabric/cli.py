@@ -1,0 +1,265 @@
+"""The `fabric` command line."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Sequence
+
+from fabric import __version__
+from fabric import log as logmod
+from fabric.config import DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_TUN, ConfigError
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{v} is not a port; use 1 to 65535")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= v <= 256:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; use 1 to 256")
+    return v
+
+
+def _id(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 255:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; use 0 to 255")
+    return v
+
+
+def _cidr(text: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address with prefix, e.g. 198.18.100.1/24") from None
+    if iface.network.prefixlen == iface.max_prefixlen:
+        raise argparse.ArgumentTypeError(f"{text} needs the tunnel network's prefix, e.g. /24")
+    return str(iface)
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP network, e.g. 198.18.100.7/32") from None
+
+
+def _endpoint(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT, e.g. vpn.example.org:51820")
+    _port(port)
+    return text
+
+
+def _state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", default=None,
+                   help="keys, state and sockets (default $FABRIC_STATE_DIR or /var/lib/fabric)")
+
+
+def _client(p: argparse.ArgumentParser) -> None:
+    _state_dir(p)
+    p.add_argument("--admin", metavar="ENDPOINT", help="admin socket of the fabric (default: from --state-dir)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fabric", description="A WireGuard-compatible VPN server spread over processes.")
+    parser.add_argument("--version", action="version", version=f"fabric {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    up = sub.add_parser("up", help="run broker, edges and workers on this host (the embedded default)")
+    _state_dir(up)
+    up.add_argument("--config", help="TOML configuration file")
+    up.add_argument("--listen-port", type=_port, help=f"UDP port (default {DEFAULT_PORT})")
+    up.add_argument("--listen", default="::", help="UDP address to bind (default :: = all, IPv4 and IPv6)")
+    up.add_argument("--address", type=_cidr, help=f"server tunnel address with prefix (default {DEFAULT_ADDRESS})")
+    up.add_argument("--edges", type=_count, help="edge processes (default: number of cores)")
+    up.add_argument("--workers", type=_count, help="worker processes (default: number of cores)")
+    up.add_argument("--tun", help=f"TUN device name (default {DEFAULT_TUN})")
+    up.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
+    up.add_argument("--no-reuseport", action="store_true", help="edge i binds port+i instead of sharing one port")
+
+    br = sub.add_parser("broker", help="run the session broker")
+    _state_dir(br)
+    br.add_argument("--config", help="TOML configuration file (peers, [server] address)")
+    br.add_argument("--address", type=_cidr, help=f"server tunnel address with prefix (default {DEFAULT_ADDRESS})")
+    br.add_argument("--listen-port", type=_port, help=f"the UDP port edges use (default {DEFAULT_PORT})")
+    br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
+
+    ed = sub.add_parser("edge", help="run one edge (UDP socket + TUN queue)")
+    _state_dir(ed)
+    ed.add_argument("--id", type=_id, required=True, help="edge number, unique on this host")
+    ed.add_argument("--listen", default="::", help="UDP address to bind (default ::)")
+    ed.add_argument("--listen-port", type=_port, default=DEFAULT_PORT, help=f"UDP port (default {DEFAULT_PORT})")
+    ed.add_argument("--tun", default=DEFAULT_TUN, help=f"multiqueue TUN device (default {DEFAULT_TUN})")
+    ed.add_argument("--address", type=_cidr, help="create/configure the TUN with this address if needed")
+    ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
+
+    wk = sub.add_parser("worker", help="run one crypto worker")
+    _state_dir(wk)
+    wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
+
+    adm = sub.add_parser("admin", help="inspect a running fabric")
+    asub = adm.add_subparsers(dest="what", metavar="WHAT")
+    asub.required = True
+    for name, hlp in (("peers", "configured peers with traffic counters"),
+                      ("sessions", "live sessions with per-edge and per-worker packets"),
+                      ("status", "every process of the fabric and its health"),
+                      ("stats", "all counters, drops by reason")):
+        _client(asub.add_parser(name, help=hlp))
+
+    peer = sub.add_parser("peer", help="add or remove peers at runtime")
+    psub = peer.add_subparsers(dest="action", metavar="ACTION")
+    psub.required = True
+    add = psub.add_parser("add", help="add a peer and print its wg-quick config")
+    add.add_argument("name")
+    add.add_argument("--allowed-ip", action="append", type=_network, dest="allowed_ips",
+                     help="tunnel address(es) of the peer (default: next free address)")
+    add.add_argument("--endpoint", type=_endpoint, help="HOST:PORT to write into the client config")
+    add.add_argument("--public-key", help="use this client public key instead of generating a key pair")
+    add.add_argument("--preshared-key", action="store_true", help="also generate a preshared key")
+    add.add_argument("--keepalive", type=int, default=0, help="server-side persistent keepalive, seconds")
+    add.add_argument("--output", "-o", help="write the config to this file (0600) instead of stdout")
+    _client(add)
+    rm = psub.add_parser("remove", help="remove a peer and end its sessions")
+    rm.add_argument("name")
+    _client(rm)
+
+    try:
+        from fabric import demo
+    except ImportError:
+        demo = None  # type: ignore[assignment]
+    if demo is not None:
+        dm = sub.add_parser("demo", help="run the fabric and a wireguard-go client in network namespaces")
+        demo.add_arguments(dm)
+    return parser
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from fabric import admin
+
+    ep = admin.endpoint_for(args.state_dir, args.admin)
+    reply = admin.request(ep, {"op": args.what})
+    if args.what == "peers":
+        print(admin.dump(reply["peers"]) if args.json else admin.format_peers(reply["peers"]))
+    elif args.what == "sessions":
+        print(admin.dump(reply["sessions"]) if args.json else admin.format_sessions(reply["sessions"]))
+    elif args.what == "status":
+        print(admin.dump(reply) if args.json else admin.format_status(reply))
+    else:
+        print(admin.dump(reply["counters"]) if args.json else admin.format_stats(reply["counters"]))
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from fabric import admin
+
+    ep = admin.endpoint_for(args.state_dir, args.admin)
+    if args.action == "remove":
+        admin.request(ep, {"op": "peer_remove", "name": args.name})
+        print(f"removed peer {args.name}" if not args.json else admin.dump({"removed": args.name}))
+        return 0
+    if args.keepalive < 0 or args.keepalive > 65535:
+        raise ConfigError("--keepalive must be 0 to 65535 seconds")
+    if args.public_key:
+        from fabric.crypto import key_from_base64
+
+        try:
+            key_from_base64(args.public_key)
+        except ValueError as exc:
+            raise ConfigError(f"--public-key: {exc}") from None
+    reply = admin.request(ep, {
+        "op": "peer_add", "name": args.name, "allowed_ips": args.allowed_ips,
+        "public_key": args.public_key, "psk": args.preshared_key, "keepalive": args.keepalive,
+    })
+    endpoint = args.endpoint or reply.get("endpoint") or admin.default_endpoint(reply["listen_port"])
+    text = admin.client_config(reply, endpoint)
+    if args.json:
+        print(admin.dump({**reply, "config": text, "client_endpoint": endpoint}))
+    elif args.output:
+        admin.write_private(args.output, text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from brokers import broker
+    from fabric import config
+    from fabric.paths import StateDir
+
+    cfg = config.load(args.config)
+    sd = StateDir.at(args.state_dir or cfg.server.state_dir)
+    return broker.run(sd, args.address or cfg.server.address, args.listen_port or cfg.server.listen_port,
+                      args.endpoint or cfg.server.endpoint, cfg.peers)
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from fabric import edge
+    from fabric.paths import StateDir
+
+    return edge.run(StateDir.at(args.state_dir), args.id, args.listen, args.listen_port, args.tun,
+                    args.address, not args.no_reuseport)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fabric.paths import StateDir
+    from workers import worker
+
+    return worker.run(StateDir.at(args.state_dir), args.id)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fabric import up
+
+    return up.run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logmod.setup(args.verbose)
+    handlers = {
+        "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,
+        "worker": cmd_worker, "up": cmd_up,
+    }
+    try:
+        if args.command == "demo":
+            from fabric import demo
+
+            return demo.run(args)
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from fabric.admin import AdminError
+        from fabric.tun import TunError
+
+        if isinstance(exc, ConfigError | AdminError | TunError | RuntimeError | PermissionError | OSError):
+            print(f"fabric: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(os.sys.argv[1:]))

@@ -1,0 +1,643 @@
+"""The edge (DESIGN.md, "edge"): one SO_REUSEPORT UDP socket and one TUN queue.
+
+Receive path (UDP -> TUN):
+  1. read a batch of datagrams; classify by type (whitepaper 5.4);
+  2. transport: receiver index -> session; drop expired sessions and counters
+     the shared replay window has surely seen; group by (session, source);
+     handshake: mac1 checked here, and under load mac2 or a cookie reply (5.4.7);
+  3. PUSH one frame per group to any worker;
+  4. on the result, commit the counters to the shared window under the slot
+     lock (replays dropped here, after the tag verified), then write to TUN.
+Send path (TUN -> UDP):
+  1. read a batch of IP packets; route by allowed IPs to a peer and its newest
+     confirmed session;
+  2. reserve a run of send counters per session under the slot lock (one lock
+     per session per batch);
+  3. PUSH to any worker; on the result, send the datagrams to the peer's
+     current endpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from fabric import frames, ippacket, tun
+from fabric.clone import CloneClient
+from fabric.constants import (
+    COOKIE_REPLY_SIZE,
+    HANDSHAKE_RATE_BURST,
+    HANDSHAKE_RATE_PER_SECOND,
+    INITIATION_SIZE,
+    KEEPALIVE_TIMEOUT,
+    MAX_DATAGRAM,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    REJECT_AFTER_TIME,
+    RESPONSE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    UNDER_LOAD_HANDSHAKES_PER_SECOND,
+    UNDER_LOAD_HOLD,
+)
+from fabric.crypto import key_from_base64
+from fabric.frames import NO_ADDR, Frame, FrameError
+from fabric.handshake import CookieChecker
+from fabric.log import Log
+from fabric.paths import StateDir
+from fabric.sessiontable import SessionTable
+
+log = Log("edge")
+
+BATCH = 64
+_RX_HEAD = struct.Struct("<IIQ")
+_HS_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE, MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
+
+
+@dataclass
+class EdgeSession:
+    sid: int
+    slot: int
+    peer: bytes
+    local_index: int
+    created: float
+
+
+@dataclass
+class EdgePeer:
+    public: bytes
+    name: str
+    keepalive: int
+    sessions: list[int] = field(default_factory=list)  # newest first
+    stats: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # rx/tx bytes, rx/tx packets
+
+
+class TokenBucket:
+    """Per-source-IP rate limit for handshakes under load (wireguard-go ratelimiter)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[bytes, tuple[float, float]] = {}
+
+    def allow(self, key: bytes, now: float) -> bool:
+        tokens, last = self.buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self.buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        if len(self.buckets) > 65536:
+            self.buckets.clear()
+        return ok
+
+
+def open_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
+    """A non-blocking UDP socket; `::` is dual-stack, falling back to IPv4 without IPv6."""
+    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if family == socket.AF_INET6 and listen == "::":
+            return open_udp("0.0.0.0", port, reuseport)
+        raise RuntimeError(f"cannot open a UDP socket for {listen}: {exc.strerror}") from exc
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
+    try:
+        sock.bind((listen, port))
+    except OSError as exc:
+        sock.close()
+        if family == socket.AF_INET6 and listen == "::" and exc.errno == errno.EADDRNOTAVAIL:
+            return open_udp("0.0.0.0", port, reuseport)
+        hint = " (another program holds it; pick another --listen-port)" if exc.errno == errno.EADDRINUSE else ""
+        raise RuntimeError(f"cannot bind UDP {listen}:{port}: {exc.strerror}{hint}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class Edge:
+    def __init__(
+        self,
+        sd: StateDir,
+        eid: int,
+        *,
+        listen: str = "::",
+        port: int = 51820,
+        tun_name: str = "fabric0",
+        address: str | None = None,
+        reuseport: bool = True,
+        ctx: zmq.Context | None = None,
+    ) -> None:
+        self.sd = sd
+        self.id = eid
+        self.ctx = ctx or zmq.Context()
+        self.port = port if reuseport else port + eid
+        self.sock = open_udp(listen, self.port, reuseport)
+        self.v6 = self.sock.family == socket.AF_INET6
+        self.tun_name = tun_name
+        self._ensure_tun(tun_name, address)
+        self.tun_fd = tun.open_queue(tun_name)
+        self.table = SessionTable(sd.session_table)
+        self.sessions: dict[int, EdgeSession] = {}
+        self.by_index: dict[int, int] = {}
+        self.peers: dict[bytes, EdgePeer] = {}
+        self.routes: ippacket.PrefixTable[bytes] = ippacket.PrefixTable()
+        self.cookies: CookieChecker | None = None
+        self.counters: dict[str, int] = defaultdict(int)
+        self.session_packets: dict[int, int] = defaultdict(int)
+        self.handshake_times: list[float] = []
+        self.under_load_until = 0.0
+        self.ratelimit = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
+        self._addr_cache: dict[Any, bytes] = {}
+        self._sa_cache: dict[bytes, Any] = {}
+        self.work = self.ctx.socket(zmq.PUSH)
+        self.work.setsockopt(zmq.SNDHWM, 1000)
+        self.work.setsockopt(zmq.LINGER, 0)
+        self.work.setsockopt(zmq.IMMEDIATE, 1)
+        self.work.bind(sd.edge_work(eid))
+        self.result = self.ctx.socket(zmq.PULL)
+        self.result.setsockopt(zmq.RCVHWM, 1000)
+        self.result.setsockopt(zmq.LINGER, 0)
+        self.result.bind(sd.edge_result(eid))
+        self.stats = self.ctx.socket(zmq.PUSH)
+        self.stats.setsockopt(zmq.SNDHWM, 10)
+        self.stats.setsockopt(zmq.LINGER, 0)
+        self.stats.connect(sd.broker_stats)
+        self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete)
+
+    @staticmethod
+    def _ensure_tun(name: str, address: str | None) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            exists = bool(ipr.link_lookup(ifname=name))
+        try:
+            if not exists:
+                tun.create(name, address)
+            elif address:
+                tun.configure(name, address)
+        except Exception as exc:  # another edge raced us to the same address: fine
+            if "exists" not in str(exc).lower():
+                raise
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.counters["drop_" + reason] += n
+
+    # --- state from the broker --------------------------------------------------
+
+    def on_set(self, key: bytes, v: dict[str, Any]) -> None:
+        try:
+            if key == b"server":
+                if self.cookies is None or self.cookies.local_public != v["public"]:
+                    self.cookies = CookieChecker(v["public"])
+            elif key.startswith(b"peer/"):
+                self._set_peer(v)
+            elif key.startswith(b"session/"):
+                self.install_session(v)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.counters["bad_update"] += 1
+            log.warning("ignored malformed update", key=key, error=str(exc))
+
+    def _set_peer(self, v: dict[str, Any]) -> None:
+        pub = v["public"]
+        old = self.peers.get(pub)
+        peer = EdgePeer(pub, str(v["name"]), int(v.get("keepalive") or 0))
+        if old is not None:
+            peer.sessions, peer.stats = old.sessions, old.stats
+        self.peers[pub] = peer
+        peer.sessions = sorted(
+            (sid for sid, s in self.sessions.items() if s.peer == pub),
+            key=lambda i: -self.sessions[i].created,
+        )
+        self.routes.remove_value(pub)
+        for net in v["allowed_ips"]:
+            self.routes.add(net, pub)
+
+    def on_delete(self, key: bytes) -> None:
+        if key.startswith(b"session/"):
+            self._remove_session(int(key[8:]))
+        elif key.startswith(b"peer/"):
+            try:
+                pub = key_from_base64(key[5:].decode())
+            except ValueError:
+                return
+            peer = self.peers.pop(pub, None)
+            self.routes.remove_value(pub)
+            if peer:
+                for sid in list(peer.sessions):
+                    self._remove_session(sid)
+
+    def install_session(self, v: dict[str, Any]) -> None:
+        sid = int(v["id"])
+        if sid in self.sessions:
+            return
+        s = EdgeSession(sid, int(v["slot"]), v["peer"], int(v["local_index"]), float(v["created"]))
+        endpoint = v.get("endpoint") or NO_ADDR
+        if len(endpoint) != frames.ADDR_SIZE:
+            endpoint = NO_ADDR
+        if not self.table.claim(s.slot, sid, s.created, endpoint):
+            self.counters["stale_session"] += 1
+            return
+        self.sessions[sid] = s
+        self.by_index[s.local_index] = sid
+        peer = self.peers.get(s.peer)
+        if peer is not None:
+            peer.sessions.append(sid)
+            peer.sessions.sort(key=lambda i: -self.sessions[i].created)
+
+    def _remove_session(self, sid: int) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return
+        if self.by_index.get(s.local_index) == sid:
+            del self.by_index[s.local_index]
+        peer = self.peers.get(s.peer)
+        if peer is not None and sid in peer.sessions:
+            peer.sessions.remove(sid)
+        self.session_packets.pop(sid, None)
+
+    # --- addresses ------------------------------------------------------------------
+
+    def _addr(self, sa: Any) -> bytes:
+        a = self._addr_cache.get(sa)
+        if a is None:
+            a = frames.pack_addr(sa[0], sa[1])
+            if len(self._addr_cache) > 65536:
+                self._addr_cache.clear()
+            self._addr_cache[sa] = a
+        return a
+
+    def _sockaddr(self, addr: bytes) -> Any:
+        sa = self._sa_cache.get(addr)
+        if sa is None:
+            host, port = frames.unpack_addr(addr)
+            if self.v6:
+                if ":" not in host:
+                    host = "::ffff:" + host
+                sa = (host, port, 0, 0)
+            elif ":" in host:
+                return None
+            else:
+                sa = (host, port)
+            if len(self._sa_cache) > 65536:
+                self._sa_cache.clear()
+            self._sa_cache[addr] = sa
+        return sa
+
+    # --- receive path -----------------------------------------------------------------
+
+    def under_load(self, now: float) -> bool:
+        return now < self.under_load_until
+
+    def _note_handshake(self, now: float) -> None:
+        times = self.handshake_times
+        times.append(now)
+        if len(times) > UNDER_LOAD_HANDSHAKES_PER_SECOND:
+            if now - times[0] < 1.0:
+                if not self.under_load(now):
+                    log.warning("under load: answering handshakes with cookies")
+                self.under_load_until = now + UNDER_LOAD_HOLD
+            del times[: len(times) - UNDER_LOAD_HANDSHAKES_PER_SECOND]
+
+    def on_udp(self, now: float) -> None:
+        groups: dict[tuple[int, bytes], list[bytes]] = defaultdict(list)
+        handshakes: dict[bytes, list[bytes]] = defaultdict(list)
+        recv = self.sock.recvfrom
+        counters = self.counters
+        for _ in range(BATCH):
+            try:
+                data, sa = recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError:
+                counters["udp_errors"] += 1
+                break
+            counters["udp_in"] += 1
+            n = len(data)
+            if n < 4 or data[1:4] != b"\x00\x00\x00":
+                self.drop("short" if n < 4 else "bad_type")
+                continue
+            kind = data[0]
+            if kind == MSG_TRANSPORT:
+                if n < TRANSPORT_MIN_SIZE:
+                    self.drop("short")
+                    continue
+                _, receiver, counter = _RX_HEAD.unpack_from(data, 0)
+                sid = self.by_index.get(receiver)
+                if sid is None:
+                    self.drop("unknown_index")
+                    continue
+                s = self.sessions[sid]
+                if now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
+                    self.drop("expired")
+                    continue
+                if self.table.seen(s.slot, sid, counter):
+                    self.drop("replay")
+                    continue
+                groups[(sid, self._addr(sa))].append(data)
+            elif kind in _HS_SIZES:
+                if n != _HS_SIZES[kind]:
+                    self.drop("bad_size")
+                    continue
+                if kind == MSG_COOKIE_REPLY or self.cookies is None:
+                    self.drop("unexpected_cookie" if self.cookies else "not_ready")
+                    continue
+                if not self.cookies.check_mac1(data):  # whitepaper 5.4.4: always checked
+                    self.drop("bad_mac1")
+                    continue
+                addr = self._addr(sa)
+                self._note_handshake(now)
+                if self.under_load(now):
+                    if not self.cookies.check_mac2(data, addr, now):
+                        self._send_cookie(data, addr, sa, now)
+                        continue
+                    if not self.ratelimit.allow(addr[:16], now):
+                        self.drop("ratelimited")
+                        continue
+                handshakes[addr].append(data)
+            else:
+                self.drop("bad_type")
+        for (sid, addr), pkts in groups.items():
+            self._push(Frame(frames.DECRYPT, self.id, sid, 0, addr, pkts))
+        for addr, pkts in handshakes.items():
+            self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts))
+
+    def _send_cookie(self, data: bytes, addr: bytes, sa: Any, now: float) -> None:
+        assert self.cookies is not None
+        reply = self.cookies.create_reply(data, addr, now)
+        try:
+            self.sock.sendto(reply, sa)
+            self.counters["cookie_replies"] += 1
+        except OSError:
+            self.drop("udp_send")
+
+    def _push(self, frame: Frame) -> None:
+        try:
+            self.work.send_multipart(frame.encode(), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.drop("no_worker", len(frame.packets))
+
+    # --- send path ------------------------------------------------------------------
+
+    def sending_session(self, pub: bytes, now: float) -> EdgeSession | None:
+        """The newest confirmed, unexpired session of a peer (whitepaper 5.4.5, 6.1)."""
+        peer = self.peers.get(pub)
+        if peer is None:
+            return None
+        for sid in peer.sessions:
+            s = self.sessions[sid]
+            if now - s.created >= REJECT_AFTER_TIME:
+                continue
+            if self.table.read(s.slot).confirmed:
+                return s
+        return None
+
+    def on_tun(self, now: float) -> None:
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        chosen: dict[bytes, EdgeSession | None] = {}
+        read = os.read
+        fd = self.tun_fd
+        for _ in range(BATCH):
+            try:
+                pkt = read(fd, MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.counters["tun_errors"] += 1
+                break
+            self.counters["tun_in"] += 1
+            dst = ippacket.destination(pkt)
+            if dst is None:
+                self.drop("bad_inner")
+                continue
+            pub = self.routes.lookup(dst)
+            if pub is None:
+                self.drop("no_route")
+                continue
+            if pub not in chosen:
+                chosen[pub] = self.sending_session(pub, now)
+            s = chosen[pub]
+            if s is None:
+                self.drop("no_session")
+                continue
+            groups[s.sid].append(pkt)
+        for sid, pkts in groups.items():
+            self._encrypt(self.sessions[sid], pkts, now)
+
+    def _encrypt(self, s: EdgeSession, pkts: list[bytes], now: float) -> None:
+        got = self.table.reserve(s.slot, s.sid, len(pkts), now)
+        if got is None:
+            self.drop("stale_session", len(pkts))
+            return
+        first, endpoint = got
+        if endpoint == NO_ADDR:
+            self.drop("no_endpoint", len(pkts))
+            return
+        self._push(Frame(frames.ENCRYPT, self.id, s.sid, first, endpoint, pkts))
+
+    def keepalives(self, now: float) -> None:
+        """Passive keepalive after KEEPALIVE_TIMEOUT, persistent keepalive (whitepaper 6.5)."""
+        for peer in self.peers.values():
+            s = self.sending_session(peer.public, now)
+            if s is None:
+                continue
+            due = self.table.keepalive_due(s.slot, s.sid, now, KEEPALIVE_TIMEOUT, peer.keepalive)
+            if due is not None:
+                counter, endpoint = due
+                self.counters["keepalives"] += 1
+                self._push(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [b""]))
+
+    # --- results -----------------------------------------------------------------------
+
+    def on_result(self, now: float) -> None:
+        for _ in range(BATCH):
+            try:
+                parts = self.result.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                frame = frames.decode([p.buffer for p in parts])
+            except FrameError as exc:
+                self.drop("bad_frame")
+                log.debug("bad result frame", error=str(exc))
+                continue
+            if frame.kind == frames.TUN_WRITE:
+                self._tun_write(frame, now)
+            elif frame.kind == frames.UDP_SEND:
+                self._udp_send(frame)
+            elif frame.kind == frames.HANDSHAKE_OUT:
+                self._handshake_out(frame)
+            else:
+                self.drop("bad_frame")
+
+    def _tun_write(self, frame: Frame, now: float) -> None:
+        s = self.sessions.get(frame.session_id)
+        if s is None:
+            self.drop("unknown_session", len(frame.packets))
+            return
+        counters = frame.aux[0::2]
+        sizes = frame.aux[1::2]
+        accepted = self.table.commit_rx(s.slot, s.sid, counters, frame.addr, now)
+        if accepted is None:
+            self.drop("stale_session", len(frame.packets))
+            return
+        peer = self.peers.get(s.peer)
+        write = os.write
+        n_ok = 0
+        for pkt, ok, size in zip(frame.packets, accepted, sizes, strict=True):
+            if not ok:
+                self.drop("replay")
+                continue
+            n_ok += 1
+            if peer is not None:
+                peer.stats[0] += size
+                peer.stats[2] += 1
+            if len(pkt):
+                try:
+                    write(self.tun_fd, pkt)
+                    self.counters["tun_out"] += 1
+                except OSError:
+                    self.drop("tun_write")
+            else:
+                self.counters["keepalives_in"] += 1
+        self.session_packets[s.sid] += n_ok
+
+    def _udp_send(self, frame: Frame) -> None:
+        sa = self._sockaddr(frame.addr)
+        if sa is None:
+            self.drop("no_route_v6", len(frame.packets))
+            return
+        s = self.sessions.get(frame.session_id)
+        peer = self.peers.get(s.peer) if s else None
+        sendto = self.sock.sendto
+        sent = 0
+        for d in frame.packets:
+            try:
+                sendto(d, sa)
+            except OSError:
+                self.drop("udp_send")
+                continue
+            sent += 1
+            if peer is not None:
+                peer.stats[1] += len(d)
+                peer.stats[3] += 1
+        self.counters["udp_out"] += sent
+        if s is not None:
+            self.session_packets[s.sid] += sent
+
+    def _handshake_out(self, frame: Frame) -> None:
+        try:
+            session = msgpack.unpackb(frame.extra or b"", raw=False, strict_map_key=False)
+            if not isinstance(session, dict):
+                raise ValueError("not a map")
+            session["endpoint"] = frame.addr
+            self.install_session(session)
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            self.drop("bad_frame")
+            return
+        self._udp_send(frame)
+        self.counters["handshake_responses"] += 1
+
+    # --- loop -----------------------------------------------------------------------------
+
+    def report(self, now: float) -> None:
+        sessions = {}
+        for sid, s in self.sessions.items():
+            view = self.table.read(s.slot)
+            sessions[sid] = {
+                "packets": self.session_packets.get(sid, 0),
+                "endpoint": frames.format_addr(view.endpoint) if view.session_id == sid else "",
+                "last_rx": view.last_rx,
+            }
+        rep = {
+            "role": "edge", "id": self.id, "pid": os.getpid(),
+            "work": self.sd.edge_work(self.id), "result": self.sd.edge_result(self.id),
+            "port": self.port, "counters": dict(self.counters),
+            "peers": {p.public: p.stats for p in self.peers.values()},
+            "sessions": sessions,
+        }
+        try:
+            self.stats.send(msgpack.packb(rep, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def serve(self, stop: list[bool]) -> None:
+        now = time.time()
+        self.clone.request_snapshot(now)
+        self.report(now)
+        poller = zmq.Poller()
+        poller.register(self.sock.fileno(), zmq.POLLIN)
+        poller.register(self.tun_fd, zmq.POLLIN)
+        poller.register(self.result, zmq.POLLIN)
+        registered: set[zmq.Socket] = set()
+        next_tick = now + 1.0
+        udp_fd = self.sock.fileno()
+        while not stop[0]:
+            socks = set(self.clone.sockets())
+            for sk in socks - registered:
+                poller.register(sk, zmq.POLLIN)
+            for sk in registered - socks:
+                poller.unregister(sk)
+            registered = socks
+            ready = dict(poller.poll(200))
+            now = time.time()
+            for sk in socks:
+                if sk in ready:
+                    self.clone.handle(sk, now)
+            if self.result in ready:
+                self.on_result(now)
+            if udp_fd in ready:
+                self.on_udp(now)
+            if self.tun_fd in ready:
+                self.on_tun(now)
+            if now >= next_tick:
+                self.clone.tick(now)
+                self.keepalives(now)
+                self.report(now)
+                next_tick = now + 1.0
+
+    def close(self) -> None:
+        self.clone.close()
+        for s in (self.work, self.result, self.stats):
+            s.close(0)
+        self.sock.close()
+        os.close(self.tun_fd)
+        self.table.close()
+
+
+def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: str | None,
+        reuseport: bool) -> int:
+    if not sd.run.is_dir():
+        raise RuntimeError(f"{sd.run} does not exist: start `fabric broker --state-dir {sd.root}` first")
+    lock = sd.lock(f"edge-{eid}")
+    edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport)
+    stop = [False]
+
+    def _stop(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("edge running", edge=eid, port=edge.port, tun=tun_name)
+    try:
+        edge.serve(stop)
+    finally:
+        edge.close()
+        edge.ctx.destroy(0)
+        os.close(lock)
+    return 0

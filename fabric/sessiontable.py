@@ -1,0 +1,209 @@
+"""The host-shared session table: the per-session state every edge on a host must agree on.
+
+One fixed-size slot per session in a shared mapping (/dev/shm). The broker assigns
+slots; a slot belongs to the session whose id it holds. Session ids only grow, so a
+slot is re-initialised exactly when a newer session claims it, and an edge still
+acting on an older session finds the id changed and backs off.
+
+Slot layout (little-endian):
+
+    0    u64  session id (0: free)
+    8    u64  next send counter          (invariant 1: never handed out twice)
+    16   u32  flags (1: confirmed, the peer has sent on this session)
+    24   f64  last receive time
+    32   f64  last send time
+    40   18s  peer endpoint (frames.pack_addr) of the latest authenticated datagram
+    64   ...  RFC 6479 receive window (fabric.replay)  (invariant 2)
+
+Each slot has its own fcntl byte-range lock: taken once per batch, never per
+packet, and released by the kernel if the edge holding it dies.
+
+Slot 0 is the table header: a magic and the table's creation time. A session
+created before the table existed may have used counters from an older table
+(a reboot, a restarted `fabric up`), so `claim` refuses it: the peer has to
+make a new handshake rather than risk a (key, nonce) pair twice (invariant 1).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fabric import replay
+from fabric.constants import REJECT_AFTER_MESSAGES
+from fabric.frames import ADDR_SIZE, NO_ADDR
+
+SLOT_SIZE = 1152
+DEFAULT_SLOTS = 4096
+CONFIRMED = 1
+
+_HEAD = struct.Struct("<QQI4xdd18s")
+_TABLE_HEADER = struct.Struct("<8sd")
+MAGIC = b"fabric01"
+_SID = struct.Struct("<Q")
+_COUNTER = struct.Struct("<Q")
+_FLAGS = struct.Struct("<I")
+_TIME = struct.Struct("<d")
+OFF_COUNTER = 8
+OFF_FLAGS = 16
+OFF_LAST_RX = 24
+OFF_LAST_TX = 32
+OFF_ENDPOINT = 40
+OFF_REPLAY = 64
+assert OFF_REPLAY + replay.STATE_SIZE <= SLOT_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    session_id: int
+    send_counter: int
+    flags: int
+    last_rx: float
+    last_tx: float
+    endpoint: bytes
+
+    @property
+    def confirmed(self) -> bool:
+        return bool(self.flags & CONFIRMED)
+
+
+class SessionTable:
+    """A mapping of `slots` session slots in the file `path`, created zeroed if absent."""
+
+    def __init__(self, path: str | Path, slots: int = DEFAULT_SLOTS) -> None:
+        self.path = Path(path)
+        self.slots = slots
+        size = slots * SLOT_SIZE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0)
+        try:
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+            self.mm = mmap.mmap(self.fd, size)
+            magic, created = _TABLE_HEADER.unpack_from(self.mm, 0)
+            if magic != MAGIC:
+                created = time.time()
+                self.mm[:SLOT_SIZE] = bytes(SLOT_SIZE)
+                _TABLE_HEADER.pack_into(self.mm, 0, MAGIC, created)
+            self.created: float = created
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+    def _off(self, slot: int) -> int:
+        if not 0 < slot < self.slots:
+            raise IndexError(f"slot {slot} outside 1..{self.slots - 1}")
+        return slot * SLOT_SIZE
+
+    @contextmanager
+    def locked(self, slot: int) -> Iterator[int]:
+        """Hold slot's lock; yields the slot's byte offset."""
+        off = self._off(slot)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, slot)
+        try:
+            yield off
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot)
+
+    def read(self, slot: int) -> SlotView:
+        """A lock-free (possibly torn) view, for display and cheap filters."""
+        sid, counter, flags, rx, tx, ep = _HEAD.unpack_from(self.mm, self._off(slot))
+        return SlotView(sid, counter, flags, rx, tx, ep)
+
+    def _matches(self, off: int, session_id: int) -> bool:
+        return bool(_SID.unpack_from(self.mm, off)[0] == session_id)
+
+    def claim(self, slot: int, session_id: int, created: float, endpoint: bytes = NO_ADDR) -> bool:
+        """Make `slot` belong to `session_id`; False if a newer session holds it,
+        or if the session is older than this table (see the module docstring)."""
+        if created < self.created:
+            return False
+        with self.locked(slot) as off:
+            (cur,) = _SID.unpack_from(self.mm, off)
+            if cur == session_id:
+                return True
+            if cur > session_id:
+                return False
+            self.mm[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+            _SID.pack_into(self.mm, off, session_id)
+            if endpoint != NO_ADDR:
+                self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = endpoint
+            return True
+
+    def reserve(self, slot: int, session_id: int, n: int, now: float) -> tuple[int, bytes] | None:
+        """Reserve n consecutive send counters; (first counter, endpoint) or None.
+
+        None if the slot no longer belongs to the session or the counters would
+        reach REJECT_AFTER_MESSAGES (whitepaper 6.1).
+        """
+        with self.locked(slot) as off:
+            if not self._matches(off, session_id):
+                return None
+            (first,) = _COUNTER.unpack_from(self.mm, off + OFF_COUNTER)
+            if first + n > REJECT_AFTER_MESSAGES:
+                return None
+            _COUNTER.pack_into(self.mm, off + OFF_COUNTER, first + n)
+            _TIME.pack_into(self.mm, off + OFF_LAST_TX, now)
+            endpoint = bytes(self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE])
+            return first, endpoint
+
+    def commit_rx(
+        self, slot: int, session_id: int, counters: Iterable[int], source: bytes, now: float
+    ) -> list[bool] | None:
+        """Record authenticated counters in the window; per counter, True if it is new.
+
+        The first accepted counter confirms the session; the source of an accepted
+        datagram becomes the peer's endpoint (roaming, whitepaper 6.5... 2.1).
+        None if the slot no longer belongs to the session.
+        """
+        with self.locked(slot) as off:
+            if not self._matches(off, session_id):
+                return None
+            rw = off + OFF_REPLAY
+            accepted = [replay.accept(self.mm, rw, c) for c in counters]
+            if any(accepted):
+                (flags,) = _FLAGS.unpack_from(self.mm, off + OFF_FLAGS)
+                _FLAGS.pack_into(self.mm, off + OFF_FLAGS, flags | CONFIRMED)
+                _TIME.pack_into(self.mm, off + OFF_LAST_RX, now)
+                if source != NO_ADDR:
+                    self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = source
+            return accepted
+
+    def seen(self, slot: int, session_id: int, counter: int) -> bool:
+        """Lock-free pre-filter: True if `counter` is surely a replay (or the slot moved on)."""
+        off = self._off(slot)
+        if not self._matches(off, session_id):
+            return False
+        return replay.seen(self.mm, off + OFF_REPLAY, counter)
+
+    def keepalive_due(
+        self, slot: int, session_id: int, now: float, passive: float, persistent: float
+    ) -> tuple[int, bytes] | None:
+        """Reserve one counter for a keepalive if one is due (whitepaper 6.5).
+
+        Passive: we received since we last sent, and `passive` seconds passed since.
+        Persistent: `persistent` > 0 seconds passed since we last sent anything.
+        The check and the reservation share the lock, so only one edge sends it.
+        """
+        with self.locked(slot) as off:
+            if not self._matches(off, session_id):
+                return None
+            _, counter, flags, rx, tx, endpoint = _HEAD.unpack_from(self.mm, off)
+            if endpoint == NO_ADDR or not flags & CONFIRMED:
+                return None
+            due = (rx > tx and now - rx >= passive) or (persistent > 0 and now - tx >= persistent)
+            if not due or counter + 1 > REJECT_AFTER_MESSAGES:
+                return None
+            _COUNTER.pack_into(self.mm, off + OFF_COUNTER, counter + 1)
+            _TIME.pack_into(self.mm, off + OFF_LAST_TX, now)
+            return counter, bytes(endpoint)

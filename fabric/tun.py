@@ -1,0 +1,98 @@
+"""Linux multiqueue TUN devices (IFF_MULTI_QUEUE): create, configure, open one queue."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+FLAGS = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE
+DEFAULT_MTU = 1420
+
+
+class TunError(RuntimeError):
+    pass
+
+
+def _ifreq(name: str, flags: int) -> bytes:
+    raw = name.encode()
+    if not raw or len(raw) > 15:
+        raise TunError(f"interface name {name!r} must be 1 to 15 characters")
+    return struct.pack("16sH22x", raw, flags)
+
+
+def open_queue(name: str) -> int:
+    """Attach one new queue of multiqueue TUN `name` (creating the device if absent).
+
+    Returns a non-blocking fd; closing it detaches the queue.
+    """
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise TunError("/dev/net/tun is missing: load the tun module (modprobe tun)") from exc
+    except PermissionError as exc:
+        raise TunError("cannot open /dev/net/tun: run as root or with CAP_NET_ADMIN") from exc
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, FLAGS))
+    except OSError as exc:
+        os.close(fd)
+        raise TunError(
+            f"cannot attach a queue of TUN {name!r}: {exc.strerror} "
+            "(is it an existing single-queue device, or do you lack CAP_NET_ADMIN?)"
+        ) from exc
+    return fd
+
+
+def create(name: str, address: str | None = None, mtu: int = DEFAULT_MTU) -> None:
+    """Create persistent multiqueue TUN `name`, give it `address` (CIDR) and bring it up."""
+    fd = open_queue(name)
+    try:
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+    configure(name, address, mtu)
+
+
+def configure(name: str, address: str | None, mtu: int = DEFAULT_MTU) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=name)
+        if not links:
+            raise TunError(f"TUN {name!r} does not exist")
+        idx = links[0]
+        ipr.link("set", index=idx, mtu=mtu)
+        if address:
+            iface = ipaddress.ip_interface(address)
+            have = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)
+            }
+            if (str(iface.ip), iface.network.prefixlen) not in have:
+                ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        ipr.link("set", index=idx, state="up")
+
+
+def delete(name: str) -> bool:
+    """Remove TUN `name`; False if it did not exist."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=name)
+        if not links:
+            return False
+        # a persistent TUN goes away once persist is cleared and its queues are closed
+        try:
+            fd = open_queue(name)
+            fcntl.ioctl(fd, TUNSETPERSIST, 0)
+            os.close(fd)
+        except (TunError, OSError):
+            pass
+        if ipr.link_lookup(ifname=name):
+            ipr.link("del", index=links[0])
+        return True

@@ -1,0 +1,389 @@
+"""The crypto worker (DESIGN.md, "worker"): AEAD over batches and the handshake.
+
+A worker holds keys it received from the broker and nothing that must outlive
+it: kill one and only its in-flight frames are lost; start one and it takes
+work as soon as it has connected to the edges (invariant 3).
+
+Pipeline per frame (like wireguard-go send.go / receive.go, minus the ordering
+stages, which the edges own through the session table):
+  DECRYPT    check receiver index, open the AEAD with the packet's counter as
+             nonce, trim padding by the inner IP length, check the inner source
+             against the peer's allowed IPs, return plaintexts and counters to
+             the edge, which commits them to the replay window.
+  ENCRYPT    pad to 16 bytes, seal with the counters the edge reserved, return
+             transport datagrams for the edge to send.
+  HANDSHAKE  consume an initiation, build the response, commit the session to
+             the broker, return the response (and the session) to the edge.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from fabric import frames, ippacket
+from fabric.clone import CloneClient
+from fabric.constants import (
+    MSG_INITIATION,
+    MSG_TRANSPORT,
+    PADDING_MULTIPLE,
+    REJECT_AFTER_TIME,
+    TRANSPORT_HEADER_SIZE,
+)
+from fabric.frames import Frame, FrameError
+from fabric.handshake import (
+    HandshakeError,
+    StaticKeys,
+    check_mac1,
+    consume_initiation,
+    create_response,
+)
+from fabric.log import Log
+from fabric.messages import MessageError, message_type
+from fabric.paths import StateDir
+from fabric.reqclient import ReqClient, RequestTimeout
+
+log = Log("worker")
+
+_HDR = struct.Struct("<IIQ")
+_NONCE = struct.Struct("<4xQ")
+ZERO_PSK = bytes(32)
+
+
+@dataclass
+class PeerInfo:
+    psk: bytes
+    allowed: ippacket.PrefixTable[bool]
+
+
+@dataclass
+class SessionKeys:
+    sid: int
+    peer: bytes
+    local_index: int
+    remote_index: int
+    created: float
+    seal: Any
+    open: Any
+
+
+class Worker:
+    def __init__(self, sd: StateDir, wid: int, ctx: zmq.Context | None = None) -> None:
+        self.sd = sd
+        self.id = wid
+        self.ctx = ctx or zmq.Context()
+        self.static: StaticKeys | None = None
+        self.peers: dict[bytes, PeerInfo] = {}
+        self.sessions: dict[int, SessionKeys] = {}
+        self.edges: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, zmq.Socket] = {}
+        self.counters: dict[str, int] = {}
+        self.session_packets: dict[int, int] = {}
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 1000)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.stats = self.ctx.socket(zmq.PUSH)
+        self.stats.setsockopt(zmq.SNDHWM, 10)
+        self.stats.setsockopt(zmq.LINGER, 0)
+        self.stats.connect(sd.broker_stats)
+        self.broker = ReqClient(self.ctx, sd.broker_commit)
+        self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # --- state from the broker -------------------------------------------------
+
+    def on_set(self, key: bytes, v: dict[str, Any]) -> None:
+        try:
+            if key == b"server":
+                self.static = StaticKeys.from_private(v["private"])
+            elif key.startswith(b"peer/"):
+                table: ippacket.PrefixTable[bool] = ippacket.PrefixTable()
+                for net in v["allowed_ips"]:
+                    table.add(net, True)
+                self.peers[v["public"]] = PeerInfo(v.get("psk") or ZERO_PSK, table)
+            elif key.startswith(b"session/"):
+                self._install_session(v)
+            elif key.startswith(b"edge/"):
+                self._connect_edge(v)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.count("bad_update")
+            log.warning("ignored malformed update", key=key, error=str(exc))
+
+    def on_delete(self, key: bytes) -> None:
+        if key.startswith(b"peer/"):
+            from fabric.crypto import key_from_base64
+
+            try:
+                self.peers.pop(key_from_base64(key[5:].decode()), None)
+            except ValueError:
+                pass
+        elif key.startswith(b"session/"):
+            sid = int(key[8:])
+            self.sessions.pop(sid, None)
+            self.session_packets.pop(sid, None)
+        elif key.startswith(b"edge/"):
+            self._disconnect_edge(int(key[5:]))
+
+    def _install_session(self, v: dict[str, Any]) -> None:
+        sid = int(v["id"])
+        if sid in self.sessions:
+            return
+        self.sessions[sid] = SessionKeys(
+            sid, v["peer"], int(v["local_index"]), int(v["remote_index"]), float(v["created"]),
+            ChaCha20Poly1305(v["send_key"]), ChaCha20Poly1305(v["recv_key"]),
+        )
+
+    def _connect_edge(self, v: dict[str, Any]) -> None:
+        eid = int(v["id"])
+        old = self.edges.get(eid)
+        if old == v:
+            return
+        if old is not None:
+            self._disconnect_edge(eid)
+        self.pull.connect(v["work"])
+        push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 1000)
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.IMMEDIATE, 1)
+        push.connect(v["result"])
+        self.results[eid] = push
+        self.edges[eid] = v
+        log.info("connected to edge", edge=eid)
+
+    def _disconnect_edge(self, eid: int) -> None:
+        v = self.edges.pop(eid, None)
+        if v is None:
+            return
+        try:
+            self.pull.disconnect(v["work"])
+        except zmq.ZMQError:
+            pass
+        sock = self.results.pop(eid, None)
+        if sock is not None:
+            sock.close(0)
+        log.info("disconnected from edge", edge=eid)
+
+    # --- frames -----------------------------------------------------------------
+
+    def _send(self, edge: int, frame: Frame) -> None:
+        sock = self.results.get(edge)
+        if sock is None:
+            self.count("drop_unknown_edge", max(1, len(frame.packets)))
+            return
+        try:
+            sock.send_multipart(frame.encode(), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.count("drop_edge_busy", max(1, len(frame.packets)))
+
+    def handle(self, parts: list[Any], now: float) -> None:
+        try:
+            frame = frames.decode(parts)
+        except FrameError as exc:
+            self.count("drop_bad_frame")
+            log.debug("bad frame", error=str(exc))
+            return
+        if frame.kind == frames.DECRYPT:
+            self.decrypt(frame, now)
+        elif frame.kind == frames.ENCRYPT:
+            self.encrypt(frame, now)
+        elif frame.kind == frames.HANDSHAKE:
+            for pkt in frame.packets:
+                self.handshake(frame, bytes(pkt), now)
+        else:
+            self.count("drop_bad_frame")
+
+    def _session(self, frame: Frame, now: float) -> SessionKeys | None:
+        s = self.sessions.get(frame.session_id)
+        if s is None:
+            self.count("drop_unknown_session", len(frame.packets))
+            return None
+        if now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
+            self.count("drop_expired", len(frame.packets))
+            return None
+        return s
+
+    def decrypt(self, frame: Frame, now: float) -> None:
+        s = self._session(frame, now)
+        if s is None:
+            return
+        peer = self.peers.get(s.peer)
+        if peer is None:
+            self.count("drop_unknown_peer", len(frame.packets))
+            return
+        opn = s.open.decrypt
+        out: list[bytes] = []
+        aux: list[int] = []
+        for pkt in frame.packets:
+            if len(pkt) < TRANSPORT_HEADER_SIZE + 16:
+                self.count("drop_short")
+                continue
+            kind, receiver, counter = _HDR.unpack_from(pkt, 0)
+            if kind != MSG_TRANSPORT or receiver != s.local_index:
+                self.count("drop_unknown_index")
+                continue
+            try:
+                pt = opn(_NONCE.pack(counter), pkt[TRANSPORT_HEADER_SIZE:], None)
+            except InvalidTag:
+                self.count("drop_decrypt")
+                continue
+            if pt:
+                n = ippacket.inner_length(pt)
+                if not n:
+                    self.count("drop_bad_inner")
+                    continue
+                if not peer.allowed.lookup(ippacket.source(pt)):
+                    self.count("drop_source_not_allowed")
+                    continue
+                pt = pt[:n]
+            out.append(pt)
+            aux += (counter, len(pkt))
+        self.count("decrypted", len(out))
+        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
+        if out:
+            self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux))
+
+    def encrypt(self, frame: Frame, now: float) -> None:
+        s = self._session(frame, now)
+        if s is None:
+            return
+        seal = s.seal.encrypt
+        out = []
+        counter = frame.counter0
+        hdr = _HDR.pack
+        for pkt in frame.packets:
+            pad = -len(pkt) % PADDING_MULTIPLE  # whitepaper 5.4.6
+            pt = bytes(pkt) + bytes(pad) if pad else pkt
+            out.append(hdr(MSG_TRANSPORT, s.remote_index, counter) + seal(_NONCE.pack(counter), pt, None))
+            counter += 1
+        self.count("encrypted", len(out))
+        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
+        self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, s.sid, 0, frame.addr, out))
+
+    def handshake(self, frame: Frame, pkt: bytes, now: float) -> None:
+        if self.static is None:
+            self.count("drop_not_ready")
+            return
+        try:
+            kind = message_type(pkt)
+        except MessageError as exc:
+            self.count("drop_" + exc.reason)
+            return
+        if kind != MSG_INITIATION:
+            # fabric answers handshakes; it does not initiate them (yet)
+            self.count("drop_unexpected_handshake")
+            return
+        if not check_mac1(self.static.mac1_key, pkt):
+            self.count("drop_bad_mac1")
+            return
+        try:
+            init = consume_initiation(self.static, pkt, lambda pub: pub in self.peers)
+        except (HandshakeError, MessageError) as exc:
+            self.count("drop_" + exc.reason)
+            return
+        peer = self.peers[init.peer_public]
+        for _ in range(3):
+            local_index = secrets.randbits(32)
+            try:
+                response, keys = create_response(self.static, init, peer.psk, local_index, now)
+            except HandshakeError as exc:
+                self.count("drop_" + exc.reason)
+                return
+            try:
+                reply = self.broker.call({
+                    "op": "commit", "peer": init.peer_public, "timestamp": init.timestamp,
+                    "local_index": local_index, "remote_index": init.sender_index,
+                    "send_key": keys.send_key, "recv_key": keys.recv_key, "endpoint": frame.addr,
+                }, timeout=1.0)
+            except RequestTimeout:
+                self.count("drop_broker_unavailable")
+                log.warning("handshake not committed: broker unavailable")
+                return
+            if reply.get("ok"):
+                session = reply["session"]
+                self._install_session(session)
+                public = {k: v for k, v in session.items() if k not in ("send_key", "recv_key")}
+                self.count("handshakes")
+                self._send(frame.edge, Frame(
+                    frames.HANDSHAKE_OUT, frame.edge, int(session["id"]), 0, frame.addr, [response],
+                    extra=msgpack.packb(public, use_bin_type=True),
+                ))
+                return
+            if reply.get("reason") != "index_in_use":
+                self.count("drop_" + str(reply.get("reason", "refused")))
+                return
+        self.count("drop_index_in_use")
+
+    # --- loop -----------------------------------------------------------------------
+
+    def report(self) -> None:
+        rep = {
+            "role": "worker", "id": self.id, "pid": os.getpid(), "counters": self.counters,
+            "sessions": {sid: {"packets": n} for sid, n in self.session_packets.items()},
+        }
+        try:
+            self.stats.send(msgpack.packb(rep, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def serve(self, stop: list[bool]) -> None:
+        self.clone.request_snapshot(time.time())
+        next_tick = 0.0
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        registered: set[zmq.Socket] = set()
+        while not stop[0]:
+            socks = set(self.clone.sockets())
+            for s in socks - registered:
+                poller.register(s, zmq.POLLIN)
+            for s in registered - socks:
+                poller.unregister(s)
+            registered = socks
+            ready = dict(poller.poll(200))
+            now = time.time()
+            for s in socks:
+                if s in ready:
+                    self.clone.handle(s, now)
+            if self.pull in ready:
+                for _ in range(64):
+                    try:
+                        parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle([p.buffer for p in parts], now)
+            if now >= next_tick:
+                self.clone.tick(now)
+                self.report()
+                next_tick = now + 1.0
+
+
+def run(sd: StateDir, wid: int) -> int:
+    if not sd.run.is_dir():
+        raise RuntimeError(f"{sd.run} does not exist: start `fabric broker --state-dir {sd.root}` first")
+    lock = sd.lock(f"worker-{wid}")
+    worker = Worker(sd, wid)
+    stop = [False]
+
+    def _stop(*_: Any) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("worker running", worker=wid)
+    try:
+        worker.serve(stop)
+    finally:
+        worker.ctx.destroy(0)
+        os.close(lock)
+    return 0
