@@ -96,15 +96,17 @@ class Broker:
     def __init__(
         self,
         state_dir: StateDir,
-        address: str,
+        addresses: list[str],
         listen_port: int,
         endpoint: str | None = None,
         config_peers: list[PeerConfig] | None = None,
         slots: int = DEFAULT_SLOTS,
     ) -> None:
         self.sd = state_dir
-        self.address = address
-        self.network = ipaddress.ip_interface(address).network
+        if isinstance(addresses, str):
+            addresses = addresses.split(",")
+        self.addresses = list(addresses)
+        self.interfaces = [ipaddress.ip_interface(a) for a in self.addresses]
         self.listen_port = listen_port
         self.endpoint = endpoint
         self.slots = slots
@@ -125,7 +127,7 @@ class Broker:
         self._persist()
         self._publish(b"server", {
             "public": self.public, "private": self.private,
-            "address": self.address, "listen_port": self.listen_port, "slots": self.slots,
+            "addresses": self.addresses, "listen_port": self.listen_port, "slots": self.slots,
         })
 
     # --- state --------------------------------------------------------------
@@ -294,7 +296,7 @@ class Broker:
 
     def _admin_server(self, req: dict[str, Any], now: float) -> dict[str, Any]:
         return {
-            "ok": True, "public_key": crypto.key_to_base64(self.public), "address": self.address,
+            "ok": True, "public_key": crypto.key_to_base64(self.public), "addresses": self.addresses,
             "listen_port": self.listen_port, "endpoint": self.endpoint,
         }
 
@@ -371,19 +373,20 @@ class Broker:
             })
         return {"ok": True, "peers": rows}
 
-    def _next_free_ip(self) -> str:
-        taken: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = {ipaddress.ip_interface(self.address).ip}
-        for p in self.peers.values():
-            for n in p.allowed_ips:
-                net = ipaddress.ip_network(n)
-                if net.version == self.network.version and net.subnet_of(self.network):  # type: ignore[arg-type]
-                    taken.update(net)
-        for i, host in enumerate(self.network.hosts()):
-            if host not in taken:
-                return f"{host}/{host.max_prefixlen}"
-            if i > 1 << 16:
-                break
-        raise ValueError(f"no free address left in {self.network}; pass --allowed-ip")
+    def _next_free_ips(self) -> list[str]:
+        """One unused host address from each tunnel network (IPv4 and/or IPv6)."""
+        nets = [ipaddress.ip_network(n) for p in self.peers.values() for n in p.allowed_ips]
+        out = []
+        for iface in self.interfaces:
+            for i, host in enumerate(iface.network.hosts()):
+                if i > 1 << 16:
+                    break
+                if host != iface.ip and not any(host in n for n in nets):
+                    out.append(f"{host}/{iface.max_prefixlen}")
+                    break
+            else:
+                raise ValueError(f"no free address left in {iface.network}; pass --allowed-ip")
+        return out
 
     def _admin_peer_add(self, req: dict[str, Any], now: float) -> dict[str, Any]:
         name = req.get("name")
@@ -391,7 +394,7 @@ class Broker:
             raise ValueError("peer name must be 1 to 64 printable characters")
         if any(p.name == name for p in self.peers.values()):
             raise ValueError(f"a peer named {name!r} exists already; remove it first or pick another name")
-        ips = req.get("allowed_ips") or [self._next_free_ip()]
+        ips = req.get("allowed_ips") or self._next_free_ips()
         nets = [parse_network(ip, "allowed-ip") for ip in ips]
         check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()] + [(name, nets)])
         private = None
@@ -416,7 +419,7 @@ class Broker:
             "server_public_key": crypto.key_to_base64(self.public),
             "listen_port": self.listen_port,
             "endpoint": self.endpoint,
-            "network": str(self.network),
+            "networks": [str(i.network) for i in self.interfaces],
         }
 
     def _admin_peer_remove(self, req: dict[str, Any], now: float) -> dict[str, Any]:
@@ -580,11 +583,11 @@ class Broker:
                 next_tick = now + 1.0
 
 
-def run(state_dir: StateDir, address: str, listen_port: int, endpoint: str | None,
+def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: str | None,
         config_peers: list[PeerConfig]) -> int:
     state_dir.ensure()
     lock = state_dir.lock("broker")
-    broker = Broker(state_dir, address, listen_port, endpoint, config_peers)
+    broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers)
     ctx = zmq.Context()
     broker.bind(ctx)
     stop = [False]

@@ -31,7 +31,7 @@ def endpoint_for(state_dir: str | None, admin: str | None) -> str:
 
 
 def request(endpoint: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     client = ReqClient(ctx, endpoint)
     try:
         reply = client.call(req, timeout)
@@ -126,7 +126,7 @@ def client_config(reply: dict[str, Any], endpoint: str) -> str:
         lines.append(f"PresharedKey = {reply['preshared_key']}")
     lines += [
         f"Endpoint = {endpoint}",
-        f"AllowedIPs = {reply['network']}",
+        f"AllowedIPs = {', '.join(reply['networks'])}",
         "PersistentKeepalive = 25",
     ]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 from collections.abc import Sequence
 
@@ -43,14 +42,14 @@ def _id(text: str) -> int:
     return v
 
 
-def _cidr(text: str) -> str:
+
+def _cidrs(text: str) -> list[str]:
+    from fabric.config import parse_interfaces
+
     try:
-        iface = ipaddress.ip_interface(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an address with prefix, e.g. 198.18.100.1/24") from None
-    if iface.network.prefixlen == iface.max_prefixlen:
-        raise argparse.ArgumentTypeError(f"{text} needs the tunnel network's prefix, e.g. /24")
-    return str(iface)
+        return parse_interfaces(text, "--address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--address: ")) from None
 
 
 def _network(text: str) -> str:
@@ -91,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="TOML configuration file")
     up.add_argument("--listen-port", type=_port, help=f"UDP port (default {DEFAULT_PORT})")
     up.add_argument("--listen", default="::", help="UDP address to bind (default :: = all, IPv4 and IPv6)")
-    up.add_argument("--address", type=_cidr, help=f"server tunnel address with prefix (default {DEFAULT_ADDRESS})")
+    up.add_argument("--address", type=_cidrs, help=f"server tunnel address(es) with prefix, comma-separated for IPv4 and IPv6 (default {DEFAULT_ADDRESS})")
     up.add_argument("--edges", type=_count, help="edge processes (default: number of cores)")
     up.add_argument("--workers", type=_count, help="worker processes (default: number of cores)")
     up.add_argument("--tun", help=f"TUN device name (default {DEFAULT_TUN})")
@@ -101,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="run the session broker")
     _state_dir(br)
     br.add_argument("--config", help="TOML configuration file (peers, [server] address)")
-    br.add_argument("--address", type=_cidr, help=f"server tunnel address with prefix (default {DEFAULT_ADDRESS})")
+    br.add_argument("--address", type=_cidrs, help=f"server tunnel address(es) with prefix, comma-separated for IPv4 and IPv6 (default {DEFAULT_ADDRESS})")
     br.add_argument("--listen-port", type=_port, help=f"the UDP port edges use (default {DEFAULT_PORT})")
     br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
 
@@ -111,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--listen", default="::", help="UDP address to bind (default ::)")
     ed.add_argument("--listen-port", type=_port, default=DEFAULT_PORT, help=f"UDP port (default {DEFAULT_PORT})")
     ed.add_argument("--tun", default=DEFAULT_TUN, help=f"multiqueue TUN device (default {DEFAULT_TUN})")
-    ed.add_argument("--address", type=_cidr, help="create/configure the TUN with this address if needed")
+    ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
 
     wk = sub.add_parser("worker", help="run one crypto worker")
@@ -210,7 +209,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
-    return broker.run(sd, args.address or cfg.server.address, args.listen_port or cfg.server.listen_port,
+    return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
                       args.endpoint or cfg.server.endpoint, cfg.peers)
 
 
@@ -262,4 +261,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(os.sys.argv[1:]))
+    raise SystemExit(main())

@@ -2,7 +2,8 @@
 
     [server]
     listen_port = 51820              # UDP port all edges share
-    address = "198.18.100.1/24"      # the server's tunnel address; the network peers get addresses from
+    address = "198.18.100.1/24"      # the server's tunnel address(es): one string, or a list for
+                                     # IPv4 and IPv6; peers get addresses from these networks
     tun = "fabric0"
     edges = 2                        # default: number of cores
     workers = 2                      # default: number of cores
@@ -48,7 +49,7 @@ class PeerConfig:
 @dataclass
 class ServerConfig:
     listen_port: int = DEFAULT_PORT
-    address: str = DEFAULT_ADDRESS
+    addresses: list[str] = field(default_factory=lambda: [DEFAULT_ADDRESS])
     tun: str = DEFAULT_TUN
     edges: int = field(default_factory=lambda: os.cpu_count() or 1)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -76,6 +77,18 @@ def parse_interface(value: Any, where: str) -> str:
     if iface.network.prefixlen == iface.max_prefixlen:
         raise ConfigError(f"{where}: {value} is a single address; give the tunnel network's prefix, e.g. /24")
     return str(iface)
+
+
+def parse_interfaces(value: Any, where: str) -> list[str]:
+    """One address or a list (a string may also be comma-separated); at most one per family."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    out = [parse_interface(str(v).strip(), where) for v in items if str(v).strip()]
+    if not out:
+        raise ConfigError(f"{where}: no address given; write e.g. 198.18.100.1/24")
+    versions = [ipaddress.ip_interface(a).version for a in out]
+    if len(set(versions)) != len(versions):
+        raise ConfigError(f"{where}: give at most one IPv4 and one IPv6 address")
+    return out
 
 
 def parse_network(value: Any, where: str) -> str:
@@ -118,7 +131,7 @@ def parse(data: dict[str, Any]) -> Config:
     if "listen_port" in srv:
         s.listen_port = parse_port(srv["listen_port"], "server.listen_port")
     if "address" in srv:
-        s.address = parse_interface(srv["address"], "server.address")
+        s.addresses = parse_interfaces(srv["address"], "server.address")
     if "tun" in srv:
         tun = srv["tun"]
         if not isinstance(tun, str) or not 1 <= len(tun) <= 15:

@@ -139,7 +139,7 @@ class Edge:
         listen: str = "::",
         port: int = 51820,
         tun_name: str = "fabric0",
-        address: str | None = None,
+        address: list[str] | None = None,
         reuseport: bool = True,
         ctx: zmq.Context | None = None,
     ) -> None:
@@ -181,7 +181,7 @@ class Edge:
         self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete)
 
     @staticmethod
-    def _ensure_tun(name: str, address: str | None) -> None:
+    def _ensure_tun(name: str, address: list[str] | None) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -620,7 +620,7 @@ class Edge:
         self.table.close()
 
 
-def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: str | None,
+def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
         reuseport: bool) -> int:
     if not sd.run.is_dir():
         raise RuntimeError(f"{sd.run} does not exist: start `fabric broker --state-dir {sd.root}` first")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from fabric import crypto
 from fabric.constants import (
-    COOKIE_REFRESH_TIME,
     CONSTRUCTION,
+    COOKIE_REFRESH_TIME,
     IDENTIFIER,
     KEY_SIZE,
     LABEL_COOKIE,

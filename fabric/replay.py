@@ -13,6 +13,7 @@ Callers serialise access (the session table holds a per-slot lock).
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_WINDOW_BITS
@@ -25,14 +26,15 @@ WINDOW_SIZE = (RING_BLOCKS - 1) * REPLAY_BLOCK_BITS  # 8128
 STATE_SIZE = 8 + RING_BLOCKS * 8
 
 _U64 = struct.Struct("<Q")
+Buffer = bytearray | memoryview | mmap.mmap
 
 
-def reset(buf: bytearray | memoryview, off: int = 0) -> None:
+def reset(buf: Buffer, off: int = 0) -> None:
     """Forget every counter: the window of a fresh session."""
     buf[off : off + STATE_SIZE] = bytes(STATE_SIZE)
 
 
-def seen(buf: bytearray | memoryview, off: int, counter: int) -> bool:
+def seen(buf: Buffer, off: int, counter: int) -> bool:
     """True if `counter` would be refused now (already seen, too old, or over the limit).
 
     Changes nothing: used as a cheap filter before the AEAD tag is checked.
@@ -49,7 +51,7 @@ def seen(buf: bytearray | memoryview, off: int, counter: int) -> bool:
     return bool(bits >> (counter & BIT_MASK) & 1)
 
 
-def accept(buf: bytearray | memoryview, off: int, counter: int) -> bool:
+def accept(buf: Buffer, off: int, counter: int) -> bool:
     """Record `counter`; False if it is a replay or outside the window.
 
     Call only after the packet's AEAD tag verified (wireguard-go device/receive.go).

@@ -49,17 +49,17 @@ def open_queue(name: str) -> int:
     return fd
 
 
-def create(name: str, address: str | None = None, mtu: int = DEFAULT_MTU) -> None:
-    """Create persistent multiqueue TUN `name`, give it `address` (CIDR) and bring it up."""
+def create(name: str, addresses: list[str] | None = None, mtu: int = DEFAULT_MTU) -> None:
+    """Create persistent multiqueue TUN `name`, give it `addresses` (CIDR) and bring it up."""
     fd = open_queue(name)
     try:
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     finally:
         os.close(fd)
-    configure(name, address, mtu)
+    configure(name, addresses, mtu)
 
 
-def configure(name: str, address: str | None, mtu: int = DEFAULT_MTU) -> None:
+def configure(name: str, addresses: list[str] | None, mtu: int = DEFAULT_MTU) -> None:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -68,14 +68,16 @@ def configure(name: str, address: str | None, mtu: int = DEFAULT_MTU) -> None:
             raise TunError(f"TUN {name!r} does not exist")
         idx = links[0]
         ipr.link("set", index=idx, mtu=mtu)
-        if address:
-            iface = ipaddress.ip_interface(address)
-            have = {
-                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)
-            }
-            if (str(iface.ip), iface.network.prefixlen) not in have:
-                ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ipr.link("set", index=idx, state="up")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+        for address in addresses or []:
+            iface = ipaddress.ip_interface(address)
+            if (str(iface.ip), iface.network.prefixlen) not in have:
+                try:
+                    ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+                except Exception as exc:  # another edge added it first
+                    if "exists" not in str(exc).lower():
+                        raise
 
 
 def delete(name: str) -> bool:

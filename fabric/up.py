@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     s = cfg.server
     sd = StateDir.at(args.state_dir or s.state_dir).ensure()
     port = args.listen_port or s.listen_port
-    address = args.address or s.address
+    addresses = args.address or s.addresses
+    address = ",".join(addresses)
     tun_name = args.tun or s.tun
     edges = args.edges or s.edges
     workers = args.workers or s.workers
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    tun.create(tun_name, address)
+    tun.create(tun_name, addresses)
     print(f"fabric up: creating TUN {tun_name} ({address}), starting broker...", file=sys.stderr, flush=True)
     try:
         broker.start()
