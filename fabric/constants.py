@@ -48,7 +48,7 @@ REPLAY_BLOCK_BITS = 64
 REPLAY_WINDOW_SIZE = REPLAY_WINDOW_BITS - REPLAY_BLOCK_BITS
 
 MAX_DATAGRAM = 65535  # largest UDP payload / TUN packet we accept
-INITIATION_FLOOD_INTERVAL = 0.020  # whitepaper 5.1: initiations closer than 20 ms are a flood
+INITIATION_FLOOD_INTERVAL = 0.020  # wireguard-go device/noise-protocol.go HandshakeInitationRate
 HANDSHAKE_RATE_PER_SECOND = 20  # wireguard-go ratelimiter: per source IP
 HANDSHAKE_RATE_BURST = 5
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this an edge answers bad-mac2 with cookies

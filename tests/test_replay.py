@@ -1,0 +1,156 @@
+"""fabric/replay.py against the Linux kernel's WireGuard replay-counter self-test.
+
+Source: drivers/net/wireguard/selftest/counter.c (torvalds/linux,
+https://github.com/torvalds/linux/blob/master/drivers/net/wireguard/selftest/counter.c),
+the same sequence as wireguard-go replay/replay_test.go. There COUNTER_WINDOW_SIZE
+is COUNTER_BITS_TOTAL (8192) minus BITS_PER_LONG (64), 8128 on 64-bit machines,
+T_LIM is COUNTER_WINDOW_SIZE + 1, and T(n, v) asserts that counter n is accepted
+(v true) or refused. REJECT_AFTER_MESSAGES is symbolic in the test; we use ours
+(whitepaper 6.1).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fabric import replay
+from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
+from fabric.replay import ReplayWindow
+
+COUNTER_WINDOW_SIZE = 8192 - 64
+T_LIM = COUNTER_WINDOW_SIZE + 1
+R = REJECT_AFTER_MESSAGES
+
+KERNEL_SEQUENCE = [
+    (0, True),  # 1
+    (1, True),
+    (1, False),
+    (9, True),
+    (8, True),
+    (7, True),
+    (7, False),
+    (T_LIM, True),
+    (T_LIM - 1, True),
+    (T_LIM - 1, False),  # 10
+    (T_LIM - 2, True),
+    (2, True),
+    (2, False),
+    (T_LIM + 16, True),
+    (3, False),
+    (T_LIM + 16, False),
+    (T_LIM * 4, True),
+    (T_LIM * 4 - (T_LIM - 1), True),
+    (10, False),
+    (T_LIM * 4 - T_LIM, False),  # 20
+    (T_LIM * 4 - (T_LIM + 1), False),
+    (T_LIM * 4 - (T_LIM - 2), True),
+    (T_LIM * 4 + 1 - T_LIM, False),
+    (0, False),
+    (R, False),
+    (R - 1, True),
+    (R, False),
+    (R - 1, False),
+    (R - 2, True),
+    (R + 1, False),  # 30
+    (R + 2, False),
+    (R - 2, False),
+    (R - 3, True),
+    (0, False),  # 34
+]
+
+
+class Checker:
+    """Runs T(n, v) on a ReplayWindow and, in parallel, on a window at an offset in a
+    shared buffer (the layout of the host-shared session table); seen() must predict
+    accept() without changing anything."""
+
+    OFF = 24
+
+    def __init__(self) -> None:
+        self.window = ReplayWindow()
+        self.buf = bytearray(self.OFF + replay.STATE_SIZE + 8)
+        self.buf[:] = b"\xaa" * len(self.buf)
+        replay.reset(self.buf, self.OFF)
+        self.step = 0
+
+    def t(self, n: int, v: bool) -> None:
+        self.step += 1
+        assert self.window.seen(n) is (not v), f"seen() at step {self.step}"
+        assert self.window.accept(n) is v, f"step {self.step}: T({n}, {v})"
+        assert replay.accept(self.buf, self.OFF, n) is v, f"buffer step {self.step}"
+        assert self.buf[: self.OFF] == b"\xaa" * self.OFF
+        assert self.buf[self.OFF + replay.STATE_SIZE :] == b"\xaa" * 8
+
+
+def test_window_size_matches_kernel() -> None:
+    assert REPLAY_WINDOW_SIZE == COUNTER_WINDOW_SIZE == replay.WINDOW_SIZE
+
+
+def test_kernel_sequence() -> None:
+    c = Checker()
+    for n, v in KERNEL_SEQUENCE:
+        c.t(n, v)
+    assert c.step == 34
+
+
+def test_kernel_ascending_then_zero() -> None:
+    c = Checker()
+    for i in range(1, COUNTER_WINDOW_SIZE + 1):
+        c.t(i, True)
+    c.t(0, True)
+    c.t(0, False)
+
+
+def test_kernel_ascending_from_two() -> None:
+    c = Checker()
+    for i in range(2, COUNTER_WINDOW_SIZE + 2):
+        c.t(i, True)
+    c.t(1, True)
+    c.t(0, False)
+
+
+def test_kernel_descending_to_zero() -> None:
+    c = Checker()
+    for i in range(COUNTER_WINDOW_SIZE, -1, -1):
+        c.t(i, True)
+
+
+def test_kernel_descending_one_too_far() -> None:
+    c = Checker()
+    for i in range(COUNTER_WINDOW_SIZE + 1, 0, -1):
+        c.t(i, True)
+    c.t(0, False)
+
+
+def test_kernel_descending_then_top() -> None:
+    c = Checker()
+    for i in range(COUNTER_WINDOW_SIZE, 0, -1):
+        c.t(i, True)
+    c.t(COUNTER_WINDOW_SIZE + 1, True)
+    c.t(0, False)
+
+
+def test_kernel_descending_then_zero_then_top() -> None:
+    c = Checker()
+    for i in range(COUNTER_WINDOW_SIZE, 0, -1):
+        c.t(i, True)
+    c.t(0, True)
+    c.t(COUNTER_WINDOW_SIZE + 1, True)
+
+
+@pytest.mark.parametrize("jump", [1, 63, 64, 65, 8128, 8192, 10**6])
+def test_jump_forward_forgets_old_bits(jump: int) -> None:
+    w = ReplayWindow()
+    assert w.accept(5)
+    assert w.accept(5 + jump)
+    assert not w.accept(5 + jump)
+    # 5 is still refused: either remembered or behind the window
+    assert not w.accept(5)
+
+
+def test_reset_forgets_everything() -> None:
+    w = ReplayWindow()
+    for n in (0, 1, 100):
+        assert w.accept(n)
+    w.reset()
+    assert w.accept(0) and w.accept(100)
