@@ -7,7 +7,10 @@ Sockets (endpoints from fabric.paths.StateDir):
           - the receiver index is unused,
           - the TAI64N timestamp is newer than the peer's last (whitepaper 5.1),
           - the previous initiation from the peer is INITIATION_FLOOD_INTERVAL old,
-          then assigns a session id (monotonic, persisted) and a session-table slot
+          then assigns a session id (monotonic, persisted) and a session-table slot.
+          When the fabric initiates (it has traffic for a peer without a session),
+          a worker first registers the initiator's pending state here, published
+          as `pending/<index>` so whichever worker gets the response can finish it.
   PULL    counters from edges and workers, once a second (also announces edges)
   REP     admin requests (`fabric admin`, `fabric peer`)
 """
@@ -30,6 +33,7 @@ from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
 from fabric.constants import (
     INITIATION_FLOOD_INTERVAL,
     MAX_SESSIONS_PER_PEER,
+    REKEY_TIMEOUT,
     SESSION_KEEP_TIME,
 )
 from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
@@ -115,6 +119,7 @@ class Broker:
         self.kv: dict[bytes, dict[str, Any]] = {}
         self.peers: dict[bytes, Peer] = {}
         self.sessions: dict[int, dict[str, Any]] = {}
+        self.pending: dict[int, dict[str, Any]] = {}
         self.next_sid = 1
         self.edges: dict[int, dict[str, Any]] = {}
         self.reports = Reports()
@@ -228,9 +233,19 @@ class Broker:
     # --- handshake commits --------------------------------------------------
 
     def commit(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        role = req.get("role", "responder")
         peer = self.peers.get(req.get("peer", b""))
         if peer is None:
             return {"ok": False, "reason": "unknown_peer"}
+        local_index = req.get("local_index")
+        if role == "initiator":
+            return self._commit_initiator(peer, req, now)
+        if not isinstance(local_index, int) or not 0 <= local_index < 2**32 or self._index_used(local_index):
+            return {"ok": False, "reason": "index_in_use"}
+        if role == "pending":
+            return self._commit_pending(peer, local_index, req, now)
+        if role != "responder":
+            return {"ok": False, "reason": "bad_request"}
         ts = req.get("timestamp")
         if not isinstance(ts, bytes) or len(ts) != 12:
             return {"ok": False, "reason": "bad_request"}
@@ -238,11 +253,50 @@ class Broker:
             return {"ok": False, "reason": "stale_timestamp"}
         if now - peer.last_initiation < INITIATION_FLOOD_INTERVAL:
             return {"ok": False, "reason": "flood"}
-        local_index = req.get("local_index")
-        if not isinstance(local_index, int) or any(
-            s["local_index"] == local_index for s in self.sessions.values()
-        ):
-            return {"ok": False, "reason": "index_in_use"}
+        reply = self._new_session(peer, local_index, req, now, initiator=False)
+        if reply.get("ok"):
+            peer.last_timestamp = ts
+            peer.last_initiation = now
+            self._persist()
+        return reply
+
+    def _index_used(self, index: int) -> bool:
+        return index in self.pending or any(s["local_index"] == index for s in self.sessions.values())
+
+    def _commit_pending(self, peer: Peer, local_index: int, req: dict[str, Any], now: float) -> dict[str, Any]:
+        state = req.get("state")
+        if not isinstance(state, dict):
+            return {"ok": False, "reason": "bad_request"}
+        if sum(1 for p in self.pending.values() if p["peer"] == peer.public) >= MAX_SESSIONS_PER_PEER:
+            return {"ok": False, "reason": "handshake_pending"}
+        value = {"peer": peer.public, "local_index": local_index, "state": state, "created": now}
+        self.pending[local_index] = value
+        self._publish(b"pending/%d" % local_index, value)
+        self.count("initiations")
+        return {"ok": True}
+
+    def _commit_initiator(self, peer: Peer, req: dict[str, Any], now: float) -> dict[str, Any]:
+        index = req.get("local_index")
+        pending = self.pending.get(index) if isinstance(index, int) else None
+        if pending is None or not isinstance(index, int) or pending["peer"] != peer.public:
+            return {"ok": False, "reason": "no_pending_handshake"}
+        # one response per initiation: the pending state is used up either way
+        del self.pending[index]
+        self._publish(b"pending/%d" % index, None)
+        reply = self._new_session(peer, index, req, now, initiator=True)
+        if reply.get("ok"):
+            self._persist()
+        return reply
+
+    def _new_session(self, peer: Peer, local_index: int, req: dict[str, Any], now: float,
+                     initiator: bool) -> dict[str, Any]:
+        try:
+            remote_index = int(req["remote_index"])
+            send_key, recv_key = bytes(req["send_key"]), bytes(req["recv_key"])
+        except (KeyError, TypeError, ValueError):
+            return {"ok": False, "reason": "bad_request"}
+        if len(send_key) != 32 or len(recv_key) != 32:
+            return {"ok": False, "reason": "bad_request"}
         used = {s["slot"] for s in self.sessions.values()}
         mine = sorted((s["created"], sid) for sid, s in self.sessions.items() if s["peer"] == peer.public)
         while len(mine) >= MAX_SESSIONS_PER_PEER:
@@ -254,24 +308,23 @@ class Broker:
             return {"ok": False, "reason": "table_full"}
         sid = self.next_sid
         self.next_sid += 1
+        endpoint = req.get("endpoint", b"")
         session = {
             "id": sid,
             "slot": slot,
             "peer": peer.public,
             "local_index": local_index,
-            "remote_index": int(req["remote_index"]),
-            "send_key": bytes(req["send_key"]),
-            "recv_key": bytes(req["recv_key"]),
+            "remote_index": remote_index,
+            "send_key": send_key,
+            "recv_key": recv_key,
             "created": now,
-            "endpoint": bytes(req.get("endpoint", b"")),
+            "initiator": initiator,
+            "endpoint": bytes(endpoint) if isinstance(endpoint, bytes) else b"",
         }
-        peer.last_timestamp = ts
-        peer.last_initiation = now
         self.sessions[sid] = session
         self._publish(session_key(sid), session)
-        self._persist()
         self.count("handshakes")
-        log.info("session committed", peer=peer.name, session=sid, slot=slot)
+        log.info("session committed", peer=peer.name, session=sid, slot=slot, initiator=initiator)
         return {"ok": True, "session": session}
 
     # --- admin ----------------------------------------------------------------
@@ -481,6 +534,10 @@ class Broker:
                 changed = True
         if changed:
             self._persist()
+        for index, p in list(self.pending.items()):
+            if now - p["created"] > 3 * REKEY_TIMEOUT:
+                del self.pending[index]
+                self._publish(b"pending/%d" % index, None)
         for rid, e in list(self.edges.items()):
             if now - e["seen"] > EDGE_GONE_AFTER:
                 del self.edges[rid]

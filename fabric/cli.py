@@ -107,15 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("edge", help="run one edge (UDP socket + TUN queue)")
     _state_dir(ed)
     ed.add_argument("--id", type=_id, required=True, help="edge number, unique on this host")
+    ed.add_argument("--config", help="TOML configuration file ([server] listen_port, tun, address, state_dir)")
     ed.add_argument("--listen", default="::", help="UDP address to bind (default ::)")
-    ed.add_argument("--listen-port", type=_port, default=DEFAULT_PORT, help=f"UDP port (default {DEFAULT_PORT})")
-    ed.add_argument("--tun", default=DEFAULT_TUN, help=f"multiqueue TUN device (default {DEFAULT_TUN})")
+    ed.add_argument("--listen-port", type=_port, help=f"UDP port (default {DEFAULT_PORT})")
+    ed.add_argument("--tun", help=f"multiqueue TUN device (default {DEFAULT_TUN})")
     ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
     wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
+    wk.add_argument("--config", help="TOML configuration file ([server] state_dir)")
 
     adm = sub.add_parser("admin", help="inspect a running fabric")
     asub = adm.add_subparsers(dest="what", metavar="WHAT")
@@ -214,18 +216,22 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
-    from fabric import edge
+    from fabric import config, edge
     from fabric.paths import StateDir
 
-    return edge.run(StateDir.at(args.state_dir), args.id, args.listen, args.listen_port, args.tun,
-                    args.address, not args.no_reuseport)
+    cfg = config.load(args.config).server
+    addresses = args.address or (cfg.addresses if args.config else None)
+    return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
+                    args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from fabric import config
     from fabric.paths import StateDir
     from workers import worker
 
-    return worker.run(StateDir.at(args.state_dir), args.id)
+    cfg = config.load(args.config).server
+    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ Receive path (UDP -> TUN):
      lock (replays dropped here, after the tag verified), then write to TUN.
 Send path (TUN -> UDP):
   1. read a batch of IP packets; route by allowed IPs to a peer and its newest
-     confirmed session;
+     confirmed session; with none, stage a few packets and ask a worker to
+     initiate a handshake to the peer's last endpoint (at most once per
+     REKEY_TIMEOUT), and send the staged packets when the session arrives;
   2. reserve a run of send counters per session under the slot lock (one lock
      per session per batch);
   3. PUSH to any worker; on the result, send the datagrams to the peer's
@@ -46,6 +48,8 @@ from fabric.constants import (
     MSG_RESPONSE,
     MSG_TRANSPORT,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
@@ -61,6 +65,7 @@ from fabric.sessiontable import SessionTable
 log = Log("edge")
 
 BATCH = 64
+STAGED_MAX = 16  # packets kept per peer while its handshake runs
 _RX_HEAD = struct.Struct("<IIQ")
 _HS_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE, MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
@@ -72,6 +77,7 @@ class EdgeSession:
     peer: bytes
     local_index: int
     created: float
+    initiator: bool = False
 
 
 @dataclass
@@ -81,6 +87,9 @@ class EdgePeer:
     keepalive: int
     sessions: list[int] = field(default_factory=list)  # newest first
     stats: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # rx/tx bytes, rx/tx packets
+    endpoint: bytes = NO_ADDR  # last known, to initiate handshakes to
+    staged: list[bytes] = field(default_factory=list)
+    last_initiation: float = 0.0
 
 
 class TokenBucket:
@@ -218,7 +227,7 @@ class Edge:
         old = self.peers.get(pub)
         peer = EdgePeer(pub, str(v["name"]), int(v.get("keepalive") or 0))
         if old is not None:
-            peer.sessions, peer.stats = old.sessions, old.stats
+            peer.stats, peer.endpoint, peer.staged = old.stats, old.endpoint, old.staged
         self.peers[pub] = peer
         peer.sessions = sorted(
             (sid for sid, s in self.sessions.items() if s.peer == pub),
@@ -246,11 +255,12 @@ class Edge:
         sid = int(v["id"])
         if sid in self.sessions:
             return
-        s = EdgeSession(sid, int(v["slot"]), v["peer"], int(v["local_index"]), float(v["created"]))
+        s = EdgeSession(sid, int(v["slot"]), v["peer"], int(v["local_index"]), float(v["created"]),
+                        bool(v.get("initiator")))
         endpoint = v.get("endpoint") or NO_ADDR
         if len(endpoint) != frames.ADDR_SIZE:
             endpoint = NO_ADDR
-        if not self.table.claim(s.slot, sid, s.created, endpoint):
+        if not self.table.claim(s.slot, sid, s.created, endpoint, confirmed=s.initiator):
             self.counters["stale_session"] += 1
             return
         self.sessions[sid] = s
@@ -259,6 +269,14 @@ class Edge:
         if peer is not None:
             peer.sessions.append(sid)
             peer.sessions.sort(key=lambda i: -self.sessions[i].created)
+            if endpoint != NO_ADDR:
+                peer.endpoint = endpoint
+            if peer.staged:
+                now = time.time()
+                staged, peer.staged = peer.staged, []
+                sending = self.sending_session(peer.public, now)
+                if sending is not None:
+                    self._encrypt(sending, staged, now)
 
     def _remove_session(self, sid: int) -> None:
         s = self.sessions.pop(sid, None)
@@ -395,7 +413,11 @@ class Edge:
     # --- send path ------------------------------------------------------------------
 
     def sending_session(self, pub: bytes, now: float) -> EdgeSession | None:
-        """The newest confirmed, unexpired session of a peer (whitepaper 5.4.5, 6.1)."""
+        """The newest confirmed, unexpired session of a peer (whitepaper 5.4.5, 6.1).
+
+        As initiator of that session, start a new handshake once it is
+        REKEY_AFTER_TIME old (whitepaper 6.2).
+        """
         peer = self.peers.get(pub)
         if peer is None:
             return None
@@ -404,8 +426,28 @@ class Edge:
             if now - s.created >= REJECT_AFTER_TIME:
                 continue
             if self.table.read(s.slot).confirmed:
+                if s.initiator and now - s.created >= REKEY_AFTER_TIME:
+                    self.request_handshake(peer, now)
                 return s
         return None
+
+    def request_handshake(self, peer: EdgePeer, now: float) -> bool:
+        """Ask a worker to initiate a handshake to `peer` (at most once per REKEY_TIMEOUT)."""
+        if now - peer.last_initiation < REKEY_TIMEOUT:
+            return True
+        endpoint = peer.endpoint
+        for sid in peer.sessions:
+            view = self.table.read(self.sessions[sid].slot)
+            if view.session_id == sid and view.endpoint != NO_ADDR:
+                endpoint = view.endpoint
+                break
+        if endpoint == NO_ADDR:
+            return False
+        peer.last_initiation = now
+        self.counters["initiations"] += 1
+        extra = msgpack.packb({"peer": peer.public}, use_bin_type=True)
+        self._push(Frame(frames.INITIATE, self.id, 0, 0, endpoint, [], extra=extra))
+        return True
 
     def on_tun(self, now: float) -> None:
         groups: dict[int, list[bytes]] = defaultdict(list)
@@ -433,7 +475,12 @@ class Edge:
                 chosen[pub] = self.sending_session(pub, now)
             s = chosen[pub]
             if s is None:
-                self.drop("no_session")
+                peer = self.peers[pub]
+                if self.request_handshake(peer, now) and len(peer.staged) < STAGED_MAX:
+                    peer.staged.append(pkt)
+                    self.counters["staged"] += 1
+                else:
+                    self.drop("no_session")
                 continue
             groups[s.sid].append(pkt)
         for sid, pkts in groups.items():
@@ -451,11 +498,15 @@ class Edge:
         self._push(Frame(frames.ENCRYPT, self.id, s.sid, first, endpoint, pkts))
 
     def keepalives(self, now: float) -> None:
-        """Passive keepalive after KEEPALIVE_TIMEOUT, persistent keepalive (whitepaper 6.5)."""
+        """Once a second: passive and persistent keepalives (whitepaper 6.5), and a new
+        handshake when data we sent got no answer for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+        (whitepaper 6.4: the peer may have lost the session, e.g. it restarted)."""
         for peer in self.peers.values():
             s = self.sending_session(peer.public, now)
             if s is None:
                 continue
+            if self.table.unanswered(s.slot, s.sid, now, KEEPALIVE_TIMEOUT + REKEY_TIMEOUT):
+                self.request_handshake(peer, now)
             due = self.table.keepalive_due(s.slot, s.sid, now, KEEPALIVE_TIMEOUT, peer.keepalive)
             if due is not None:
                 counter, endpoint = due
@@ -550,8 +601,15 @@ class Edge:
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
             self.drop("bad_frame")
             return
-        self._udp_send(frame)
-        self.counters["handshake_responses"] += 1
+        if frame.packets:
+            self._udp_send(frame)
+            self.counters["handshake_responses"] += 1
+        s = self.sessions.get(frame.session_id)
+        if s is not None and s.initiator:
+            # the responder may not send until it hears from us: confirm at once
+            got = self.table.reserve(s.slot, s.sid, 1, time.time(), data=False)
+            if got is not None and got[1] != NO_ADDR:
+                self._push(Frame(frames.ENCRYPT, self.id, s.sid, got[0], got[1], [b""]))
 
     # --- loop -----------------------------------------------------------------------------
 
@@ -559,6 +617,9 @@ class Edge:
         sessions = {}
         for sid, s in self.sessions.items():
             view = self.table.read(s.slot)
+            peer = self.peers.get(s.peer)
+            if peer is not None and view.session_id == sid and view.endpoint != NO_ADDR:
+                peer.endpoint = view.endpoint
             sessions[sid] = {
                 "packets": self.session_packets.get(sid, 0),
                 "endpoint": frames.format_addr(view.endpoint) if view.session_id == sid else "",

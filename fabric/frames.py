@@ -26,12 +26,13 @@ MAX_BATCH = 4096
 DECRYPT = 1  # transport datagrams of one session from one source address
 ENCRYPT = 2  # plaintext IP packets of one session; counters counter0, counter0+1, ...
 HANDSHAKE = 3  # handshake datagrams from one source address
+INITIATE = 4  # start a handshake to a peer (extra: {"peer": public key}) at address
 # worker -> edge
 TUN_WRITE = 11  # authenticated plaintexts; aux = (counter, datagram length) per packet
 UDP_SEND = 12  # datagrams for one destination address
-HANDSHAKE_OUT = 13  # a handshake answer and (extra) the session it committed
+HANDSHAKE_OUT = 13  # datagrams to send (maybe none) and (extra) the session committed
 
-KINDS = {DECRYPT, ENCRYPT, HANDSHAKE, TUN_WRITE, UDP_SEND, HANDSHAKE_OUT}
+KINDS = {DECRYPT, ENCRYPT, HANDSHAKE, INITIATE, TUN_WRITE, UDP_SEND, HANDSHAKE_OUT}
 AUX_PER = {TUN_WRITE: 2}
 
 # kind, version, aux_per, edge, n, session_id, counter0, address (16 bytes), port

@@ -14,6 +14,7 @@ Slot layout (little-endian):
     32   f64  last send time
     40   18s  peer endpoint (frames.pack_addr) of the latest authenticated datagram
     64   ...  RFC 6479 receive window (fabric.replay)  (invariant 2)
+    1104 f64  time of the first data sent since the last receive (0: none)
 
 Each slot has its own fcntl byte-range lock: taken once per batch, never per
 packet, and released by the kernel if the edge holding it dies.
@@ -57,7 +58,8 @@ OFF_LAST_RX = 24
 OFF_LAST_TX = 32
 OFF_ENDPOINT = 40
 OFF_REPLAY = 64
-assert OFF_REPLAY + replay.STATE_SIZE <= SLOT_SIZE
+OFF_UNANSWERED = 1104
+assert OFF_REPLAY + replay.STATE_SIZE <= OFF_UNANSWERED
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,24 +125,34 @@ class SessionTable:
     def _matches(self, off: int, session_id: int) -> bool:
         return bool(_SID.unpack_from(self.mm, off)[0] == session_id)
 
-    def claim(self, slot: int, session_id: int, created: float, endpoint: bytes = NO_ADDR) -> bool:
+    def claim(
+        self, slot: int, session_id: int, created: float, endpoint: bytes = NO_ADDR,
+        confirmed: bool = False,
+    ) -> bool:
         """Make `slot` belong to `session_id`; False if a newer session holds it,
-        or if the session is older than this table (see the module docstring)."""
+        or if the session is older than this table (see the module docstring).
+
+        `confirmed` marks a session the fabric initiated: it may send at once.
+        """
         if created < self.created:
             return False
         with self.locked(slot) as off:
             (cur,) = _SID.unpack_from(self.mm, off)
-            if cur == session_id:
-                return True
             if cur > session_id:
                 return False
-            self.mm[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
-            _SID.pack_into(self.mm, off, session_id)
-            if endpoint != NO_ADDR:
-                self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = endpoint
+            if cur < session_id:
+                self.mm[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
+                _SID.pack_into(self.mm, off, session_id)
+                if endpoint != NO_ADDR:
+                    self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = endpoint
+            if confirmed:
+                (flags,) = _FLAGS.unpack_from(self.mm, off + OFF_FLAGS)
+                _FLAGS.pack_into(self.mm, off + OFF_FLAGS, flags | CONFIRMED)
             return True
 
-    def reserve(self, slot: int, session_id: int, n: int, now: float) -> tuple[int, bytes] | None:
+    def reserve(
+        self, slot: int, session_id: int, n: int, now: float, data: bool = True
+    ) -> tuple[int, bytes] | None:
         """Reserve n consecutive send counters; (first counter, endpoint) or None.
 
         None if the slot no longer belongs to the session or the counters would
@@ -154,6 +166,8 @@ class SessionTable:
                 return None
             _COUNTER.pack_into(self.mm, off + OFF_COUNTER, first + n)
             _TIME.pack_into(self.mm, off + OFF_LAST_TX, now)
+            if data and _TIME.unpack_from(self.mm, off + OFF_UNANSWERED)[0] == 0.0:
+                _TIME.pack_into(self.mm, off + OFF_UNANSWERED, now)
             endpoint = bytes(self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE])
             return first, endpoint
 
@@ -175,6 +189,7 @@ class SessionTable:
                 (flags,) = _FLAGS.unpack_from(self.mm, off + OFF_FLAGS)
                 _FLAGS.pack_into(self.mm, off + OFF_FLAGS, flags | CONFIRMED)
                 _TIME.pack_into(self.mm, off + OFF_LAST_RX, now)
+                _TIME.pack_into(self.mm, off + OFF_UNANSWERED, 0.0)
                 if source != NO_ADDR:
                     self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = source
             return accepted
@@ -207,3 +222,17 @@ class SessionTable:
             _COUNTER.pack_into(self.mm, off + OFF_COUNTER, counter + 1)
             _TIME.pack_into(self.mm, off + OFF_LAST_TX, now)
             return counter, bytes(endpoint)
+
+    def unanswered(self, slot: int, session_id: int, now: float, after: float) -> bool:
+        """True once if data sent `after` seconds ago got no answer (whitepaper 6.4 timer).
+
+        The mark is cleared, so the caller starts one new handshake per stall.
+        """
+        with self.locked(slot) as off:
+            if not self._matches(off, session_id):
+                return False
+            (since,) = _TIME.unpack_from(self.mm, off + OFF_UNANSWERED)
+            if since == 0.0 or now - since < after:
+                return False
+            _TIME.pack_into(self.mm, off + OFF_UNANSWERED, 0.0)
+            return True

@@ -13,7 +13,11 @@ stages, which the edges own through the session table):
   ENCRYPT    pad to 16 bytes, seal with the counters the edge reserved, return
              transport datagrams for the edge to send.
   HANDSHAKE  consume an initiation, build the response, commit the session to
-             the broker, return the response (and the session) to the edge.
+             the broker, return the response (and the session) to the edge;
+             or consume the response to one of the fabric's own initiations.
+  INITIATE   build an initiation to a peer (the fabric has traffic for it and
+             no session), register its pending state with the broker, return
+             the datagram to the edge.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fabric import frames, ippacket
 from fabric.clone import CloneClient
 from fabric.constants import (
     MSG_INITIATION,
+    MSG_RESPONSE,
     MSG_TRANSPORT,
     PADDING_MULTIPLE,
     REJECT_AFTER_TIME,
@@ -43,9 +48,12 @@ from fabric.constants import (
 from fabric.frames import Frame, FrameError
 from fabric.handshake import (
     HandshakeError,
+    InitiatorState,
     StaticKeys,
     check_mac1,
     consume_initiation,
+    consume_response,
+    create_initiation,
     create_response,
 )
 from fabric.log import Log
@@ -85,6 +93,7 @@ class Worker:
         self.static: StaticKeys | None = None
         self.peers: dict[bytes, PeerInfo] = {}
         self.sessions: dict[int, SessionKeys] = {}
+        self.pending: dict[int, InitiatorState] = {}
         self.edges: dict[int, dict[str, Any]] = {}
         self.results: dict[int, zmq.Socket] = {}
         self.counters: dict[str, int] = {}
@@ -117,6 +126,12 @@ class Worker:
                 self._install_session(v)
             elif key.startswith(b"edge/"):
                 self._connect_edge(v)
+            elif key.startswith(b"pending/"):
+                st = v["state"]
+                self.pending[int(v["local_index"])] = InitiatorState(
+                    v["peer"], st["psk"], int(v["local_index"]), st["ephemeral"], st["chain_key"],
+                    st["hash"], float(st["sent_at"]), st["mac1"],
+                )
         except (KeyError, TypeError, ValueError) as exc:
             self.count("bad_update")
             log.warning("ignored malformed update", key=key, error=str(exc))
@@ -135,6 +150,8 @@ class Worker:
             self.session_packets.pop(sid, None)
         elif key.startswith(b"edge/"):
             self._disconnect_edge(int(key[5:]))
+        elif key.startswith(b"pending/"):
+            self.pending.pop(int(key[8:]), None)
 
     def _install_session(self, v: dict[str, Any]) -> None:
         sid = int(v["id"])
@@ -201,6 +218,8 @@ class Worker:
         elif frame.kind == frames.HANDSHAKE:
             for pkt in frame.packets:
                 self.handshake(frame, bytes(pkt), now)
+        elif frame.kind == frames.INITIATE:
+            self.initiate(frame, now)
         else:
             self.count("drop_bad_frame")
 
@@ -280,12 +299,14 @@ class Worker:
         except MessageError as exc:
             self.count("drop_" + exc.reason)
             return
-        if kind != MSG_INITIATION:
-            # fabric answers handshakes; it does not initiate them (yet)
+        if kind not in (MSG_INITIATION, MSG_RESPONSE):
             self.count("drop_unexpected_handshake")
             return
         if not check_mac1(self.static.mac1_key, pkt):
             self.count("drop_bad_mac1")
+            return
+        if kind == MSG_RESPONSE:
+            self.handshake_response(frame, pkt, now)
             return
         try:
             init = consume_initiation(self.static, pkt, lambda pub: pub in self.peers)
@@ -300,30 +321,94 @@ class Worker:
             except HandshakeError as exc:
                 self.count("drop_" + exc.reason)
                 return
-            try:
-                reply = self.broker.call({
-                    "op": "commit", "peer": init.peer_public, "timestamp": init.timestamp,
-                    "local_index": local_index, "remote_index": init.sender_index,
-                    "send_key": keys.send_key, "recv_key": keys.recv_key, "endpoint": frame.addr,
-                }, timeout=1.0)
-            except RequestTimeout:
-                self.count("drop_broker_unavailable")
-                log.warning("handshake not committed: broker unavailable")
+            reply = self._commit({
+                "peer": init.peer_public, "timestamp": init.timestamp,
+                "local_index": local_index, "remote_index": init.sender_index,
+                "send_key": keys.send_key, "recv_key": keys.recv_key, "endpoint": frame.addr,
+            })
+            if reply is None:
                 return
             if reply.get("ok"):
-                session = reply["session"]
-                self._install_session(session)
-                public = {k: v for k, v in session.items() if k not in ("send_key", "recv_key")}
-                self.count("handshakes")
-                self._send(frame.edge, Frame(
-                    frames.HANDSHAKE_OUT, frame.edge, int(session["id"]), 0, frame.addr, [response],
-                    extra=msgpack.packb(public, use_bin_type=True),
-                ))
+                self._handshake_done(frame, reply["session"], [response])
                 return
             if reply.get("reason") != "index_in_use":
                 self.count("drop_" + str(reply.get("reason", "refused")))
                 return
         self.count("drop_index_in_use")
+
+    def _commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.broker.call({"op": "commit", **req}, timeout=1.0)
+        except RequestTimeout:
+            self.count("drop_broker_unavailable")
+            log.warning("handshake not committed: broker unavailable")
+            return None
+
+    def initiate(self, frame: Frame, now: float) -> None:
+        """Start a handshake to a peer (whitepaper 5.4.2); the fabric is the initiator."""
+        try:
+            peer_public = msgpack.unpackb(frame.extra or b"", raw=False)["peer"]
+            peer = self.peers[peer_public]
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException):
+            self.count("drop_unknown_peer")
+            return
+        if self.static is None:
+            self.count("drop_not_ready")
+            return
+        for _ in range(3):
+            local_index = secrets.randbits(32)
+            msg, st = create_initiation(self.static, peer_public, peer.psk, local_index, now)
+            reply = self._commit({
+                "role": "pending", "peer": peer_public, "local_index": local_index,
+                "state": {"psk": st.preshared_key, "ephemeral": st.ephemeral_private,
+                          "chain_key": st.chain_key, "hash": st.hash, "sent_at": st.sent_at,
+                          "mac1": st.mac1},
+            })
+            if reply is None:
+                return
+            if reply.get("ok"):
+                self.pending[local_index] = st
+                self.count("initiations")
+                self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, 0, 0, frame.addr, [msg]))
+                return
+            if reply.get("reason") != "index_in_use":
+                self.count("drop_" + str(reply.get("reason", "refused")))
+                return
+
+    def handshake_response(self, frame: Frame, pkt: bytes, now: float) -> None:
+        """Finish one of the fabric's own initiations (whitepaper 5.4.3)."""
+        assert self.static is not None
+        (receiver,) = struct.unpack_from("<I", pkt, 8)
+        st = self.pending.get(receiver)
+        if st is None:
+            self.count("drop_unknown_index")
+            return
+        try:
+            keys = consume_response(self.static, st, pkt, now)
+        except (HandshakeError, MessageError) as exc:
+            self.count("drop_" + exc.reason)
+            return
+        reply = self._commit({
+            "role": "initiator", "peer": st.peer_public, "local_index": keys.local_index,
+            "remote_index": keys.remote_index, "send_key": keys.send_key, "recv_key": keys.recv_key,
+            "endpoint": frame.addr,
+        })
+        if reply is None:
+            return
+        if not reply.get("ok"):
+            self.count("drop_" + str(reply.get("reason", "refused")))
+            return
+        self.pending.pop(receiver, None)
+        self._handshake_done(frame, reply["session"], [])
+
+    def _handshake_done(self, frame: Frame, session: dict[str, Any], out: list[bytes]) -> None:
+        self._install_session(session)
+        public = {k: v for k, v in session.items() if k not in ("send_key", "recv_key")}
+        self.count("handshakes")
+        self._send(frame.edge, Frame(
+            frames.HANDSHAKE_OUT, frame.edge, int(session["id"]), 0, frame.addr, out,
+            extra=msgpack.packb(public, use_bin_type=True),
+        ))
 
     # --- loop -----------------------------------------------------------------------
 
