@@ -395,6 +395,8 @@ class Broker:
                 "rx_bytes": t[0],
                 "tx_bytes": t[1],
                 "slot": s["slot"],
+                "receiver_index": s["local_index"],
+                "initiator": bool(s.get("initiator")),
                 "packets_per_edge": per_edge.get(sid, {}),
                 "packets_per_worker": per_worker.get(sid, {}),
             })
