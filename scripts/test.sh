@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh), then run the whole suite: pytest (unit, vectors,
+# fuzz, network-namespace end-to-end), ruff and mypy. Exits non-zero if any fails.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k e2e -x
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+"$ROOT/scripts/setup.sh" || exit 1
+
+failed=()
+echo "== pytest"
+.venv/bin/python -m pytest -q "$@" || failed+=(pytest)
+echo "== ruff check ."
+.venv/bin/ruff check . || failed+=(ruff)
+echo "== mypy fabric brokers workers"
+.venv/bin/mypy fabric brokers workers || failed+=(mypy)
+
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "FAILED: ${failed[*]}" >&2
+    exit 1
+fi
+echo "all checks passed"
