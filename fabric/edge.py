@@ -683,8 +683,9 @@ class Edge:
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
         reuseport: bool) -> int:
-    if not sd.run.is_dir():
-        raise RuntimeError(f"{sd.run} does not exist: start `fabric broker --state-dir {sd.root}` first")
+    # The broker may start later: ZeroMQ connects whenever it appears, and until
+    # then the edge has no sessions and counts what it drops.
+    sd.ensure()
     lock = sd.lock(f"edge-{eid}")
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport)
     stop = [False]

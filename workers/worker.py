@@ -454,8 +454,7 @@ class Worker:
 
 
 def run(sd: StateDir, wid: int) -> int:
-    if not sd.run.is_dir():
-        raise RuntimeError(f"{sd.run} does not exist: start `fabric broker --state-dir {sd.root}` first")
+    sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
     lock = sd.lock(f"worker-{wid}")
     worker = Worker(sd, wid)
     stop = [False]
