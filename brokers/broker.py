@@ -77,6 +77,44 @@ class Peer:
         )
 
 
+def _small_int(v: Any, hi: int = 2**63) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < hi
+
+
+def sanitize_report(r: Any) -> dict[str, Any] | None:
+    """A stats report with every field checked, or None if any is malformed."""
+    if not isinstance(r, dict) or r.get("role") not in ("edge", "worker"):
+        return None
+    if not _small_int(r.get("id"), 65536) or not _small_int(r.get("pid"), 2**32):
+        return None
+    counters = r.get("counters", {})
+    peers = r.get("peers", {})
+    sessions = r.get("sessions", {})
+    if not (isinstance(counters, dict) and isinstance(peers, dict) and isinstance(sessions, dict)):
+        return None
+    if not all(isinstance(k, str) and _small_int(v) for k, v in counters.items()):
+        return None
+    for k, v in peers.items():
+        if not isinstance(k, bytes) or not isinstance(v, list) or len(v) != 4 or not all(map(_small_int, v)):
+            return None
+    clean_sessions = {}
+    for k, v in sessions.items():
+        if not _small_int(k) or not isinstance(v, dict) or not _small_int(v.get("packets", 0)):
+            return None
+        ep, last_rx = v.get("endpoint", ""), v.get("last_rx", 0.0)
+        if not isinstance(ep, str) or not isinstance(last_rx, int | float):
+            return None
+        clean_sessions[k] = {"packets": v.get("packets", 0), "endpoint": ep[:64], "last_rx": float(last_rx)}
+    out = {"role": r["role"], "id": r["id"], "pid": r["pid"], "counters": counters, "peers": peers,
+           "sessions": clean_sessions}
+    for key in ("work", "result"):
+        if key in r:
+            if not isinstance(r[key], str) or len(r[key]) > 200:
+                return None
+            out[key] = r[key]
+    return out
+
+
 def peer_key(public: bytes) -> bytes:
     return b"peer/" + crypto.key_to_base64(public).encode()
 
@@ -128,7 +166,11 @@ class Broker:
         self.public = crypto.public_key(self.private)
         self._load_state()
         for pc in config_peers or []:
+            # the config file is authoritative for the names it gives
+            for other in [p for p in self.peers.values() if p.name == pc.name and p.public != pc.public_key]:
+                self._drop_peer(other)
             self._put_peer(Peer(pc.name, pc.public_key, pc.allowed_ips, pc.preshared_key, pc.persistent_keepalive), persist=False)
+        check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()])
         self._persist()
         self._publish(b"server", {
             "public": self.public, "private": self.private,
@@ -160,13 +202,18 @@ class Broker:
             data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"state version {data.get('version')}")
+            peers: dict[bytes, Peer] = {}
+            sessions: dict[int, dict[str, Any]] = {}
             for d in data["peers"]:
                 p = Peer.from_state(d)
-                self.peers[p.public] = p
+                peers[p.public] = p
             for s in data["sessions"]:
-                if s["peer"] in self.peers:
-                    self.sessions[s["id"]] = s
-            self.next_sid = max(int(data["next_sid"]), self._sid_floor())
+                if s["peer"] in peers:
+                    sessions[int(s["id"])] = s
+            next_sid = int(data["next_sid"])
+            # all or nothing: a half-read state would be published half
+            self.peers, self.sessions = peers, sessions
+            self.next_sid = max(next_sid, self._sid_floor())
         except Exception as exc:
             # Never reuse session ids (and so slot generations): start above any past id.
             bad = path.with_suffix(".corrupt")
@@ -226,6 +273,16 @@ class Broker:
         if persist:
             self._persist()
 
+    def _drop_peer(self, peer: Peer) -> None:
+        """Forget a peer with its sessions and pending handshakes (published)."""
+        for sid in [sid for sid, s in self.sessions.items() if s["peer"] == peer.public]:
+            self._delete_session(sid)
+        for index in [i for i, p in self.pending.items() if p["peer"] == peer.public]:
+            del self.pending[index]
+            self._publish(b"pending/%d" % index, None)
+        del self.peers[peer.public]
+        self._publish(peer_key(peer.public), None)
+
     def _delete_session(self, sid: int) -> None:
         if self.sessions.pop(sid, None) is not None:
             self._publish(session_key(sid), None)
@@ -234,7 +291,8 @@ class Broker:
 
     def commit(self, req: dict[str, Any], now: float) -> dict[str, Any]:
         role = req.get("role", "responder")
-        peer = self.peers.get(req.get("peer", b""))
+        pub = req.get("peer")
+        peer = self.peers.get(pub) if isinstance(pub, bytes) else None
         if peer is None:
             return {"ok": False, "reason": "unknown_peer"}
         local_index = req.get("local_index")
@@ -290,12 +348,14 @@ class Broker:
 
     def _new_session(self, peer: Peer, local_index: int, req: dict[str, Any], now: float,
                      initiator: bool) -> dict[str, Any]:
-        try:
-            remote_index = int(req["remote_index"])
-            send_key, recv_key = bytes(req["send_key"]), bytes(req["recv_key"])
-        except (KeyError, TypeError, ValueError):
-            return {"ok": False, "reason": "bad_request"}
-        if len(send_key) != 32 or len(recv_key) != 32:
+        remote_index = req.get("remote_index")
+        send_key, recv_key = req.get("send_key"), req.get("recv_key")
+        if (
+            not isinstance(remote_index, int) or isinstance(remote_index, bool)
+            or not 0 <= remote_index < 2**32
+            or not isinstance(send_key, bytes) or len(send_key) != 32
+            or not isinstance(recv_key, bytes) or len(recv_key) != 32
+        ):
             return {"ok": False, "reason": "bad_request"}
         used = {s["slot"] for s in self.sessions.values()}
         mine = sorted((s["created"], sid) for sid, s in self.sessions.items() if s["peer"] == peer.public)
@@ -433,14 +493,16 @@ class Broker:
         nets = [ipaddress.ip_network(n) for p in self.peers.values() for n in p.allowed_ips]
         out = []
         for iface in self.interfaces:
+            found = None
             for i, host in enumerate(iface.network.hosts()):
                 if i > 1 << 16:
                     break
                 if host != iface.ip and not any(host in n for n in nets):
-                    out.append(f"{host}/{iface.max_prefixlen}")
+                    found = f"{host}/{iface.max_prefixlen}"
                     break
-            else:
-                raise ValueError(f"no free address left in {iface.network}; pass --allowed-ip")
+            if found is None:
+                raise ValueError(f"no free address found in {iface.network}; pass --allowed-ip")
+            out.append(found)
         return out
 
     def _admin_peer_add(self, req: dict[str, Any], now: float) -> dict[str, Any]:
@@ -461,7 +523,9 @@ class Broker:
         if public in self.peers:
             raise ValueError(f"that public key belongs to peer {self.peers[public].name!r} already")
         psk = crypto.generate_private_key() if req.get("psk") else None
-        keepalive = int(req.get("keepalive", 0))
+        keepalive = req.get("keepalive", 0) or 0
+        if not isinstance(keepalive, int) or isinstance(keepalive, bool) or not 0 <= keepalive <= 65535:
+            raise ValueError("keepalive must be a whole number of seconds from 0 to 65535")
         self._put_peer(Peer(name, public, nets, psk, keepalive))
         log.info("peer added", peer=name, allowed_ips=",".join(nets))
         return {
@@ -482,10 +546,7 @@ class Broker:
         peer = next((p for p in self.peers.values() if p.name == name), None)
         if peer is None:
             raise ValueError(f"no peer named {name!r}; `fabric admin peers` lists them")
-        for sid in [sid for sid, s in self.sessions.items() if s["peer"] == peer.public]:
-            self._delete_session(sid)
-        del self.peers[peer.public]
-        self._publish(peer_key(peer.public), None)
+        self._drop_peer(peer)
         self._persist()
         log.info("peer removed", peer=name)
         return {"ok": True, "name": name}
@@ -514,14 +575,13 @@ class Broker:
     # --- stats and edge registry -------------------------------------------
 
     def on_report(self, report: dict[str, Any], now: float) -> None:
-        try:
-            role, rid = report["role"], int(report["id"])
-            if role not in ("edge", "worker"):
-                raise ValueError(role)
-            self.reports.add(report, now)
-        except (KeyError, ValueError, TypeError):
+        clean = sanitize_report(report)
+        if clean is None:
             self.count("bad_report")
             return
+        report = clean
+        role, rid = report["role"], report["id"]
+        self.reports.add(report, now)
         if role == "edge":
             value = {"id": rid, "work": str(report.get("work", "")), "result": str(report.get("result", ""))}
             self.edges[rid] = {"seen": now, **value}
@@ -616,7 +676,7 @@ class Broker:
             except Exception:
                 self.count("bad_report")
                 continue
-            self.on_report(rep, now)
+            self.on_report(rep, now)  # never raises: sanitize_report vets everything
 
     def serve(self, stop: list[bool]) -> None:
         poller = zmq.Poller()

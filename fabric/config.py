@@ -202,6 +202,10 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the path of a TOML file") from None
     try:
         return parse(data)
     except ConfigError as exc:

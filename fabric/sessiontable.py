@@ -92,7 +92,9 @@ class SessionTable:
             magic, created = _TABLE_HEADER.unpack_from(self.mm, 0)
             if magic != MAGIC:
                 created = time.time()
-                self.mm[:SLOT_SIZE] = bytes(SLOT_SIZE)
+                for off in range(0, size, 1 << 20):
+                    n = min(1 << 20, size - off)
+                    self.mm[off : off + n] = bytes(n)
                 _TABLE_HEADER.pack_into(self.mm, 0, MAGIC, created)
             self.created: float = created
         finally:
@@ -195,7 +197,10 @@ class SessionTable:
             return accepted
 
     def seen(self, slot: int, session_id: int, counter: int) -> bool:
-        """Lock-free pre-filter: True if `counter` is surely a replay (or the slot moved on)."""
+        """Lock-free pre-filter: True if `counter` is surely a replay.
+
+        False if the slot moved on to another session: `commit_rx` refuses those.
+        """
         off = self._off(slot)
         if not self._matches(off, session_id):
             return False
