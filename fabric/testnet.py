@@ -930,6 +930,7 @@ class FabricCluster:
         state_dir: str | Path | None = None,
         tun: str | None = None,
         admin_ns: str | None = None,
+        reuseport: bool = True,
     ) -> None:
         if mode not in ("separate", "up"):
             raise ValueError("mode must be 'separate' or 'up'")
@@ -943,6 +944,7 @@ class FabricCluster:
         self.state_dir = Path(state_dir) if state_dir else topo.workdir / "state"
         self.tun = tun or topo.ifname("t")
         self.admin_ns = admin_ns
+        self.reuseport = reuseport
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = fabric_env()
 
@@ -981,6 +983,7 @@ class FabricCluster:
                 str(self.workers),
                 "--tun",
                 self.tun,
+                *([] if self.reuseport else ["--no-reuseport"]),
             )
         else:
             self._spawn("broker", "broker", "--state-dir", sd, "--address", self.address)
@@ -1001,6 +1004,7 @@ class FabricCluster:
                     self.tun,
                     "--address",
                     self.address,
+                    *([] if self.reuseport else ["--no-reuseport"]),
                 )
             for j in range(self.workers):
                 self._spawn(f"worker{j}", "worker", "--state-dir", sd, "--id", str(j))
