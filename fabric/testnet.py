@@ -945,10 +945,55 @@ class FabricCluster:
         self.tun = tun or topo.ifname("t")
         self.admin_ns = admin_ns
         self.reuseport = reuseport
+        self.args: dict[str, tuple[str, ...]] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = fabric_env()
 
+    def kill(self, label: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        """Send `sig` to one fabric process (e.g. "worker1", "edge0", "broker") and reap it."""
+        proc = self.procs[label]
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            return proc.wait(timeout=timeout)
+
+    def respawn(self, label: str) -> subprocess.Popen[bytes]:
+        """Start a process again with the arguments it had (after kill())."""
+        if self.procs[label].poll() is None:
+            raise FabricError(f"{label} is still running")
+        self._spawn(label, *self.args[label])
+        return self.procs[label]
+
+    def add_worker(self, j: int) -> subprocess.Popen[bytes]:
+        self._spawn(f"worker{j}", "worker", "--state-dir", str(self.state_dir), "--id", str(j))
+        return self.procs[f"worker{j}"]
+
+    def add_edge(self, i: int) -> subprocess.Popen[bytes]:
+        self._spawn(
+            f"edge{i}", "edge", "--state-dir", str(self.state_dir), "--id", str(i),
+            "--listen-port", str(self.listen_port), "--tun", self.tun, "--address", self.address,
+            *([] if self.reuseport else ["--no-reuseport"]),
+        )
+        return self.procs[f"edge{i}"]
+
+    def stats(self) -> dict[str, int]:
+        """`fabric admin stats --json`: every counter, summed over processes."""
+        data = json.loads(self.admin("stats", "--json").stdout)
+        if not isinstance(data, dict):
+            raise FabricError(f"admin stats --json: expected a map, got {type(data).__name__}")
+        return data
+
+    def status(self) -> dict[str, Any]:
+        data = json.loads(self.admin("status", "--json").stdout)
+        if not isinstance(data, dict):
+            raise FabricError(f"admin status --json: expected a map, got {type(data).__name__}")
+        return data
+
     def _spawn(self, label: str, *args: str) -> None:
+        self.args[label] = args
         from fabric.paths import StateDir
 
         # the host-shared session table lives in /dev/shm: remove it with the topology
@@ -1126,3 +1171,107 @@ class FabricCluster:
 
     def log_tails(self, lines: int = 30) -> str:
         return self.topo.log_tails(lines, labels=list(self.procs))
+
+
+# --------------------------------------------------------------------------- captures
+
+
+class Capture:
+    """tcpdump of UDP on one interface of a namespace, for checks after the fact.
+
+    Only the first `snaplen` bytes of each frame are kept: enough for the
+    WireGuard header (type, receiver index, counter).
+    """
+
+    def __init__(self, topo: Topology, ns: str, iface: str, bpf: str = "udp", snaplen: int = 128) -> None:
+        self.topo = topo
+        self.path = topo.workdir / f"capture-{iface}-{time.monotonic_ns()}.pcap"
+        self.argv = ["tcpdump", "-i", iface, "-n", "-U", "-B", "16384", "-s", str(snaplen),
+                     "-w", str(self.path), bpf]
+        self.ns = ns
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Capture:
+        self.proc = self.topo.popen(self.ns, self.argv, label="tcpdump")
+        log = self.topo.log_path(self.proc)
+        for _ in range(100):  # tcpdump says "listening on ..." once it captures
+            if "listening on" in log.read_text(errors="replace") or self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        if self.proc.poll() is not None:
+            raise TopologyError(f"tcpdump failed: {tail(log)}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.topo.stop(self.proc, sig=signal.SIGINT)
+
+    def packets(self) -> list[UdpPacket]:
+        return read_pcap(self.path)
+
+
+@dataclass(frozen=True)
+class UdpPacket:
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    length: int  # UDP payload length on the wire
+    head: bytes  # the captured start of the payload
+
+
+def read_pcap(path: str | Path) -> list[UdpPacket]:
+    """UDP packets of a classic pcap file (Ethernet or Linux cooked link types)."""
+    import ipaddress as _ip
+    import struct as _st
+
+    data = Path(path).read_bytes()
+    if len(data) < 24:
+        return []
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        end = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        end = ">"
+    else:
+        raise ValueError(f"{path}: not a pcap file")
+    (linktype,) = _st.unpack_from(end + "I", data, 20)
+    link_len = {1: 14, 113: 16, 276: 20}.get(linktype)
+    if link_len is None:
+        raise ValueError(f"{path}: unsupported link type {linktype}")
+    out: list[UdpPacket] = []
+    pos = 24
+    while pos + 16 <= len(data):
+        _, _, incl, _ = _st.unpack_from(end + "IIII", data, pos)
+        frame = data[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        ethertype = _st.unpack_from(">H", frame, link_len - 2)[0] if len(frame) >= link_len else 0
+        if linktype == 276 and len(frame) >= 2:
+            ethertype = _st.unpack_from(">H", frame, 0)[0]
+        ip = frame[link_len:]
+        if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 17:
+            ihl = (ip[0] & 15) * 4
+            src, dst = str(_ip.IPv4Address(ip[12:16])), str(_ip.IPv4Address(ip[16:20]))
+        elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == 17:
+            ihl = 40
+            src, dst = str(_ip.IPv6Address(ip[8:24])), str(_ip.IPv6Address(ip[24:40]))
+        else:
+            continue
+        udp = ip[ihl:]
+        if len(udp) < 8:
+            continue
+        sport, dport, ulen = _st.unpack_from(">HHH", udp, 0)
+        out.append(UdpPacket(src, sport, dst, dport, ulen - 8, bytes(udp[8:])))
+    return out
+
+
+def transport_nonces(packets: Sequence[UdpPacket]) -> list[tuple[int, int]]:
+    """(receiver index, counter) of every WireGuard transport message captured."""
+    import struct as _st
+
+    out = []
+    for p in packets:
+        if len(p.head) >= 16 and p.head[:4] == b"\x04\x00\x00\x00":
+            _, receiver, counter = _st.unpack_from("<IIQ", p.head, 0)
+            out.append((receiver, counter))
+    return out

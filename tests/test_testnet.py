@@ -4,10 +4,12 @@ wireguard-go client <-> wireguard-go server through fabric.testnet.Topology."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
 from fabric.testnet import (
+    Capture,
     Topology,
     WgClient,
     WgConfig,
@@ -16,6 +18,7 @@ from fabric.testnet import (
     iperf3,
     parse_ping,
     start_wg_server,
+    transport_nonces,
 )
 
 SERVER_TUN = "198.19.200.1"
@@ -148,3 +151,24 @@ def test_iperf3_both_ways(topo2: Topology) -> None:
     assert up.mbps > 1 and down.mbps > 1, (up, down)
     assert down.reverse
     print(f"wireguard-go pair: up {up.mbps:.0f} Mbit/s, down {down.mbps:.0f} Mbit/s")
+
+
+@pytest.mark.netns
+def test_capture_reads_wireguard_nonces(topo2: Topology) -> None:
+    """Capture + read_pcap see every transport message with its (index, counter)."""
+    topo = topo2
+    s_priv, s_pub = gen_keypair()
+    c_priv, c_pub = gen_keypair()
+    start_wg_server(topo, address=f"{SERVER_TUN}/24", private_key=s_priv, peers=[(c_pub, "198.19.200.2/32")])
+    conf = client_config(c_priv, "198.19.200.2/32", s_pub, f"{topo.server_underlay(1)}:51820", "198.19.200.0/24")
+    client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf).start()
+    assert client.wait_ping(SERVER_TUN, timeout=15).ok
+    with Capture(topo, topo.server_ns, topo.ifname("s1"), "udp port 51820") as cap:
+        assert client.ping(SERVER_TUN, count=5).all_ok
+        time.sleep(0.5)
+    packets = cap.packets()
+    nonces = transport_nonces([p for p in packets if p.sport == 51820])
+    assert len(nonces) >= 5, packets
+    assert len(set(nonces)) == len(nonces)  # wireguard-go never repeats a nonce
+    counters = sorted(c for _, c in nonces)
+    assert counters == list(range(counters[0], counters[0] + len(counters)))
