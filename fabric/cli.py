@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     if demo is not None:
         dm = sub.add_parser("demo", help="run the fabric and a wireguard-go client in network namespaces")
         demo.add_arguments(dm)
+    try:
+        from fabric import soak
+    except ImportError:
+        soak = None  # type: ignore[assignment]
+    if soak is not None:
+        sk = sub.add_parser("soak", help="wireguard-go clients under load while processes are killed")
+        soak.add_arguments(sk)
     return parser
 
 
@@ -253,6 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fabric import demo
 
             return demo.run(args)
+        if args.command == "soak":
+            from fabric import soak
+
+            return soak.run(args)
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130

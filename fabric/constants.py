@@ -1,8 +1,29 @@
 """Protocol constants.
 
+FABRIC_TIME_SCALE (tests only): divides the session timers below (REKEY_*,
+REJECT_AFTER_TIME, KEEPALIVE_TIMEOUT and what derives from them) so tests of
+expiry and rekeying take seconds. A stock peer keeps real time, so only use
+it to test the fabric's own side of a timer.
+
 "Specification" values come from the WireGuard whitepaper (section cited); changing
 them breaks interoperability. "Implementation" values are fabric's own choices.
 """
+
+import os as _os
+
+
+def _time_scale() -> float:
+    raw = _os.environ.get("FABRIC_TIME_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        raise SystemExit(f"FABRIC_TIME_SCALE={raw!r} is not a number; unset it (it is for tests)") from None
+    if not 1.0 <= scale <= 1000.0:
+        raise SystemExit(f"FABRIC_TIME_SCALE={raw} is outside 1..1000; unset it (it is for tests)")
+    return scale
+
+
+TIME_SCALE = _time_scale()
 
 # --- specification -----------------------------------------------------------
 
@@ -32,11 +53,11 @@ TIMESTAMP_SIZE = 12  # TAI64N
 # whitepaper 6.1: timers and limits
 REKEY_AFTER_MESSAGES = 2**60
 REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
-REKEY_AFTER_TIME = 120.0
-REJECT_AFTER_TIME = 180.0
-REKEY_ATTEMPT_TIME = 90.0
-REKEY_TIMEOUT = 5.0
-KEEPALIVE_TIMEOUT = 10.0
+REKEY_AFTER_TIME = 120.0 / TIME_SCALE
+REJECT_AFTER_TIME = 180.0 / TIME_SCALE
+REKEY_ATTEMPT_TIME = 90.0 / TIME_SCALE
+REKEY_TIMEOUT = 5.0 / TIME_SCALE
+KEEPALIVE_TIMEOUT = 10.0 / TIME_SCALE
 COOKIE_REFRESH_TIME = 120.0  # whitepaper 5.4.7: cookie secret lifetime
 
 # --- implementation ----------------------------------------------------------
