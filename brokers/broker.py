@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import crypto
+from fabric import crypto, curve
 from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
 from fabric.constants import (
     INITIATION_FLOOD_INTERVAL,
@@ -107,7 +107,7 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
         clean_sessions[k] = {"packets": v.get("packets", 0), "endpoint": ep[:64], "last_rx": float(last_rx)}
     out = {"role": r["role"], "id": r["id"], "pid": r["pid"], "counters": counters, "peers": peers,
            "sessions": clean_sessions}
-    for key in ("work", "result"):
+    for key in ("work", "result", "work_tcp", "result_tcp"):
         if key in r:
             if not isinstance(r[key], str) or len(r[key]) > 200:
                 return None
@@ -143,8 +143,10 @@ class Broker:
         endpoint: str | None = None,
         config_peers: list[PeerConfig] | None = None,
         slots: int = DEFAULT_SLOTS,
+        tcp: str | None = None,
     ) -> None:
         self.sd = state_dir
+        self.tcp = tcp
         if isinstance(addresses, str):
             addresses = addresses.split(",")
         self.addresses = list(addresses)
@@ -583,7 +585,8 @@ class Broker:
         role, rid = report["role"], report["id"]
         self.reports.add(report, now)
         if role == "edge":
-            value = {"id": rid, "work": str(report.get("work", "")), "result": str(report.get("result", ""))}
+            value = {"id": rid, "work": report.get("work", ""), "result": report.get("result", ""),
+                     **{k: report[k] for k in ("work_tcp", "result_tcp") if report.get(k)}}
             self.edges[rid] = {"seen": now, **value}
             if self.kv.get(b"edge/%d" % rid) != value:
                 self._publish(b"edge/%d" % rid, value)
@@ -609,26 +612,47 @@ class Broker:
             KVMsg(HUGZ, self.seq, self.epoch).send(self.pub)
         except zmq.Again:
             pass
+        auth = getattr(self, "auth", None)
+        if auth is not None:
+            auth.tick(now)
 
     # --- sockets ----------------------------------------------------------------
 
     def bind(self, ctx: zmq.Context) -> None:
+        """Bind every socket on ipc (and on tcp HOST:PORT..PORT+4 with --tcp).
+
+        With CURVE keys in the state dir every socket is a CURVE server and a ZAP
+        handler admits only authorized keys (invariant 6); tcp requires it.
+        """
         self.ctx = ctx
+        self.curve = curve.local(self.sd)
+        if self.tcp and self.curve is None:
+            raise RuntimeError(
+                f"tcp endpoints need CURVE: run `fabric keys init --state-dir {self.sd.root}` first"
+            )
+        self.auth = curve.Authenticator(ctx, self.sd) if self.curve else None
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 100000)
         self.snap = ctx.socket(zmq.ROUTER)
         self.commits = ctx.socket(zmq.ROUTER)
         self.stats = ctx.socket(zmq.PULL)
         self.adm = ctx.socket(zmq.REP)
-        for sock, ep in (
+        tcp = curve.tcp_endpoints(self.tcp, 5) if self.tcp else [None] * 5
+        for (sock, ep), tcp_ep in zip((
             (self.pub, self.sd.broker_pub),
             (self.snap, self.sd.broker_snapshot),
             (self.commits, self.sd.broker_commit),
             (self.stats, self.sd.broker_stats),
             (self.adm, self.sd.admin),
-        ):
+        ), tcp, strict=True):
             sock.setsockopt(zmq.LINGER, 0)
+            curve.apply(sock, self.curve.server if self.curve else None)
             sock.bind(ep)
+            if tcp_ep:
+                try:
+                    sock.bind(tcp_ep)
+                except zmq.ZMQError as exc:
+                    raise RuntimeError(f"cannot bind {tcp_ep}: {exc} (pick another --tcp port)") from None
 
     def _serve_snapshot(self) -> None:
         parts = self.snap.recv_multipart(zmq.NOBLOCK)
@@ -703,12 +727,17 @@ class Broker:
 
 
 def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: str | None,
-        config_peers: list[PeerConfig]) -> int:
+        config_peers: list[PeerConfig], tcp: str | None = None) -> int:
     state_dir.ensure()
     lock = state_dir.lock("broker")
-    broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers)
+    broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers, tcp=tcp)
     ctx = zmq.Context()
-    broker.bind(ctx)
+    try:
+        broker.bind(ctx)
+    except BaseException:
+        ctx.destroy(0)
+        os.close(lock)
+        raise
     stop = [False]
 
     def _stop(*_: Any) -> None:
@@ -720,6 +749,8 @@ def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: s
     try:
         broker.serve(stop)
     finally:
+        if broker.auth is not None:
+            broker.auth.stop()
         ctx.destroy(0)
         os.close(lock)
     return 0

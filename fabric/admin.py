@@ -30,13 +30,16 @@ def endpoint_for(state_dir: str | None, admin: str | None) -> str:
     return sd.admin
 
 
-def request(endpoint: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def request(endpoint: str, req: dict[str, Any], timeout: float = 5.0,
+            curve: dict[int, Any] | None = None) -> dict[str, Any]:
     ctx: zmq.Context = zmq.Context.instance()
-    client = ReqClient(ctx, endpoint)
+    client = ReqClient(ctx, endpoint, curve=curve)
     try:
         reply = client.call(req, timeout)
     except RequestTimeout:
-        raise AdminError(f"the fabric at {endpoint} did not answer within {timeout:g}s: is its broker running?") from None
+        hint = ("is its broker running, and is your --key authorized (`fabric keys client`)?"
+                if endpoint.startswith("tcp://") else "is its broker running?")
+        raise AdminError(f"the fabric at {endpoint} did not answer within {timeout:g}s: {hint}") from None
     finally:
         client.close()
     if not reply.get("ok"):

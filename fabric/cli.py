@@ -74,7 +74,10 @@ def _state_dir(p: argparse.ArgumentParser) -> None:
 
 def _client(p: argparse.ArgumentParser) -> None:
     _state_dir(p)
-    p.add_argument("--admin", metavar="ENDPOINT", help="admin socket of the fabric (default: from --state-dir)")
+    p.add_argument("--admin", metavar="ENDPOINT",
+                   help="admin socket of the fabric (default: from --state-dir), e.g. tcp://HOST:PORT")
+    p.add_argument("--key", metavar="FILE", help="your CURVE key (.key_secret from `fabric keys client`), for tcp")
+    p.add_argument("--server-key", metavar="FILE", help="the fabric's CURVE public key (curve/server.key), for tcp")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--address", type=_cidrs, help=f"server tunnel address(es) with prefix, comma-separated for IPv4 and IPv6 (default {DEFAULT_ADDRESS})")
     br.add_argument("--listen-port", type=_port, help=f"the UDP port edges use (default {DEFAULT_PORT})")
     br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
+    br.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
+                    help="also listen on tcp PORT..PORT+4 (pub, snapshot, commit, stats, admin); needs `fabric keys init`")
 
     ed = sub.add_parser("edge", help="run one edge (UDP socket + TUN queue)")
     _state_dir(ed)
@@ -113,11 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--tun", help=f"multiqueue TUN device (default {DEFAULT_TUN})")
     ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
+    ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
+                    help="also offer work on tcp PORT, PORT+1 for remote workers; needs `fabric keys init`")
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
     wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
     wk.add_argument("--config", help="TOML configuration file ([server] state_dir)")
+    wk.add_argument("--broker", metavar="tcp://HOST:PORT",
+                    help="a remote broker's --tcp address: serve its fabric from another host over CURVE")
+    wk.add_argument("--key", metavar="FILE", help="this worker's CURVE key (.key_secret from `fabric keys client`)")
+    wk.add_argument("--server-key", metavar="FILE", help="the fabric's CURVE public key (curve/server.key)")
+
+    ks = sub.add_parser("keys", help="CURVE keys that protect the fabric's ZeroMQ sockets")
+    ksub = ks.add_subparsers(dest="keys_action", metavar="ACTION")
+    ksub.required = True
+    kinit = ksub.add_parser("init", help="create the fabric's CURVE keypair (turns CURVE on for every socket)")
+    _state_dir(kinit)
+    kcl = ksub.add_parser("client", help="create and authorize a key for a remote worker or admin client")
+    kcl.add_argument("name")
+    _state_dir(kcl)
+    krv = ksub.add_parser("revoke", help="stop admitting a client key")
+    krv.add_argument("name")
+    _state_dir(krv)
+    kls = ksub.add_parser("list", help="authorized client keys")
+    _state_dir(kls)
 
     adm = sub.add_parser("admin", help="inspect a running fabric")
     asub = adm.add_subparsers(dest="what", metavar="WHAT")
@@ -162,11 +187,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _admin_target(args: argparse.Namespace) -> tuple[str, dict[int, object] | None]:
+    """The admin endpoint and CURVE client options to reach it."""
+    from fabric import admin, curve
+    from fabric.paths import StateDir
+
+    ep = admin.endpoint_for(args.state_dir, args.admin)
+    if args.key or args.server_key:
+        if not (args.key and args.server_key):
+            raise ConfigError("--key and --server-key go together")
+        return ep, curve.remote(args.key, args.server_key).client
+    if ep.startswith("tcp://"):
+        raise ConfigError("a tcp admin endpoint needs --key FILE and --server-key FILE (CURVE)")
+    local = curve.local(StateDir.at(args.state_dir))
+    return ep, local.client if local else None
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from fabric import curve
+    from fabric.paths import StateDir
+
+    sd = StateDir.at(args.state_dir)
+    if args.keys_action == "init":
+        path, created = curve.init(sd)
+        print(f"{'created' if created else 'kept existing'} CURVE server key: {path}")
+        print("every socket of this fabric now uses CURVE; restart its processes to apply")
+    elif args.keys_action == "client":
+        public, secret = curve.new_client(sd, args.name)
+        print(f"authorized {args.name}: give {secret} (secret) and {curve.curve_dir(sd) / 'server.key'} to it")
+    elif args.keys_action == "revoke":
+        if not curve.revoke(sd, args.name):
+            raise ConfigError(f"no authorized client key {args.name!r}; `fabric keys list` shows them")
+        print(f"revoked {args.name} (takes effect within seconds)")
+    else:
+        print("\n".join(curve.authorized(sd)))
+    return 0
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from fabric import admin
 
-    ep = admin.endpoint_for(args.state_dir, args.admin)
-    reply = admin.request(ep, {"op": args.what})
+    ep, opts = _admin_target(args)
+    reply = admin.request(ep, {"op": args.what}, curve=opts)
     if args.what == "peers":
         print(admin.dump(reply["peers"]) if args.json else admin.format_peers(reply["peers"]))
     elif args.what == "sessions":
@@ -181,9 +243,9 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def cmd_peer(args: argparse.Namespace) -> int:
     from fabric import admin
 
-    ep = admin.endpoint_for(args.state_dir, args.admin)
+    ep, opts = _admin_target(args)
     if args.action == "remove":
-        admin.request(ep, {"op": "peer_remove", "name": args.name})
+        admin.request(ep, {"op": "peer_remove", "name": args.name}, curve=opts)
         print(f"removed peer {args.name}" if not args.json else admin.dump({"removed": args.name}))
         return 0
     if args.keepalive < 0 or args.keepalive > 65535:
@@ -198,7 +260,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     reply = admin.request(ep, {
         "op": "peer_add", "name": args.name, "allowed_ips": args.allowed_ips,
         "public_key": args.public_key, "psk": args.preshared_key, "keepalive": args.keepalive,
-    })
+    }, curve=opts)
     endpoint = args.endpoint or reply.get("endpoint") or admin.default_endpoint(reply["listen_port"])
     text = admin.client_config(reply, endpoint)
     if args.json:
@@ -219,7 +281,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
     return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
-                      args.endpoint or cfg.server.endpoint, cfg.peers)
+                      args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -229,16 +291,24 @@ def cmd_edge(args: argparse.Namespace) -> int:
     cfg = config.load(args.config).server
     addresses = args.address or (cfg.addresses if args.config else None)
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
-                    args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport)
+                    args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
+                    tcp=args.tcp)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from fabric import config
+    from fabric import config, curve
     from fabric.paths import StateDir
     from workers import worker
 
     cfg = config.load(args.config).server
-    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id)
+    keys = None
+    if args.key or args.server_key:
+        if not (args.key and args.server_key):
+            raise ConfigError("--key and --server-key go together")
+        keys = curve.remote(args.key, args.server_key)
+    if args.broker and not args.broker.startswith("tcp://"):
+        raise ConfigError(f"--broker {args.broker!r}: give the broker's tcp address, tcp://HOST:PORT")
+    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, broker=args.broker, keys=keys)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -253,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logmod.setup(args.verbose)
     handlers = {
         "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,
-        "worker": cmd_worker, "up": cmd_up,
+        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys,
     }
     try:
         if args.command == "demo":
@@ -269,9 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from fabric.admin import AdminError
+        from fabric.curve import KeyError_
         from fabric.tun import TunError
 
-        if isinstance(exc, ConfigError | AdminError | TunError | RuntimeError | PermissionError | OSError):
+        if isinstance(exc, ConfigError | AdminError | TunError | KeyError_ | RuntimeError | PermissionError | OSError):
             print(f"fabric: error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import frames, ippacket, tun
+from fabric import curve, frames, ippacket, tun
 from fabric.clone import CloneClient
 from fabric.constants import (
     COOKIE_REPLY_SIZE,
@@ -151,6 +151,7 @@ class Edge:
         address: list[str] | None = None,
         reuseport: bool = True,
         ctx: zmq.Context | None = None,
+        tcp: str | None = None,
     ) -> None:
         self.sd = sd
         self.id = eid
@@ -174,20 +175,36 @@ class Edge:
         self.ratelimit = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[bytes, Any] = {}
+        self.curve = curve.local(sd)
+        if tcp and self.curve is None:
+            raise RuntimeError(f"tcp endpoints need CURVE: run `fabric keys init --state-dir {sd.root}` first")
+        self.auth = curve.Authenticator(self.ctx, sd) if self.curve else None
+        server_opts = self.curve.server if self.curve else None
+        client_opts = self.curve.client if self.curve else None
+        self.tcp = curve.tcp_endpoints(tcp, 2) if tcp else []
         self.work = self.ctx.socket(zmq.PUSH)
+        curve.apply(self.work, server_opts)
         self.work.setsockopt(zmq.SNDHWM, 1000)
         self.work.setsockopt(zmq.LINGER, 0)
         self.work.setsockopt(zmq.IMMEDIATE, 1)
         self.work.bind(sd.edge_work(eid))
         self.result = self.ctx.socket(zmq.PULL)
+        curve.apply(self.result, server_opts)
         self.result.setsockopt(zmq.RCVHWM, 1000)
         self.result.setsockopt(zmq.LINGER, 0)
         self.result.bind(sd.edge_result(eid))
+        for sock, ep in zip((self.work, self.result), self.tcp, strict=False):
+            try:
+                sock.bind(ep)
+            except zmq.ZMQError as exc:
+                raise RuntimeError(f"cannot bind {ep}: {exc} (pick another --tcp port)") from None
         self.stats = self.ctx.socket(zmq.PUSH)
+        curve.apply(self.stats, client_opts)
         self.stats.setsockopt(zmq.SNDHWM, 10)
         self.stats.setsockopt(zmq.LINGER, 0)
         self.stats.connect(sd.broker_stats)
-        self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete)
+        self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete,
+                                 curve=client_opts)
 
     @staticmethod
     def _ensure_tun(name: str, address: list[str] | None) -> None:
@@ -628,6 +645,7 @@ class Edge:
         rep = {
             "role": "edge", "id": self.id, "pid": os.getpid(),
             "work": self.sd.edge_work(self.id), "result": self.sd.edge_result(self.id),
+            **({"work_tcp": self.tcp[0], "result_tcp": self.tcp[1]} if self.tcp else {}),
             "port": self.port, "counters": dict(self.counters),
             "peers": {p.public: p.stats for p in self.peers.values()},
             "sessions": sessions,
@@ -668,11 +686,15 @@ class Edge:
                 self.on_tun(now)
             if now >= next_tick:
                 self.clone.tick(now)
+                if self.auth is not None:
+                    self.auth.tick(now)
                 self.keepalives(now)
                 self.report(now)
                 next_tick = now + 1.0
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         self.clone.close()
         for s in (self.work, self.result, self.stats):
             s.close(0)
@@ -682,12 +704,13 @@ class Edge:
 
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
-        reuseport: bool) -> int:
+        reuseport: bool, tcp: str | None = None) -> int:
     # The broker may start later: ZeroMQ connects whenever it appears, and until
     # then the edge has no sessions and counts what it drops.
     sd.ensure()
     lock = sd.lock(f"edge-{eid}")
-    edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport)
+    edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
+                tcp=tcp)
     stop = [False]
 
     def _stop(*_: Any) -> None:

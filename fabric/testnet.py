@@ -946,6 +946,8 @@ class FabricCluster:
         self.admin_ns = admin_ns
         self.reuseport = reuseport
         self.args: dict[str, tuple[str, ...]] = {}
+        # extra command-line flags per role, e.g. {"broker": ["--tcp", "198.18.1.1:52000"]}
+        self.extra: dict[str, list[str]] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = fabric_env()
 
@@ -993,6 +995,9 @@ class FabricCluster:
         return data
 
     def _spawn(self, label: str, *args: str) -> None:
+        role = args[0] if args else ""
+        if role in self.extra and label not in self.args:
+            args = (*args, *self.extra[role])
         self.args[label] = args
         from fabric.paths import StateDir
 

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fabric import config, tun
+from fabric import config, curve, tun
 from fabric.admin import AdminError, request
 from fabric.crypto import key_to_base64, public_key
 from fabric.log import Log
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fabric up: starting {edges} edges and {workers} workers...", file=sys.stderr, flush=True)
         for c in children[1:]:
             c.start()
-        server = request(sd.admin, {"op": "server"})
+        server = request(sd.admin, {"op": "server"}, curve=_admin_curve(sd))
         key = server["public_key"]
         print(
             f"fabric up: listening on UDP port {port}, tunnel {address} on {tun_name}\n"
@@ -110,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_curve(sd: StateDir) -> dict[int, object] | None:
+    keys = curve.local(sd)
+    return keys.client if keys else None
+
+
 def _wait_broker(sd: StateDir, broker: Child, stop: list[bool]) -> None:
     deadline = time.time() + 15
     while time.time() < deadline and not stop[0]:
@@ -117,7 +122,7 @@ def _wait_broker(sd: StateDir, broker: Child, stop: list[bool]) -> None:
             raise RuntimeError("the broker exited at start; run `fabric -v broker` to see why")
         if (sd.run / "admin.sock").exists():
             try:
-                request(sd.admin, {"op": "server"}, timeout=1.0)
+                request(sd.admin, {"op": "server"}, timeout=1.0, curve=_admin_curve(sd))
                 return
             except AdminError:
                 pass

@@ -35,7 +35,7 @@ import zmq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fabric import frames, ippacket
+from fabric import curve, frames, ippacket
 from fabric.clone import CloneClient
 from fabric.constants import (
     MSG_INITIATION,
@@ -86,10 +86,23 @@ class SessionKeys:
 
 
 class Worker:
-    def __init__(self, sd: StateDir, wid: int, ctx: zmq.Context | None = None) -> None:
+    """One crypto worker. `broker` (HOST:PORT of a broker's --tcp) makes it a remote
+    worker: it reaches the broker and the edges over tcp with `keys` (CURVE)."""
+
+    def __init__(self, sd: StateDir, wid: int, ctx: zmq.Context | None = None,
+                 broker: str | None = None, keys: curve.Curve | None = None) -> None:
         self.sd = sd
         self.id = wid
         self.ctx = ctx or zmq.Context()
+        self.remote = broker is not None
+        if broker is not None:
+            if keys is None:
+                raise RuntimeError("a remote worker needs --key and --server-key (CURVE)")
+            pub, snap, commit, stats, _ = curve.tcp_endpoints(broker.removeprefix("tcp://"), 5)
+        else:
+            keys = curve.local(sd)
+            pub, snap, commit, stats = sd.broker_pub, sd.broker_snapshot, sd.broker_commit, sd.broker_stats
+        self.client_opts = keys.client if keys else None
         self.static: StaticKeys | None = None
         self.peers: dict[bytes, PeerInfo] = {}
         self.sessions: dict[int, SessionKeys] = {}
@@ -98,15 +111,15 @@ class Worker:
         self.results: dict[int, zmq.Socket] = {}
         self.counters: dict[str, int] = {}
         self.session_packets: dict[int, int] = {}
-        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull = curve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.stats = self.ctx.socket(zmq.PUSH)
+        self.stats = curve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         self.stats.setsockopt(zmq.SNDHWM, 10)
         self.stats.setsockopt(zmq.LINGER, 0)
-        self.stats.connect(sd.broker_stats)
-        self.broker = ReqClient(self.ctx, sd.broker_commit)
-        self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete)
+        self.stats.connect(stats)
+        self.broker = ReqClient(self.ctx, commit, curve=self.client_opts)
+        self.clone = CloneClient(self.ctx, pub, snap, self.on_set, self.on_delete, curve=self.client_opts)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -169,12 +182,16 @@ class Worker:
             return
         if old is not None:
             self._disconnect_edge(eid)
-        self.pull.connect(v["work"])
-        push = self.ctx.socket(zmq.PUSH)
+        work, result = (v.get("work_tcp"), v.get("result_tcp")) if self.remote else (v["work"], v["result"])
+        if not work or not result:
+            return  # a remote worker can only serve edges that listen on tcp
+        v = {**v, "work": work, "result": result}
+        self.pull.connect(work)
+        push = curve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         push.setsockopt(zmq.SNDHWM, 1000)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IMMEDIATE, 1)
-        push.connect(v["result"])
+        push.connect(result)
         self.results[eid] = push
         self.edges[eid] = v
         log.info("connected to edge", edge=eid)
@@ -453,10 +470,10 @@ class Worker:
                 next_tick = now + 1.0
 
 
-def run(sd: StateDir, wid: int) -> int:
+def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | None = None) -> int:
     sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
     lock = sd.lock(f"worker-{wid}")
-    worker = Worker(sd, wid)
+    worker = Worker(sd, wid, broker=broker, keys=keys)
     stop = [False]
 
     def _stop(*_: Any) -> None:
