@@ -354,8 +354,12 @@ class Worker:
         self.count("drop_index_in_use")
 
     def _commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.clone.alive:
+            # no heartbeat from the broker: do not stall the data path waiting for it
+            self.count("drop_broker_unavailable")
+            return None
         try:
-            return self.broker.call({"op": "commit", **req}, timeout=1.0)
+            return self.broker.call({"op": "commit", **req}, timeout=0.5)
         except RequestTimeout:
             self.count("drop_broker_unavailable")
             log.warning("handshake not committed: broker unavailable")
