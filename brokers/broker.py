@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ from fabric.constants import (
 from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
 from fabric.log import Log
 from fabric.paths import StateDir
+from fabric.service import stop_on_signals
 from fabric.sessiontable import DEFAULT_SLOTS
 
 log = Log("broker")
@@ -738,13 +738,7 @@ def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: s
         ctx.destroy(0)
         os.close(lock)
         raise
-    stop = [False]
-
-    def _stop(*_: Any) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     log.info("broker running", state_dir=state_dir.root, peers=len(broker.peers))
     try:
         broker.serve(stop)

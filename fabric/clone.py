@@ -57,6 +57,7 @@ class CloneClient:
         self._pending: list[KVMsg] = []
         self._snap_state: dict[bytes, dict[str, Any]] = {}
         self._snap_sent = 0.0
+        self._registered: set[zmq.Socket] = set()
 
     def _setopts(self, sock: zmq.Socket) -> None:
         sock.setsockopt(zmq.LINGER, 0)
@@ -65,6 +66,23 @@ class CloneClient:
 
     def sockets(self) -> list[zmq.Socket]:
         return [s for s in (self.sub, self.snap) if s is not None]
+
+    def register(self, poller: zmq.Poller) -> None:
+        """Keep `poller` watching exactly this client's current sockets (the snapshot
+        socket comes and goes)."""
+        registered = self._registered
+        socks = set(self.sockets())
+        for s in socks - registered:
+            poller.register(s, zmq.POLLIN)
+        for s in registered - socks:
+            poller.unregister(s)
+        self._registered = socks
+
+    def handle_ready(self, ready: dict[Any, int], now: float) -> None:
+        """Handle whatever of this client's sockets `poller.poll()` reported ready."""
+        for s in self.sockets():
+            if s in ready:
+                self.handle(s, now)
 
     def request_snapshot(self, now: float) -> None:
         if self.snap is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import socket
 import struct
 import time
@@ -60,6 +59,7 @@ from fabric.frames import NO_ADDR, Frame, FrameError
 from fabric.handshake import CookieChecker
 from fabric.log import Log
 from fabric.paths import StateDir
+from fabric.service import stop_on_signals
 from fabric.sessiontable import SessionTable
 
 log = Log("edge")
@@ -663,21 +663,13 @@ class Edge:
         poller.register(self.sock.fileno(), zmq.POLLIN)
         poller.register(self.tun_fd, zmq.POLLIN)
         poller.register(self.result, zmq.POLLIN)
-        registered: set[zmq.Socket] = set()
         next_tick = now + 1.0
         udp_fd = self.sock.fileno()
         while not stop[0]:
-            socks = set(self.clone.sockets())
-            for sk in socks - registered:
-                poller.register(sk, zmq.POLLIN)
-            for sk in registered - socks:
-                poller.unregister(sk)
-            registered = socks
+            self.clone.register(poller)
             ready = dict(poller.poll(200))
             now = time.time()
-            for sk in socks:
-                if sk in ready:
-                    self.clone.handle(sk, now)
+            self.clone.handle_ready(ready, now)
             if self.result in ready:
                 self.on_result(now)
             if udp_fd in ready:
@@ -711,13 +703,7 @@ def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: 
     lock = sd.lock(f"edge-{eid}")
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
                 tcp=tcp)
-    stop = [False]
-
-    def _stop(*_: Any) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     log.info("edge running", edge=eid, port=edge.port, tun=tun_name)
     try:
         edge.serve(stop)

@@ -15,6 +15,7 @@ from fabric.admin import AdminError, request
 from fabric.crypto import key_to_base64, public_key
 from fabric.log import Log
 from fabric.paths import StateDir
+from fabric.service import stop_on_signals
 
 log = Log("up")
 
@@ -71,13 +72,7 @@ def run(args: argparse.Namespace) -> int:
     for j in range(workers):
         children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)]))
 
-    stop = [False]
-
-    def _stop(*_: object) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     tun.create(tun_name, addresses)
     print(f"fabric up: creating TUN {tun_name} ({address}), starting broker...", file=sys.stderr, flush=True)
     try:

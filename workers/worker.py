@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import struct
 import time
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from fabric.log import Log
 from fabric.messages import MessageError, message_type
 from fabric.paths import StateDir
 from fabric.reqclient import ReqClient, RequestTimeout
+from fabric.service import stop_on_signals
 
 log = Log("worker")
 
@@ -448,19 +448,11 @@ class Worker:
         next_tick = 0.0
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
-        registered: set[zmq.Socket] = set()
         while not stop[0]:
-            socks = set(self.clone.sockets())
-            for s in socks - registered:
-                poller.register(s, zmq.POLLIN)
-            for s in registered - socks:
-                poller.unregister(s)
-            registered = socks
+            self.clone.register(poller)
             ready = dict(poller.poll(200))
             now = time.time()
-            for s in socks:
-                if s in ready:
-                    self.clone.handle(s, now)
+            self.clone.handle_ready(ready, now)
             if self.pull in ready:
                 for _ in range(64):
                     try:
@@ -478,13 +470,7 @@ def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | N
     sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
     lock = sd.lock(f"worker-{wid}")
     worker = Worker(sd, wid, broker=broker, keys=keys)
-    stop = [False]
-
-    def _stop(*_: Any) -> None:
-        stop[0] = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     log.info("worker running", worker=wid)
     try:
         worker.serve(stop)
