@@ -177,13 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     if demo is not None:
         dm = sub.add_parser("demo", help="run the fabric and a wireguard-go client in network namespaces")
         demo.add_arguments(dm)
-    try:
-        from fabric import soak
-    except ImportError:
-        soak = None  # type: ignore[assignment]
-    if soak is not None:
-        sk = sub.add_parser("soak", help="wireguard-go clients under load while processes are killed")
-        soak.add_arguments(sk)
+    import importlib
+
+    for name, hlp in (("soak", "wireguard-go clients under load while processes are killed"),
+                      ("bench", "measure fabric against wireguard-go and OpenVPN in one run")):
+        try:
+            mod = importlib.import_module(f"fabric.{name}")
+        except ImportError:
+            continue
+        mod.add_arguments(sub.add_parser(name, help=hlp))
     return parser
 
 
@@ -330,10 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fabric import demo
 
             return demo.run(args)
-        if args.command == "soak":
-            from fabric import soak
+        if args.command in ("soak", "bench"):
+            import importlib
 
-            return soak.run(args)
+            return int(importlib.import_module(f"fabric.{args.command}").run(args))
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,915 @@
+"""``fabric bench``: fabric against its anchors, measured in one run.
+
+Builds throwaway network namespaces (``fabric.testnet``: a server namespace and
+one client namespace joined by a veth pair, underlay 198.18.1.0/24) once per
+system and measures, one system after the other:
+
+* ``wg``: a wireguard-go client to a wireguard-go server (tunnel 198.19.200.0/24);
+* ``ovpn``: an OpenVPN 2.6 client to an OpenVPN server (userspace, one process,
+  UDP, AES-256-GCM, ``--disable-dco``; certificates made with openssl in a
+  temporary directory; tunnel 198.19.150.0/24);
+* ``fabric``: a wireguard-go client to ``fabric up`` (``--edges``/``--workers``;
+  tunnel 198.19.100.0/24).
+
+For every system: the idle ping RTT (average of ``--pings`` echo requests),
+then iperf3 TCP with 1 and 4 streams in both directions (client -> server,
+and ``-R``), and small-packet UDP (``-u -l 64 -b 200M``) both ways, reporting
+the packets per second that arrived and the loss. Around every iperf3 run the
+CPU time (utime + stime from /proc/<pid>/stat) of the server's processes is
+read: the wireguard-go server, the openvpn server, and for the fabric every
+process of ``fabric up`` summed per role (edge, worker, broker, and ``up``, the supervisor).
+That gives server CPU seconds per GB of payload that arrived.
+
+``--scaling`` adds fabric runs with 1 edge / 1 worker and 2 / 2, and the fabric
+pinned to one core and to two (``taskset -c`` on ``fabric up``, inherited by
+its children; the clients are not pinned).
+
+Prints progress, then a table with ratios to wireguard-go (Mbit/s and
+CPU-s/GB), and writes ``{"runs": [...]}`` with ``--json FILE``. Only namespaces
+created by the run and 198.18.0.0/15 are used; every process is killed and the
+namespaces are removed on the way out, also on failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fabric.testnet import (
+    FabricCluster,
+    IperfError,
+    Topology,
+    TopologyError,
+    WgClient,
+    client_config,
+    gen_keypair,
+    iperf3,
+    missing_tools,
+    start_wg_server,
+    tail,
+)
+
+SYSTEMS = ("wg", "ovpn", "fabric")
+_ALIASES = {
+    "wg": "wg", "wireguard": "wg", "wireguard-go": "wg",
+    "ovpn": "ovpn", "openvpn": "ovpn",
+    "fabric": "fabric",
+}
+LABELS = {"wg": "wireguard-go", "ovpn": "OpenVPN 2.6", "fabric": "fabric up"}
+
+WG_ADDRESS = "198.19.200.1/24"
+WG_CLIENT = "198.19.200.2"
+OVPN_NET = "198.19.150.0"
+OVPN_SERVER = "198.19.150.1"
+OVPN_PORT = 1194
+OVPN_CIPHER = "AES-256-GCM"
+FABRIC_ADDRESS = "198.19.100.1/24"
+LISTEN_PORT = 51820
+IPERF_PORT = 5201
+UDP_LEN = 64
+UDP_RATE = "200M"
+SETTLE = 0.5  # seconds between two iperf3 runs (queues drain)
+
+# tools every system needs, and each system's own (with the package to install)
+COMMON_TOOLS = {"ip": "iproute2", "ss": "iproute2", "ping": "iputils-ping", "iperf3": "iperf3"}
+SYSTEM_TOOLS = {
+    "wg": {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"},
+    "ovpn": {"openvpn": "openvpn", "openssl": "openssl"},
+    "fabric": {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"},
+}
+
+
+@dataclass(frozen=True)
+class TestSpec:
+    name: str
+    parallel: int = 1
+    reverse: bool = False
+    udp: bool = False
+
+    def iperf_extra(self) -> list[str]:
+        return ["-u", "-l", str(UDP_LEN), "-b", UDP_RATE] if self.udp else []
+
+    def describe(self) -> str:
+        way = "server -> client (-R)" if self.reverse else "client -> server"
+        if self.udp:
+            return f"UDP {UDP_LEN} B at {UDP_RATE}, {way}"
+        return f"TCP {self.parallel} stream{'s' if self.parallel > 1 else ''}, {way}"
+
+
+TESTS: tuple[TestSpec, ...] = (
+    TestSpec("tcp1-up", 1, False),
+    TestSpec("tcp4-up", 4, False),
+    TestSpec("tcp1-down", 1, True),
+    TestSpec("tcp4-down", 4, True),
+    TestSpec("udp64-up", 1, False, udp=True),
+    TestSpec("udp64-down", 1, True, udp=True),
+)
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One thing to measure: a system and, for the fabric, its shape."""
+
+    name: str  # the "system" of the JSON runs: wg, ovpn, fabric, fabric-1e1w, fabric-1cpu ...
+    kind: str  # wg | ovpn | fabric
+    edges: int = 0
+    workers: int = 0
+    cpus: str | None = None  # taskset -c list for fabric up
+
+    def describe(self) -> str:
+        if self.kind != "fabric":
+            return LABELS[self.kind]
+        pin = f", pinned to CPU {self.cpus}" if self.cpus is not None else ""
+        return f"fabric up ({self.edges} edges, {self.workers} workers{pin})"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse_systems(text: str) -> list[str]:
+    """``wg,ovpn,fabric`` (aliases wireguard-go, openvpn) -> canonical names, in
+    the canonical order, without duplicates."""
+    want: set[str] = set()
+    for part in text.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        if p not in _ALIASES:
+            raise argparse.ArgumentTypeError(
+                f"unknown system {part.strip()!r}; choose from {', '.join(SYSTEMS)}"
+            )
+        want.add(_ALIASES[p])
+    if not want:
+        raise argparse.ArgumentTypeError("no system given; e.g. --systems wg,ovpn,fabric")
+    return [s for s in SYSTEMS if s in want]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"{v:g} is out of range; use (0, 3600]")
+    return v
+
+
+def _small_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; use 1 to 64")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=_positive_float, default=8.0,
+                        help="duration of each iperf3 run (default 8)")
+    parser.add_argument("--systems", type=parse_systems, default=list(SYSTEMS),
+                        help="comma-separated systems to measure: wg,ovpn,fabric (default all)")
+    parser.add_argument("--edges", type=_small_count, default=2,
+                        help="fabric edge processes (default 2)")
+    parser.add_argument("--workers", type=_small_count, default=2,
+                        help="fabric worker processes (default 2)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also run the fabric with 1 edge/1 worker and 2/2, and pinned "
+                             "(taskset) to one core and to two")
+    parser.add_argument("--pings", type=_small_count, default=20,
+                        help="echo requests for the idle RTT (default 20)")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the temporary directories with all process logs")
+
+
+def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
+         ncpu: int) -> tuple[list[SystemSpec], list[str]]:
+    """What to run, in order, and notes on what was left out."""
+    specs: list[SystemSpec] = []
+    notes: list[str] = []
+    for s in systems:
+        if s == "fabric":
+            specs.append(SystemSpec("fabric", "fabric", edges, workers))
+        else:
+            specs.append(SystemSpec(s, s))
+    if scaling and "fabric" in systems:
+        for e, w in ((1, 1), (2, 2)):
+            if (e, w) == (edges, workers):
+                notes.append(f"scaling: {e} edge(s)/{w} worker(s) is the 'fabric' run")
+            else:
+                specs.append(SystemSpec(f"fabric-{e}e{w}w", "fabric", e, w))
+        specs.append(SystemSpec("fabric-1cpu", "fabric", edges, workers, cpus="0"))
+        if ncpu >= 2:
+            specs.append(SystemSpec("fabric-2cpu", "fabric", edges, workers, cpus="0,1"))
+        else:
+            notes.append("scaling: one CPU only, no two-core run")
+    elif scaling:
+        notes.append("--scaling needs the fabric in --systems")
+    return specs, notes
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def parse_proc_stat(text: str) -> tuple[int, float]:
+    """(ppid, utime + stime in seconds) from the text of /proc/<pid>/stat.
+    The command name is in parentheses and may hold spaces or ')'."""
+    rest = text[text.rindex(")") + 1 :].split()
+    # rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15
+    return int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_stat(pid: int) -> tuple[int, float] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_proc_stat(f.read())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "replace") for a in data.split(b"\0") if a]
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = proc_stat(int(entry))
+        if st is not None:
+            children.setdefault(st[0], []).append(int(entry))
+    out: list[int] = []
+    todo = [root]
+    seen: set[int] = set()
+    while todo and len(out) < 10_000:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+FABRIC_ROLES = {"broker": "broker", "edge": "edge", "worker": "worker", "up": "up"}
+COMPONENT_ORDER = ("edge", "worker", "broker", "up")  # "up": the fabric up supervisor
+
+
+def _component_key(name: str) -> tuple[int, str]:
+    return (COMPONENT_ORDER.index(name) if name in COMPONENT_ORDER else len(COMPONENT_ORDER), name)
+
+
+def fabric_role(argv: Sequence[str]) -> str | None:
+    """The role of a fabric process from its command line (``python -m fabric
+    [-v] edge ...``, ``fabric worker ...``); None if it is not a fabric process."""
+    for i, tok in enumerate(argv):
+        is_module = tok == "fabric" and i > 0 and argv[i - 1] == "-m"
+        is_script = i <= 1 and os.path.basename(tok) == "fabric"
+        if not (is_module or is_script):
+            continue
+        for sub in argv[i + 1 :]:
+            if sub.startswith("-"):
+                continue
+            return FABRIC_ROLES.get(sub, "other")
+        return "other"
+    return None
+
+
+def cpu_allowed(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+Sample = dict[int, tuple[str, float]]  # pid -> (component, cpu seconds)
+
+
+def sample(pids: dict[int, str]) -> Sample:
+    out: Sample = {}
+    for pid, comp in pids.items():
+        st = proc_stat(pid)
+        if st is not None:
+            out[pid] = (comp, st[1])
+    return out
+
+
+def cpu_delta(before: Sample, after: Sample) -> tuple[dict[str, float], list[int]]:
+    """CPU seconds per component between two samples, and the pids that vanished
+    (their time since ``before`` is lost). A process that appeared counts whole."""
+    comp: dict[str, float] = {}
+    for pid, (c, t1) in after.items():
+        t0 = before[pid][1] if pid in before else 0.0
+        comp[c] = comp.get(c, 0.0) + max(0.0, t1 - t0)
+    for _pid, (c, _t) in before.items():
+        comp.setdefault(c, 0.0)
+    gone = sorted(set(before) - set(after))
+    return comp, gone
+
+
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            first = f.readline().split()
+    except OSError:
+        return 0.0, 0.0
+    vals = [float(x) for x in first[1:9]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+    total = sum(vals)
+    return total - idle, total
+
+
+# --------------------------------------------------------------------------- iperf3 results
+
+
+def summarize_iperf(raw: dict[str, Any], udp: bool) -> dict[str, Any]:
+    """The fields of one run from iperf3's JSON: goodput at the receiver, bytes
+    that arrived, and retransmits (TCP) or packets per second and loss (UDP)."""
+    end = raw.get("end") or {}
+    recv = end.get("sum_received") or end.get("sum") or {}
+    sent = end.get("sum_sent") or end.get("sum") or {}
+    seconds = float(recv.get("seconds") or sent.get("seconds") or 0.0)
+    out: dict[str, Any] = {
+        "mbit_s": float(recv.get("bits_per_second", 0.0)) / 1e6,
+        "sent_mbit_s": float(sent.get("bits_per_second", 0.0)) / 1e6,
+        "bytes": int(recv.get("bytes", 0)),
+        "duration_s": seconds,
+    }
+    if udp:
+        packets = int(recv.get("packets", 0))
+        lost = int(recv.get("lost_packets", 0))
+        got = max(0, packets - lost)
+        out["pps"] = got / seconds if seconds else 0.0
+        out["sent_pps"] = int(sent.get("packets", packets)) / seconds if seconds else 0.0
+        out["packets_received"] = got
+        out["loss_pct"] = float(recv.get("lost_percent", 100.0 * lost / packets if packets else 0.0))
+        out["retransmits"] = None
+    else:
+        out["pps"] = None
+        out["retransmits"] = sent.get("retransmits")
+    return out
+
+
+def per_gb(cpu_s: float, nbytes: int) -> float | None:
+    return cpu_s / (nbytes / 1e9) if nbytes > 0 else None
+
+
+def add_ratios(runs: list[dict[str, Any]], base: str = "wg") -> None:
+    """Set ``mbit_ratio_wg`` and ``cpu_ratio_wg`` on every run with a baseline
+    run of the same test (None where either side is missing or zero)."""
+    ref = {r["test"]: r for r in runs if r.get("system") == base and not r.get("error")}
+    for r in runs:
+        b = ref.get(r["test"])
+        r["mbit_ratio_wg"] = _ratio(r.get("mbit_s"), b.get("mbit_s") if b else None)
+        r["cpu_ratio_wg"] = _ratio(
+            r.get("server_cpu_s_per_gb"), b.get("server_cpu_s_per_gb") if b else None
+        )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    head = ["SYSTEM", "TEST", "MBIT/S", "xWG", "PPS", "LOSS%", "RETR", "CPU-S/GB", "xWG",
+            "HOST%", "CPU-S/GB BY COMPONENT"]
+    rows = []
+    for r in runs:
+        if r.get("error"):
+            rows.append([r["system"], r["test"], "failed", "", "", "", "", "", "", "",
+                         str(r["error"]).splitlines()[0][:60]])
+            continue
+        comps = r.get("cpu_s_per_gb_by_component") or {}
+        by = " ".join(f"{k} {v:.1f}" for k, v in comps.items() if v is not None) if len(comps) > 1 else ""
+        rows.append([
+            r["system"], r["test"], _f(r.get("mbit_s"), ".1f"), _f(r.get("mbit_ratio_wg"), ".2f"),
+            _f(r.get("pps"), ".0f"), _f(r.get("loss_pct"), ".1f"),
+            "-" if r.get("retransmits") is None else str(r["retransmits"]),
+            _f(r.get("server_cpu_s_per_gb"), ".1f"), _f(r.get("cpu_ratio_wg"), ".2f"),
+            _f(r.get("host_cpu_busy_pct"), ".0f"), by,
+        ])
+    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i])
+              for i in range(len(head))]
+    right = {2, 3, 4, 5, 6, 7, 8, 9}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)
+        ).rstrip()
+
+    return "\n".join([line(head), *(line(row) for row in rows)])
+
+
+def format_rtt(systems: dict[str, dict[str, Any]]) -> str:
+    base = systems.get("wg", {}).get("rtt_ms")
+    lines = ["idle ping RTT (client -> server through the tunnel):"]
+    for name, info in systems.items():
+        rtt = info.get("rtt_ms")
+        ratio = _ratio(rtt, base)
+        extra = f"  x{ratio:.2f} wg" if ratio is not None and name != "wg" else ""
+        loss = info.get("ping_loss")
+        lost = f"  ({loss} lost)" if loss else ""
+        lines.append(f"  {name:<14} {_f(rtt, '.3f')} ms{extra}{lost}")
+    return "\n".join(lines)
+
+
+def to_json(runs: list[dict[str, Any]], systems: dict[str, dict[str, Any]], meta: dict[str, Any]
+            ) -> dict[str, Any]:
+    return {"runs": runs, "systems": systems, **meta}
+
+
+# --------------------------------------------------------------------------- systems
+
+
+@dataclass
+class Target:
+    """A system up and running: where to send load, whose CPU to count."""
+
+    server_ip: str
+    client_ns: str
+    pids: Callable[[], dict[int, str]]  # pid -> component, read before and after every run
+    check: Callable[[], None] = lambda: None  # raises if a server process died
+    info: dict[str, Any] = field(default_factory=dict)
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _alive(proc: subprocess.Popen[bytes], what: str, topo: Topology) -> Callable[[], None]:
+    def check() -> None:
+        if proc.poll() is not None:
+            raise TopologyError(f"{what} exited rc={proc.returncode}\n{tail(topo.log_path(proc))}")
+    return check
+
+
+def start_wg(topo: Topology, spec: SystemSpec) -> Target:
+    cpriv, cpub = gen_keypair()
+    spriv, spub = gen_keypair()
+    server = start_wg_server(topo, address=WG_ADDRESS, listen_port=LISTEN_PORT,
+                             peers=[(cpub, f"{WG_CLIENT}/32")], private_key=spriv,
+                             ifname=topo.ifname("wgs"))
+    conf = client_config(cpriv, f"{WG_CLIENT}/24", spub,
+                         f"{topo.server_underlay(1)}:{LISTEN_PORT}", "198.19.200.0/24")
+    client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf).start()
+    server_ip = WG_ADDRESS.split("/")[0]
+    first = client.wait_ping(server_ip, timeout=20)
+    if not first.ok:
+        raise TopologyError(f"no reply from {server_ip} through wireguard-go\n{first.output}")
+    assert server.proc is not None
+    pid = server.proc.pid
+    return Target(server_ip, client.ns, lambda: {pid: "wireguard-go"},
+                  _alive(server.proc, "wireguard-go server", topo),
+                  info={"server_pids": {"wireguard-go": [pid]}})
+
+
+def _openssl(topo: Topology, *args: str) -> None:
+    topo.run(None, ["openssl", *args], timeout=60)
+
+
+def make_ovpn_pki(topo: Topology, d: Path) -> None:
+    """A CA, a server and a client certificate (EC P-256), as anchor_ovpn.sh does."""
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    p = str(d)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(topo, "req", "-x509", *ec, "-keyout", f"{p}/ca.key", "-out", f"{p}/ca.crt",
+             "-subj", "/CN=fabric-bench-ca", "-days", "2")
+    for name, eku in (("server", "serverAuth"), ("client", "clientAuth")):
+        ext = d / f"{name}.ext"
+        ext.write_text(f"extendedKeyUsage={eku}\n")
+        _openssl(topo, "req", *ec, "-keyout", f"{p}/{name}.key", "-out", f"{p}/{name}.csr",
+                 "-subj", f"/CN={name}")
+        _openssl(topo, "x509", "-req", "-in", f"{p}/{name}.csr", "-CA", f"{p}/ca.crt",
+                 "-CAkey", f"{p}/ca.key", "-CAcreateserial", "-out", f"{p}/{name}.crt",
+                 "-days", "2", "-extfile", str(ext))
+
+
+def start_ovpn(topo: Topology, spec: SystemSpec) -> Target:
+    d = topo.workdir / "ovpn"
+    make_ovpn_pki(topo, d)
+    p = str(d)
+    common = ["--dev-type", "tun", "--proto", "udp", "--ca", f"{p}/ca.crt",
+              "--data-ciphers", OVPN_CIPHER, "--disable-dco", "--verb", "3"]
+    server = topo.popen(topo.server_ns, [
+        "openvpn", "--dev", topo.ifname("os"), *common, "--port", str(OVPN_PORT),
+        "--local", topo.server_underlay(1), "--server", OVPN_NET, "255.255.255.0",
+        "--topology", "subnet", "--cert", f"{p}/server.crt", "--key", f"{p}/server.key",
+        "--dh", "none",
+    ], label="openvpn-server")
+    check = _alive(server, "openvpn server", topo)
+    if not topo.wait_udp_listen(topo.server_ns, OVPN_PORT, timeout=15):
+        check()
+        raise TopologyError(f"openvpn server not listening\n{tail(topo.log_path(server))}")
+    client_ns = topo.ns_of_client(1)
+    client = topo.popen(client_ns, [
+        "openvpn", "--client", "--dev", topo.ifname("oc"), *common,
+        "--remote", topo.server_underlay(1), str(OVPN_PORT), "--nobind",
+        "--cert", f"{p}/client.crt", "--key", f"{p}/client.key",
+    ], label="openvpn-client")
+    first = topo.wait_ping(client_ns, OVPN_SERVER, timeout=30)
+    if not first.ok:
+        check()
+        raise TopologyError(
+            f"no reply from {OVPN_SERVER} through openvpn\n{first.output}\n"
+            f"{topo.log_tails(20, labels=['openvpn-server', 'openvpn-client'])}"
+        )
+    cipher = "unconfirmed"
+    for _ in range(20):  # openvpn's log reaches the file a little later
+        logs = "".join(topo.log_path(pr).read_text(errors="replace") for pr in (server, client))
+        if f"Data Channel: cipher '{OVPN_CIPHER}'" in logs:
+            cipher = OVPN_CIPHER
+            break
+        time.sleep(0.1)
+    pid = server.pid
+    return Target(OVPN_SERVER, client_ns, lambda: {pid: "openvpn"}, check,
+                  info={"server_pids": {"openvpn": [pid]}, "cipher": cipher})
+
+
+class BenchCluster(FabricCluster):
+    """``fabric up``, optionally under ``taskset -c CPUS`` (the children inherit
+    the affinity; admin commands are not pinned)."""
+
+    cpus: str | None = None
+
+    def _spawn(self, label: str, *args: str) -> None:
+        if self.cpus is None:
+            super()._spawn(label, *args)
+            return
+        old = os.environ.get("FABRIC_CLI")
+        prefix = shlex.split(old) if old else [sys.executable, "-m", "fabric"]
+        os.environ["FABRIC_CLI"] = shlex.join(["taskset", "-c", self.cpus, *prefix])
+        try:
+            super()._spawn(label, *args)
+        finally:
+            if old is None:
+                os.environ.pop("FABRIC_CLI", None)
+            else:
+                os.environ["FABRIC_CLI"] = old
+
+
+def fabric_pids(root: int, status: dict[str, Any] | None = None) -> dict[int, str]:
+    """Every process of ``fabric up`` (the tree below ``root``) by role, plus the
+    pids that ``fabric admin status --json`` names."""
+    out: dict[int, str] = {}
+    for pid in descendants(root):
+        role = fabric_role(proc_cmdline(pid))
+        if role is not None:
+            out[pid] = role
+    if status:
+        b = status.get("broker") or {}
+        if isinstance(b.get("pid"), int):
+            out.setdefault(b["pid"], "broker")
+        for p in status.get("processes") or []:
+            if isinstance(p.get("pid"), int) and p.get("role") in FABRIC_ROLES:
+                if p.get("alive", True):
+                    out.setdefault(p["pid"], FABRIC_ROLES[p["role"]])
+    return out
+
+
+def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
+    cluster = BenchCluster(topo, address=FABRIC_ADDRESS, listen_port=LISTEN_PORT,
+                           edges=spec.edges, workers=spec.workers, mode="up",
+                           tun=topo.ifname("t"))
+    cluster.cpus = spec.cpus
+    cluster.start()
+    client = cluster.connect_client(1, "bench")
+    root = cluster.procs["up"].pid
+    try:
+        status: dict[str, Any] | None = cluster.status()
+    except Exception:  # the tree alone is enough
+        status = None
+    # the status names the pids that reported within the last seconds: merge once,
+    # and keep only those still below fabric up (a pid must not be reused by another)
+    pids = fabric_pids(root, status)
+    tree = set(descendants(root))
+    pids = {p: r for p, r in pids.items() if p in tree}
+    roles_seen = set(pids.values())
+    for role in ("broker", "edge", "worker"):
+        if role not in roles_seen:
+            raise TopologyError(f"no {role} process found below fabric up (pid {root}): {pids}")
+
+    def current() -> dict[int, str]:
+        now = fabric_pids(root)
+        return now or pids
+
+    def check() -> None:
+        cluster.check_alive()
+
+    by_role: dict[str, list[int]] = {}
+    for p, r in sorted(current().items()):
+        by_role.setdefault(r, []).append(p)
+    info: dict[str, Any] = {"server_pids": by_role, "edges": spec.edges, "workers": spec.workers,
+                            "cpus": spec.cpus}
+    if spec.cpus is not None:
+        info["cpus_allowed"] = {str(p): cpu_allowed(p) for p in current()}
+    def stop() -> None:
+        cluster.stop()
+
+    return Target(cluster.server_ip, client.ns, current, check, info=info, cleanup=[stop])
+
+
+STARTERS: dict[str, Callable[[Topology, SystemSpec], Target]] = {
+    "wg": start_wg, "ovpn": start_ovpn, "fabric": start_fabric,
+}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
+            seconds: float, retry: bool = True) -> dict[str, Any]:
+    pids0 = target.pids()
+    before = sample(pids0)
+    h0 = host_cpu()
+    run: dict[str, Any] = {"system": spec.name, "test": test.name}
+    try:
+        res = iperf3(topo, topo.server_ns, target.client_ns, target.server_ip, seconds=seconds,
+                     reverse=test.reverse, port=IPERF_PORT, parallel=test.parallel,
+                     extra=test.iperf_extra())
+    except (IperfError, subprocess.TimeoutExpired) as e:
+        if not retry:
+            run.update({"mbit_s": 0.0, "pps": None, "server_cpu_s_per_gb": None, "error": str(e)})
+            return run
+        # iperf3 itself sometimes fails to set up a run under a flood (seen with UDP -R):
+        # try once more, and keep the first error in the result
+        time.sleep(1.0)
+        target.check()
+        again = measure(topo, target, spec, test, seconds, retry=False)
+        again["first_attempt_error"] = str(e).strip().splitlines()[0] if str(e).strip() else "?"
+        return again
+    h1 = host_cpu()
+    after = sample({**pids0, **target.pids()})
+    comp, gone = cpu_delta(before, after)
+    summary = summarize_iperf(res.raw, test.udp)
+    cpu = sum(comp.values())
+    run.update(summary)
+    run.update({
+        "server_cpu_s": cpu,
+        "server_cpu_s_per_gb": per_gb(cpu, summary["bytes"]),
+        "cpu_by_component": {k: comp[k] for k in sorted(comp, key=_component_key)},
+        "cpu_s_per_gb_by_component": {k: per_gb(comp[k], summary["bytes"])
+                                      for k in sorted(comp, key=_component_key)},
+        "host_cpu_busy_pct": 100.0 * (h1[0] - h0[0]) / (h1[1] - h0[1]) if h1[1] > h0[1] else None,
+        "streams": test.parallel,
+        "direction": "down" if test.reverse else "up",
+        "protocol": "udp" if test.udp else "tcp",
+    })
+    if test.udp:
+        pkts = summary.get("packets_received") or 0
+        run["server_cpu_us_per_packet"] = 1e6 * cpu / pkts if pkts else None
+    if gone:
+        run["pids_gone"] = gone
+    return run
+
+
+def _describe_run(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"failed: {str(r['error']).splitlines()[0]}"
+    parts = [f"{r['mbit_s']:.1f} Mbit/s"]
+    if r.get("first_attempt_error"):
+        parts.insert(0, f"(2nd attempt; 1st: {r['first_attempt_error']})")
+    if r.get("pps") is not None:
+        parts.append(f"{r['pps']:.0f} pps received, loss {r.get('loss_pct', 0):.1f}%")
+    if r.get("retransmits") is not None:
+        parts.append(f"{r['retransmits']} retransmits")
+    cpg = r.get("server_cpu_s_per_gb")
+    if cpg is not None:
+        parts.append(f"server {cpg:.1f} CPU-s/GB")
+    comps = r.get("cpu_by_component") or {}
+    if len(comps) > 1:
+        parts.append("(" + ", ".join(f"{k} {v:.2f} s" for k, v in comps.items()) + ")")
+    return ", ".join(parts)
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Ctrl-C / SIGTERM wait until the teardown is done (an interrupt must not
+    leave namespaces behind), then raise KeyboardInterrupt."""
+    got: list[int] = []
+
+    def later(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
+
+    old_int = signal.getsignal(signal.SIGINT)
+    old_term = signal.getsignal(signal.SIGTERM)
+    for sig, old in ((signal.SIGINT, old_int), (signal.SIGTERM, old_term)):
+        if old is not signal.SIG_IGN:  # what was ignored stays ignored
+            signal.signal(sig, later)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    if got:
+        raise KeyboardInterrupt(f"signal {got[0]}")
+
+
+def bench_system(spec: SystemSpec, args: argparse.Namespace, step: _Progress,
+                 runs: list[dict[str, Any]], systems: dict[str, dict[str, Any]]) -> None:
+    """Set up one system in fresh namespaces, measure it, tear everything down.
+    Runs are appended as they finish (so an interrupt keeps what was measured)."""
+    topo = Topology(clients=1, keep_workdir=bool(args.keep_logs))
+    target: Target | None = None
+    info: dict[str, Any] = {"label": spec.describe()}
+    systems[spec.name] = info
+    try:
+        step(f"{spec.name}: namespaces {topo.server_ns}, {topo.client_ns[0]}; "
+             f"starting {spec.describe()}...")
+        topo.setup()
+        info["logs"] = str(topo.workdir) if args.keep_logs else None
+        target = STARTERS[spec.kind](topo, spec)
+        info.update(target.info)
+        ping = topo.ping(target.client_ns, target.server_ip, count=args.pings, timeout=2.0,
+                         interval=0.1)
+        info["rtt_ms"] = ping.rtt_avg_ms
+        info["ping_loss"] = ping.transmitted - ping.received
+        step(f"{spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
+             f"({ping.received}/{ping.transmitted} replies)")
+        for test in TESTS:
+            target.check()
+            time.sleep(SETTLE)
+            r = measure(topo, target, spec, test, args.seconds)
+            r["rtt_ms"] = ping.rtt_avg_ms
+            if spec.kind == "fabric":
+                r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus})
+            runs.append(r)
+            step(f"{spec.name}: {test.name:<10} {_describe_run(r)}")
+        target.check()
+    except Exception:
+        if topo.workdir.name:
+            print(f"process logs (tails):\n{topo.log_tails(15)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        with _shielded():
+            step(f"{spec.name}: tearing down...")
+            try:
+                for fn in target.cleanup if target else []:
+                    with contextlib.suppress(Exception):
+                        fn()
+            finally:
+                topo.close()
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _version(argv: Sequence[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=10,
+                            stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = (cp.stdout or cp.stderr).strip().splitlines()
+    return out[0] if out else None
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("fabric bench needs root (network namespaces, TUN devices): try sudo", file=sys.stderr)
+        return 2
+    missing = missing_tools(tuple(COMMON_TOOLS))
+    if missing:
+        pkgs = sorted({COMMON_TOOLS[t] for t in missing})
+        print(f"fabric bench: missing {', '.join(missing)}; apt-get install {' '.join(pkgs)}",
+              file=sys.stderr)
+        return 2
+    step = _Progress()
+    skipped: list[dict[str, str]] = []
+    systems_wanted: list[str] = []
+    for s in args.systems:
+        miss = missing_tools(tuple(SYSTEM_TOOLS[s]))
+        if miss:
+            pkgs = sorted({SYSTEM_TOOLS[s][t] for t in miss})
+            msg = f"{', '.join(miss)} not installed (apt-get install {' '.join(pkgs)})"
+            step(f"skipping {s}: {msg}")
+            skipped.append({"system": s, "reason": msg})
+        else:
+            systems_wanted.append(s)
+    specs, notes = plan(systems_wanted, args.edges, args.workers, args.scaling,
+                        os.cpu_count() or 1)
+    if args.scaling and shutil.which("taskset") is None:
+        for sp in [sp for sp in specs if sp.cpus is not None]:
+            specs.remove(sp)
+            skipped.append({"system": sp.name,
+                            "reason": "taskset not installed (apt-get install util-linux)"})
+        notes.append("taskset missing: no pinned runs")
+    for n in notes:
+        step(n)
+    runs: list[dict[str, Any]] = []
+    systems: dict[str, dict[str, Any]] = {}
+    errors: list[dict[str, str]] = []
+    rc = 0
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    step(f"{len(specs)} configuration(s) x {len(TESTS)} iperf3 runs of {args.seconds:g} s: "
+         + ", ".join(sp.name for sp in specs))
+    try:
+        for spec in specs:
+            try:
+                bench_system(spec, args, step, runs, systems)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                msg = str(e).strip() or type(e).__name__
+                step(f"{spec.name}: FAILED: {msg.splitlines()[0]}")
+                errors.append({"system": spec.name, "error": msg[-2000:]})
+                systems[spec.name]["error"] = msg.splitlines()[0]
+                rc = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: reporting what was measured", file=sys.stderr, flush=True)
+        rc = 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if any(r.get("error") for r in runs) and rc == 0:
+        rc = 1
+    if not specs and rc == 0:
+        rc = 2  # nothing could be measured
+    add_ratios(runs)
+    print()
+    print(f"fabric bench: iperf3 {args.seconds:g} s per run; CPU = server processes' "
+          f"utime+stime per GB that arrived; xWG = ratio to wireguard-go (same test)")
+    print(format_table(runs))
+    print()
+    print(format_rtt(systems), flush=True)
+    for n in notes:
+        print(n)
+    for r in runs:
+        if r.get("first_attempt_error"):
+            print(f"retried {r['system']} {r['test']}: first attempt failed: {r['first_attempt_error']}")
+    for s in skipped:
+        print(f"skipped {s['system']}: {s['reason']}")
+    for err in errors:
+        print(f"failed {err['system']}: {err['error'].splitlines()[0]}")
+    if args.json:
+        meta = {
+            "seconds": args.seconds,
+            "notes": notes,
+            "tests": {t.name: t.describe() for t in TESTS},
+            "skipped": skipped,
+            "errors": errors,
+            "host": {"cpus": os.cpu_count(), "clk_tck": CLK_TCK},
+            "versions": {
+                "wireguard-go": _version(["wireguard-go", "--version"]),
+                "openvpn": _version(["openvpn", "--version"]),
+                "iperf3": _version(["iperf3", "--version"]),
+            },
+        }
+        Path(args.json).write_text(json.dumps(to_json(runs, systems, meta), indent=2) + "\n")
+        print(f"wrote {args.json}", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fabric bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""``fabric bench``: parsing, ratios and the table (fast, no network), and one
+short live run of wireguard-go and the fabric in namespaces (``netns``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric import bench
+from fabric.testnet import fabric_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- unit
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p
+
+
+def test_defaults() -> None:
+    a = _parser().parse_args([])
+    assert a.seconds == 8.0 and a.systems == ["wg", "ovpn", "fabric"]
+    assert (a.edges, a.workers, a.scaling, a.json) == (2, 2, False, None)
+
+
+def test_parse_systems_aliases_order_and_errors() -> None:
+    assert bench.parse_systems("fabric, wg") == ["wg", "fabric"]
+    assert bench.parse_systems("openvpn,wireguard-go,wg") == ["wg", "ovpn"]
+    for bad in ("", ",", "ipsec", "wg,tinc"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_systems(bad)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--systems", "nope"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--seconds", "0"])
+
+
+def test_plan_scaling() -> None:
+    specs, notes = bench.plan(["wg", "fabric"], 2, 2, scaling=True, ncpu=2)
+    assert [s.name for s in specs] == ["wg", "fabric", "fabric-1e1w", "fabric-1cpu", "fabric-2cpu"]
+    assert any("2 edge(s)/2 worker(s)" in n for n in notes)  # 2/2 is the base run
+    one = {s.name: s for s in specs}
+    assert (one["fabric-1e1w"].edges, one["fabric-1e1w"].workers, one["fabric-1e1w"].cpus) == (1, 1, None)
+    assert one["fabric-1cpu"].cpus == "0" and one["fabric-2cpu"].cpus == "0,1"
+    specs, _ = bench.plan(["fabric"], 3, 1, scaling=True, ncpu=1)
+    assert [s.name for s in specs] == ["fabric", "fabric-1e1w", "fabric-2e2w", "fabric-1cpu"]
+    specs, notes = bench.plan(["wg"], 2, 2, scaling=True, ncpu=2)
+    assert [s.name for s in specs] == ["wg"] and notes
+    specs, notes = bench.plan(["ovpn", "fabric"], 2, 2, scaling=False, ncpu=2)
+    assert [s.name for s in specs] == ["ovpn", "fabric"] and not notes
+
+
+def test_parse_proc_stat_with_awkward_comm() -> None:
+    fields = ["S", "42"] + ["0"] * 9 + ["250", "75"] + ["0"] * 30
+    ppid, cpu = bench.parse_proc_stat("1234 (we ird) (x)) " + " ".join(fields))
+    assert ppid == 42 and cpu == pytest.approx(325 / bench.CLK_TCK)
+
+
+def test_proc_stat_of_this_process() -> None:
+    st = bench.proc_stat(os.getpid())
+    assert st is not None and st[0] == os.getppid() and st[1] >= 0
+    assert os.getpid() in bench.descendants(os.getppid())
+    assert bench.proc_stat(2**22 + 12345) is None
+
+
+def test_fabric_role() -> None:
+    py = "/tmp/venv/bin/python"
+    assert bench.fabric_role([py, "-m", "fabric", "edge", "--id", "0"]) == "edge"
+    assert bench.fabric_role([py, "-m", "fabric", "-vv", "worker"]) == "worker"
+    assert bench.fabric_role([py, "-m", "fabric", "up", "--edges", "2"]) == "up"
+    assert bench.fabric_role(["/usr/local/bin/fabric", "broker"]) == "broker"
+    assert bench.fabric_role([py, "-m", "fabric", "admin", "status"]) == "other"
+    assert bench.fabric_role(["wireguard-go", "-f", "fabwgs"]) is None
+    assert bench.fabric_role([py, "-m", "pytest", "tests/fabric"]) is None
+    assert bench.fabric_role([]) is None
+
+
+def test_fabric_pids_merges_admin_status() -> None:
+    status = {"broker": {"pid": 999_999_1}, "processes": [
+        {"role": "edge", "pid": 999_999_2, "alive": True},
+        {"role": "worker", "pid": 999_999_3, "alive": False},
+        {"role": "edge", "pid": "junk"},
+    ]}
+    pids = bench.fabric_pids(2**22 + 7, status)  # no such root: status only
+    assert pids == {999_999_1: "broker", 999_999_2: "edge"}
+
+
+def test_cpu_delta() -> None:
+    before = {1: ("edge", 1.0), 2: ("edge", 2.0), 3: ("worker", 5.0), 4: ("broker", 1.0)}
+    after = {1: ("edge", 1.5), 2: ("edge", 2.25), 3: ("worker", 6.0), 5: ("worker", 0.5)}
+    comp, gone = bench.cpu_delta(before, after)
+    assert comp == pytest.approx({"edge": 0.75, "worker": 1.5, "broker": 0.0})
+    assert gone == [4]
+
+
+UDP_JSON: dict[str, Any] = {"end": {
+    "sum": {"seconds": 2.0, "bytes": 128000, "bits_per_second": 512000.0, "packets": 4000,
+            "lost_packets": 1000, "lost_percent": 25.0},
+    "sum_sent": {"seconds": 2.0, "bytes": 256000, "bits_per_second": 1024000.0, "packets": 4000},
+    "sum_received": {"seconds": 2.0, "bytes": 192000, "bits_per_second": 768000.0,
+                     "packets": 4000, "lost_packets": 1000, "lost_percent": 25.0},
+}}
+TCP_JSON: dict[str, Any] = {"end": {
+    "sum_sent": {"seconds": 8.0, "bytes": 600_000_000, "bits_per_second": 6e8, "retransmits": 17},
+    "sum_received": {"seconds": 8.01, "bytes": 500_000_000, "bits_per_second": 5e8},
+}}
+
+
+def test_summarize_tcp() -> None:
+    s = bench.summarize_iperf(TCP_JSON, udp=False)
+    assert s["mbit_s"] == pytest.approx(500.0) and s["sent_mbit_s"] == pytest.approx(600.0)
+    assert s["bytes"] == 500_000_000 and s["retransmits"] == 17 and s["pps"] is None
+
+
+def test_summarize_udp_counts_what_arrived() -> None:
+    s = bench.summarize_iperf(UDP_JSON, udp=True)
+    assert s["pps"] == pytest.approx(1500.0) and s["packets_received"] == 3000
+    assert s["sent_pps"] == pytest.approx(2000.0) and s["loss_pct"] == 25.0
+    assert s["mbit_s"] == pytest.approx(0.768) and s["bytes"] == 192000
+    # iperf3 before 3.?: only "sum" (the receiver's view)
+    old = {"end": {"sum": UDP_JSON["end"]["sum"]}}
+    s = bench.summarize_iperf(old, udp=True)
+    assert s["pps"] == pytest.approx(1500.0) and s["mbit_s"] == pytest.approx(0.512)
+    assert bench.summarize_iperf({}, udp=True)["pps"] == 0.0
+
+
+def test_per_gb() -> None:
+    assert bench.per_gb(13.0, 1_000_000_000) == pytest.approx(13.0)
+    assert bench.per_gb(1.0, 250_000_000) == pytest.approx(4.0)
+    assert bench.per_gb(1.0, 0) is None
+
+
+def _runs() -> list[dict[str, Any]]:
+    return [
+        {"system": "wg", "test": "tcp1-up", "mbit_s": 500.0, "pps": None, "retransmits": 3,
+         "server_cpu_s_per_gb": 10.0, "host_cpu_busy_pct": 99.0,
+         "cpu_s_per_gb_by_component": {"wireguard-go": 10.0}},
+        {"system": "wg", "test": "udp64-up", "mbit_s": 10.0, "pps": 20000.0, "loss_pct": 50.0,
+         "server_cpu_s_per_gb": 400.0},
+        {"system": "fabric", "test": "tcp1-up", "mbit_s": 250.0, "pps": None, "retransmits": 900,
+         "server_cpu_s_per_gb": 30.0,
+         "cpu_s_per_gb_by_component": {"edge": 20.0, "worker": 9.5, "broker": 0.5, "up": 0.0}},
+        {"system": "fabric", "test": "tcp4-up", "mbit_s": 300.0, "server_cpu_s_per_gb": 25.0},
+        {"system": "ovpn", "test": "udp64-up", "mbit_s": 0.0, "pps": None,
+         "server_cpu_s_per_gb": None, "error": "iperf3: unable to connect\nmore"},
+    ]
+
+
+def test_ratios_to_wireguard_go() -> None:
+    runs = _runs()
+    bench.add_ratios(runs)
+    by = {(r["system"], r["test"]): r for r in runs}
+    assert by["wg", "tcp1-up"]["mbit_ratio_wg"] == 1.0 and by["wg", "tcp1-up"]["cpu_ratio_wg"] == 1.0
+    assert by["fabric", "tcp1-up"]["mbit_ratio_wg"] == pytest.approx(0.5)
+    assert by["fabric", "tcp1-up"]["cpu_ratio_wg"] == pytest.approx(3.0)
+    assert by["fabric", "tcp4-up"]["mbit_ratio_wg"] is None  # no wg run of that test
+    assert by["ovpn", "udp64-up"]["mbit_ratio_wg"] == 0.0
+    assert by["ovpn", "udp64-up"]["cpu_ratio_wg"] is None
+    # no baseline at all: every ratio is None, nothing raises
+    runs = [r for r in _runs() if r["system"] != "wg"]
+    bench.add_ratios(runs)
+    assert all(r["mbit_ratio_wg"] is None and r["cpu_ratio_wg"] is None for r in runs)
+
+
+def test_table() -> None:
+    runs = _runs()
+    bench.add_ratios(runs)
+    text = bench.format_table(runs)
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(runs)
+    assert lines[0].split()[:4] == ["SYSTEM", "TEST", "MBIT/S", "xWG"]
+    fab = next(line for line in lines if line.startswith("fabric") and "tcp1-up" in line)
+    assert "250.0" in fab and "0.50" in fab and "3.00" in fab and "900" in fab
+    assert "edge 20.0 worker 9.5 broker 0.5 up 0.0" in fab
+    udp = next(line for line in lines if line.startswith("wg") and "udp64-up" in line)
+    assert "20000" in udp and "50.0" in udp
+    wg = next(line for line in lines if line.startswith("wg") and "tcp1-up" in line)
+    assert "wireguard-go" not in wg  # a single component is not broken down
+    bad = next(line for line in lines if line.startswith("ovpn"))
+    assert "failed" in bad and "unable to connect" in bad and "more" not in bad
+    # columns line up: every MBIT/S cell ends where the header does
+    end = lines[0].index("MBIT/S") + len("MBIT/S")
+    for line in lines[1:]:
+        if "failed" not in line:
+            assert line[end - 1] != " " and line[end] == " "
+    assert bench.format_table([]).startswith("SYSTEM")
+
+
+def test_rtt_lines() -> None:
+    text = bench.format_rtt({"wg": {"rtt_ms": 0.5}, "fabric": {"rtt_ms": 2.0, "ping_loss": 1},
+                             "ovpn": {"rtt_ms": None}})
+    assert "wg             0.500 ms" in text
+    assert "x4.00 wg" in text and "(1 lost)" in text
+    assert "ovpn           - ms" in text
+
+
+def test_json_shape() -> None:
+    runs = _runs()
+    bench.add_ratios(runs)
+    doc = bench.to_json(runs, {"wg": {"rtt_ms": 0.5}}, {"seconds": 1.0})
+    again = json.loads(json.dumps(doc))
+    assert set(again) >= {"runs", "systems", "seconds"}
+    for r in again["runs"]:
+        assert {"system", "test", "mbit_s", "server_cpu_s_per_gb"} <= set(r)
+
+
+def test_test_matrix() -> None:
+    names = [t.name for t in bench.TESTS]
+    assert names == ["tcp1-up", "tcp4-up", "tcp1-down", "tcp4-down", "udp64-up", "udp64-down"]
+    udp = [t for t in bench.TESTS if t.udp]
+    assert all(t.iperf_extra() == ["-u", "-l", "64", "-b", bench.UDP_RATE] for t in udp)
+    assert {t.reverse for t in bench.TESTS} == {False, True}
+    assert {t.parallel for t in bench.TESTS if not t.udp} == {1, 4}
+
+
+def test_bench_help() -> None:
+    cp = subprocess.run(
+        [sys.executable, "-m", "fabric.bench", "--help"],
+        capture_output=True, text=True, timeout=30, env=fabric_env(), cwd=ROOT,
+    )
+    assert cp.returncode == 0, cp.stderr
+    for opt in ("--seconds", "--systems", "--edges", "--workers", "--scaling", "--json"):
+        assert opt in cp.stdout
+
+
+def test_missing_tool_skips_the_system_with_a_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bench, "missing_tools",
+                        lambda tools: [t for t in tools if t == "openvpn"])
+    out = tmp_path / "o.json"
+    args = _parser().parse_args(["--systems", "ovpn", "--json", str(out)])
+    assert bench.run(args) == 2  # nothing left to measure
+    text = capsys.readouterr().out
+    assert "skipping ovpn: openvpn not installed (apt-get install openvpn)" in text
+    doc = json.loads(out.read_text())
+    assert doc["runs"] == [] and doc["skipped"][0]["system"] == "ovpn"
+
+
+def test_signal_during_teardown_waits_for_it() -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with bench._shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            done.append(1)  # the teardown goes on
+    assert done == [1] and signal.getsignal(signal.SIGTERM) == before
+    with bench._shielded():  # no signal: no interrupt
+        pass
+
+
+# --------------------------------------------------------------------------- live
+
+
+@pytest.mark.netns
+def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    t0 = time.monotonic()
+    cp = subprocess.run(
+        [sys.executable, "-m", "fabric.bench", "--seconds", "1", "--systems", "wg,fabric",
+         "--pings", "5", "--json", str(out)],
+        capture_output=True, text=True, timeout=150, env=fabric_env(), cwd=ROOT,
+    )
+    elapsed = time.monotonic() - t0
+    print(cp.stdout[-6000:])
+    where = f"\nstdout:\n{cp.stdout[-6000:]}\nstderr:\n{cp.stderr[-6000:]}"
+    assert out.exists(), f"no JSON (rc {cp.returncode}){where}"
+    doc = json.loads(out.read_text())
+    assert cp.returncode == 0, where
+    runs = doc["runs"]
+    assert isinstance(runs, list) and doc["errors"] == []
+    assert {(r["system"], r["test"]) for r in runs} == {
+        (s, t.name) for s in ("wg", "fabric") for t in bench.TESTS
+    }, where
+    for r in runs:
+        assert not r.get("error"), r
+        assert r["mbit_s"] > 0, r
+        assert r["server_cpu_s_per_gb"] is not None and r["server_cpu_s_per_gb"] >= 0, r
+        assert "pps" in r and "rtt_ms" in r and "cpu_by_component" in r
+        if r["test"].startswith("udp"):
+            assert r["pps"] > 0 and 0 <= r["loss_pct"] <= 100, r
+        else:
+            assert r["pps"] is None
+        if r["system"] == "wg":
+            assert set(r["cpu_by_component"]) == {"wireguard-go"} and r["mbit_ratio_wg"] == 1.0
+        else:
+            assert {"edge", "worker", "broker"} <= set(r["cpu_by_component"]), r
+            assert r["cpu_by_component"]["edge"] > 0 and r["cpu_by_component"]["worker"] > 0, r
+            assert r["mbit_ratio_wg"] is not None and r["mbit_ratio_wg"] > 0
+    for s in ("wg", "fabric"):
+        assert doc["systems"][s]["rtt_ms"] > 0
+    assert "xWG" in cp.stdout and "idle ping RTT" in cp.stdout
+    prefixes = _prefixes(cp.stdout)
+    assert len(prefixes) == 2, where  # one topology per system
+    assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
+    assert elapsed < 90, f"took {elapsed:.0f}s{where}"
+
+
+def _netns() -> list[str]:
+    cp = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return [line.split()[0] for line in cp.stdout.splitlines() if line.strip()]
+
+
+def _prefixes(stdout: str) -> set[str]:
+    """The namespace prefixes the run printed ("namespaces fabXXXXXX-srv, ...")."""
+    out = set()
+    for word in stdout.replace(",", " ").split():
+        if word.startswith("fab") and word.endswith("-srv"):
+            out.add(word[: -len("-srv")])
+    return out
