@@ -429,11 +429,11 @@ class Edge:
 
     # --- send path ------------------------------------------------------------------
 
-    def sending_session(self, pub: bytes, now: float) -> EdgeSession | None:
+    def sending_session(self, pub: bytes, now: float, sending: bool = True) -> EdgeSession | None:
         """The newest confirmed, unexpired session of a peer (whitepaper 5.4.5, 6.1).
 
-        As initiator of that session, start a new handshake once it is
-        REKEY_AFTER_TIME old (whitepaper 6.2).
+        When `sending` and we initiated that session, start a new handshake once
+        it is REKEY_AFTER_TIME old (whitepaper 6.2: upon sending, not on a timer).
         """
         peer = self.peers.get(pub)
         if peer is None:
@@ -443,7 +443,7 @@ class Edge:
             if now - s.created >= REJECT_AFTER_TIME:
                 continue
             if self.table.read(s.slot).confirmed:
-                if s.initiator and now - s.created >= REKEY_AFTER_TIME:
+                if sending and s.initiator and now - s.created >= REKEY_AFTER_TIME:
                     self.request_handshake(peer, now)
                 return s
         return None
@@ -519,7 +519,7 @@ class Edge:
         handshake when data we sent got no answer for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
         (whitepaper 6.4: the peer may have lost the session, e.g. it restarted)."""
         for peer in self.peers.values():
-            s = self.sending_session(peer.public, now)
+            s = self.sending_session(peer.public, now, sending=False)
             if s is None:
                 continue
             if self.table.unanswered(s.slot, s.sid, now, KEEPALIVE_TIMEOUT + REKEY_TIMEOUT):
@@ -527,6 +527,8 @@ class Edge:
             due = self.table.keepalive_due(s.slot, s.sid, now, KEEPALIVE_TIMEOUT, peer.keepalive)
             if due is not None:
                 counter, endpoint = due
+                if s.initiator and now - s.created >= REKEY_AFTER_TIME:  # a keepalive is a send
+                    self.request_handshake(peer, now)
                 self.counters["keepalives"] += 1
                 self._push(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [b""]))
 
