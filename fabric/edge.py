@@ -157,11 +157,16 @@ class Edge:
         self.id = eid
         self.ctx = ctx or zmq.Context()
         self.port = port if reuseport else port + eid
-        self.sock = open_udp(listen, self.port, reuseport)
-        self.v6 = self.sock.family == socket.AF_INET6
+        # The UDP socket and the TUN queue are opened by attach(), once the first
+        # snapshot is installed: a socket joining the SO_REUSEPORT group (and a
+        # queue joining the TUN) takes its share of flows at once, and without
+        # sessions it could only drop them (unknown_index, no_route).
+        self.listen, self.reuseport = listen, reuseport
+        self.sock: socket.socket | None = None
+        self.v6 = False
         self.tun_name = tun_name
         self._ensure_tun(tun_name, address)
-        self.tun_fd = tun.open_queue(tun_name)
+        self.tun_fd = -1
         self.table = SessionTable(sd.session_table)
         self.sessions: dict[int, EdgeSession] = {}
         self.by_index: dict[int, int] = {}
@@ -255,7 +260,7 @@ class Edge:
             self.routes.add(net, pub)
 
     def on_delete(self, key: bytes) -> None:
-        if key.startswith(b"session/"):
+        if key.startswith(b"session/") and key[8:].isdigit():
             self._remove_session(int(key[8:]))
         elif key.startswith(b"peer/"):
             try:
@@ -352,6 +357,7 @@ class Edge:
     def on_udp(self, now: float) -> None:
         groups: dict[tuple[int, bytes], list[bytes]] = defaultdict(list)
         handshakes: dict[bytes, list[bytes]] = defaultdict(list)
+        assert self.sock is not None  # on_udp runs once attached
         recv = self.sock.recvfrom
         counters = self.counters
         for _ in range(BATCH):
@@ -413,7 +419,7 @@ class Edge:
             self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts))
 
     def _send_cookie(self, data: bytes, addr: bytes, sa: Any, now: float) -> None:
-        assert self.cookies is not None
+        assert self.cookies is not None and self.sock is not None
         reply = self.cookies.create_reply(data, addr, now)
         try:
             self.sock.sendto(reply, sa)
@@ -589,8 +595,8 @@ class Edge:
 
     def _udp_send(self, frame: Frame) -> None:
         sa = self._sockaddr(frame.addr)
-        if sa is None:
-            self.drop("no_route_v6", len(frame.packets))
+        if sa is None or self.sock is None:
+            self.drop("no_route_v6" if self.sock else "not_attached", len(frame.packets))
             return
         s = self.sessions.get(frame.session_id)
         peer = self.peers.get(s.peer) if s else None
@@ -657,21 +663,31 @@ class Edge:
         except zmq.Again:
             pass
 
+    def attach(self) -> None:
+        """Join the UDP port and the TUN device (see __init__)."""
+        self.sock = open_udp(self.listen, self.port, self.reuseport)
+        self.v6 = self.sock.family == socket.AF_INET6
+        self.tun_fd = tun.open_queue(self.tun_name)
+
     def serve(self, stop: list[bool]) -> None:
         now = time.time()
         self.clone.request_snapshot(now)
         self.report(now)
         poller = zmq.Poller()
-        poller.register(self.sock.fileno(), zmq.POLLIN)
-        poller.register(self.tun_fd, zmq.POLLIN)
         poller.register(self.result, zmq.POLLIN)
         next_tick = now + 1.0
-        udp_fd = self.sock.fileno()
+        udp_fd = -1
         while not stop[0]:
             self.clone.register(poller)
             ready = dict(poller.poll(200))
             now = time.time()
             self.clone.handle_ready(ready, now)
+            if self.sock is None and self.clone.synced:
+                self.attach()
+                assert self.sock is not None
+                udp_fd = self.sock.fileno()
+                poller.register(udp_fd, zmq.POLLIN)
+                poller.register(self.tun_fd, zmq.POLLIN)
             if self.result in ready:
                 self.on_result(now)
             if udp_fd in ready:
@@ -682,7 +698,8 @@ class Edge:
                 self.clone.tick(now)
                 if self.auth is not None:
                     self.auth.tick(now)
-                self.keepalives(now)
+                if self.sock is not None:
+                    self.keepalives(now)
                 self.report(now)
                 next_tick = now + 1.0
 
@@ -692,8 +709,9 @@ class Edge:
         self.clone.close()
         for s in (self.work, self.result, self.stats):
             s.close(0)
-        self.sock.close()
-        os.close(self.tun_fd)
+        if self.sock is not None:
+            self.sock.close()
+            os.close(self.tun_fd)
         self.table.close()
 
 

@@ -157,13 +157,13 @@ class Worker:
                 self.peers.pop(key_from_base64(key[5:].decode()), None)
             except ValueError:
                 pass
-        elif key.startswith(b"session/"):
+        elif key.startswith(b"session/") and key[8:].isdigit():
             sid = int(key[8:])
             self.sessions.pop(sid, None)
             self.session_packets.pop(sid, None)
-        elif key.startswith(b"edge/"):
+        elif key.startswith(b"edge/") and key[5:].isdigit():
             self._disconnect_edge(int(key[5:]))
-        elif key.startswith(b"pending/"):
+        elif key.startswith(b"pending/") and key[8:].isdigit():
             self.pending.pop(int(key[8:]), None)
 
     def _install_session(self, v: dict[str, Any]) -> None:
