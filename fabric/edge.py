@@ -59,6 +59,7 @@ from fabric.frames import NO_ADDR, Frame, FrameError
 from fabric.handshake import CookieChecker
 from fabric.log import Log
 from fabric.paths import StateDir
+from fabric.reorder import ReorderBuffer
 from fabric.service import stop_on_signals
 from fabric.sessiontable import SessionTable
 
@@ -66,6 +67,7 @@ log = Log("edge")
 
 BATCH = 64
 STAGED_MAX = 16  # packets kept per peer while its handshake runs
+REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
 _RX_HEAD = struct.Struct("<IIQ")
 _HS_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE, MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
@@ -178,6 +180,7 @@ class Edge:
         self.handshake_times: list[float] = []
         self.under_load_until = 0.0
         self.ratelimit = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
+        self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[bytes, Any] = {}
         self.curve = curve.local(sd)
@@ -428,10 +431,14 @@ class Edge:
             self.drop("udp_send")
 
     def _push(self, frame: Frame) -> None:
+        if frame.kind in (frames.ENCRYPT, frames.DECRYPT):
+            frame.seq = self.order.reserve()  # results come back in this order
         try:
             self.work.send_multipart(frame.encode(), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self.drop("no_worker", len(frame.packets))
+            return
+        self.order.sent(frame.seq, time.time())
 
     # --- send path ------------------------------------------------------------------
 
@@ -552,14 +559,29 @@ class Edge:
                 self.drop("bad_frame")
                 log.debug("bad result frame", error=str(exc))
                 continue
-            if frame.kind == frames.TUN_WRITE:
-                self._tun_write(frame, now)
-            elif frame.kind == frames.UDP_SEND:
-                self._udp_send(frame)
-            elif frame.kind == frames.HANDSHAKE_OUT:
-                self._handshake_out(frame)
+            if frame.seq == 0:
+                self._deliver(frame, now)
+            elif self.order.arrived(frame.seq, frame):
+                self._release(now)
             else:
-                self.drop("bad_frame")
+                self.drop("late_result", len(frame.packets))
+
+    def _deliver(self, frame: Frame, now: float) -> None:
+        if frame.kind == frames.TUN_WRITE:
+            self._tun_write(frame, now)
+        elif frame.kind == frames.UDP_SEND:
+            self._udp_send(frame)
+        elif frame.kind == frames.HANDSHAKE_OUT:
+            self._handshake_out(frame)
+        else:
+            self.drop("bad_frame")
+
+    def _release(self, now: float) -> None:
+        lost = self.order.lost
+        for frame in self.order.release(now):
+            self._deliver(frame, now)
+        if self.order.lost != lost:
+            self.counters["results_lost"] += self.order.lost - lost
 
     def _tun_write(self, frame: Frame, now: float) -> None:
         s = self.sessions.get(frame.session_id)
@@ -690,6 +712,8 @@ class Edge:
                 poller.register(self.tun_fd, zmq.POLLIN)
             if self.result in ready:
                 self.on_result(now)
+            elif self.order.waiting:
+                self._release(now)  # a result may be lost: time it out
             if udp_fd in ready:
                 self.on_udp(now)
             if self.tun_fd in ready:

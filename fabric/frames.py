@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from fabric.constants import MAX_DATAGRAM
 
-VERSION = 1
+VERSION = 2
 MAX_BATCH = 4096
 
 # edge -> worker
@@ -35,8 +35,9 @@ HANDSHAKE_OUT = 13  # datagrams to send (maybe none) and (extra) the session com
 KINDS = {DECRYPT, ENCRYPT, HANDSHAKE, INITIATE, TUN_WRITE, UDP_SEND, HANDSHAKE_OUT}
 AUX_PER = {TUN_WRITE: 2}
 
-# kind, version, aux_per, edge, n, session_id, counter0, address (16 bytes), port
-HEADER = struct.Struct("<BBBxHxxIQQ16sH")
+# kind, version, aux_per, edge, n, session_id, counter0, address (16 bytes), port, seq
+# seq: the edge's order of data frames (0: unordered); workers echo it in the result
+HEADER = struct.Struct("<BBBxHxxIQQ16sHI")
 
 ADDR_SIZE = 18
 NO_ADDR = bytes(ADDR_SIZE)
@@ -83,6 +84,7 @@ class Frame:
     packets: Sequence[bytes | memoryview] = ()
     aux: Sequence[int] = ()
     extra: bytes | None = None
+    seq: int = 0
 
     def encode(self) -> list[bytes]:
         """The ZeroMQ parts of this frame."""
@@ -101,6 +103,7 @@ class Frame:
             self.counter0,
             self.addr[:16],
             struct.unpack(">H", self.addr[16:18])[0],
+            self.seq,
         )
         parts = [
             head + struct.pack(f"<{n}I", *lens) + struct.pack(f"<{n * aux_per}Q", *self.aux),
@@ -118,7 +121,7 @@ def decode(parts: Sequence[bytes | memoryview]) -> Frame:
     head = parts[0]
     if len(head) < HEADER.size:
         raise FrameError("short header")
-    kind, version, aux_per, edge, n, sid, counter0, ip, port = HEADER.unpack_from(head, 0)
+    kind, version, aux_per, edge, n, sid, counter0, ip, port, seq = HEADER.unpack_from(head, 0)
     if version != VERSION:
         raise FrameError(f"frame version {version}, expected {VERSION}")
     if kind not in KINDS:
@@ -142,4 +145,4 @@ def decode(parts: Sequence[bytes | memoryview]) -> Frame:
         packets.append(body[pos : pos + ln])
         pos += ln
     extra = bytes(parts[2]) if len(parts) == 3 else None
-    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra)
+    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra, seq)

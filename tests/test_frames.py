@@ -82,7 +82,7 @@ def header_fields(head: bytes) -> list:
 
 def with_header(parts: list[bytes], **changes: int) -> list[bytes]:
     """parts with header fields replaced (kind, version, aux_per, edge, n, ...)."""
-    names = ["kind", "version", "aux_per", "edge", "n", "sid", "counter0", "ip", "port"]
+    names = ["kind", "version", "aux_per", "edge", "n", "sid", "counter0", "ip", "port", "seq"]
     fields = header_fields(parts[0])
     for k, v in changes.items():
         fields[names.index(k)] = v
@@ -221,7 +221,7 @@ def test_malformed_frames(mutate, match: str) -> None:
 
 
 def test_packet_over_max_datagram() -> None:
-    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 1, 0, 0, bytes(16), 0)
+    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 1, 0, 0, bytes(16), 0, 0)
     parts = [head + struct.pack("<I", MAX_DATAGRAM + 1), bytes(MAX_DATAGRAM + 1)]
     with pytest.raises(FrameError, match="packet"):
         decode(parts)
@@ -234,7 +234,7 @@ def test_max_batch_accepted() -> None:
 
 def test_huge_lengths_do_not_overflow() -> None:
     # lengths that sum to the body size only modulo 2**32 must not pass
-    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 2, 0, 0, bytes(16), 0)
+    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 2, 0, 0, bytes(16), 0, 0)
     parts = [head + struct.pack("<2I", 2**32 - 1, 5), b"abcd"]
     with pytest.raises(FrameError):
         decode(parts)
@@ -245,8 +245,8 @@ def test_huge_lengths_do_not_overflow() -> None:
 
 @FUZZ
 @given(st.lists(st.binary(max_size=120), max_size=5))
-@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 0, 0, 0, bytes(16), 0), b""])
-@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 1, 0, 0, bytes(16), 0) + b"\5\0\0\0", b"hello"])
+@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 0, 0, 0, bytes(16), 0, 0), b""])
+@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 1, 0, 0, bytes(16), 0, 0) + b"\5\0\0\0", b"hello"])
 def test_decode_arbitrary_parts(parts: list[bytes]) -> None:
     check_decoded(parts)
 
@@ -255,11 +255,12 @@ def test_decode_arbitrary_parts(parts: list[bytes]) -> None:
 def header_bytes(draw: st.DrawFn) -> bytes:
     """A header with plausible fields (to get past the first checks) and a lengths array."""
     kind = draw(st.sampled_from([*sorted(KINDS), 0, 5, 255]))
-    version = draw(st.sampled_from([VERSION, VERSION, 0, 2]))
+    version = draw(st.sampled_from([VERSION, VERSION, 0, 1, VERSION + 1]))
     aux_per = draw(st.sampled_from([AUX_PER.get(kind, 0), 0, 1, 2, 255]))
     n = draw(st.integers(0, 6) | st.sampled_from([MAX_BATCH, MAX_BATCH + 1, 2**32 - 1]))
     head = HEADER.pack(kind, version, aux_per, draw(st.integers(0, 0xFFFF)), n, draw(U64), draw(U64),
-                       draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 0xFFFF)))
+                       draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 0xFFFF)),
+                       draw(st.integers(0, 2**32 - 1)))
     m = draw(st.integers(0, 6))
     lens = draw(st.lists(st.integers(0, 40) | st.sampled_from([MAX_DATAGRAM + 1, 2**32 - 1]), min_size=m, max_size=m))
     aux = draw(st.lists(U64, max_size=12))
@@ -306,3 +307,8 @@ def test_decode_mutated_valid_frames(f: Frame, mutation: str, data: st.DataObjec
         assert g is None, f"{mutation} must be refused"
     if mutation in ("truncate_body", "extend_body") and len(parts[1]) != len(body):
         assert g is None, f"{mutation} must be refused"
+
+
+def test_seq_round_trips() -> None:
+    f = Frame(frames.ENCRYPT, 2, 7, 100, frames.NO_ADDR, [b"a", b"bc"], seq=0xFFFFFFFF)
+    assert frames.decode(f.encode()).seq == 0xFFFFFFFF

@@ -244,10 +244,13 @@ class Worker:
         s = self.sessions.get(frame.session_id)
         if s is None:
             self.count("drop_unknown_session", len(frame.packets))
-            return None
-        if now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
+        elif now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
             self.count("drop_expired", len(frame.packets))
-            return None
+            s = None
+        if s is None and frame.seq:
+            # the edge releases results in order: tell it this one is empty
+            kind = frames.TUN_WRITE if frame.kind == frames.DECRYPT else frames.UDP_SEND
+            self._send(frame.edge, Frame(kind, frame.edge, frame.session_id, 0, frame.addr, [], seq=frame.seq))
         return s
 
     def decrypt(self, frame: Frame, now: float) -> None:
@@ -257,6 +260,8 @@ class Worker:
         peer = self.peers.get(s.peer)
         if peer is None:
             self.count("drop_unknown_peer", len(frame.packets))
+            if frame.seq:
+                self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, [], seq=frame.seq))
             return
         opn = s.open.decrypt
         out: list[bytes] = []
@@ -287,8 +292,8 @@ class Worker:
             aux += (counter, len(pkt))
         self.count("decrypted", len(out))
         self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
-        if out:
-            self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux))
+        if out or frame.seq:
+            self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux, seq=frame.seq))
 
     def encrypt(self, frame: Frame, now: float) -> None:
         s = self._session(frame, now)
@@ -305,7 +310,7 @@ class Worker:
             counter += 1
         self.count("encrypted", len(out))
         self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
-        self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, s.sid, 0, frame.addr, out))
+        self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, s.sid, 0, frame.addr, out, seq=frame.seq))
 
     def handshake(self, frame: Frame, pkt: bytes, now: float) -> None:
         if self.static is None:
