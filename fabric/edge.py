@@ -68,6 +68,29 @@ log = Log("edge")
 BATCH = 64
 STAGED_MAX = 16  # packets kept per peer while its handshake runs
 REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
+# UDP GSO (Linux 4.18+, as wireguard-go conn/bind_std.go): one sendmsg carries a run
+# of equal-size datagrams (the last may be shorter) that the kernel splits.
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+
+
+def gso_runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """Split datagram sizes into [start, end) runs one GSO send can carry:
+    all of one size, except that the last may be shorter."""
+    runs = []
+    i, n = 0, len(sizes)
+    while i < n:
+        size = sizes[i]
+        j, total = i + 1, size
+        while j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] == size and total + size <= GSO_MAX_BYTES:
+            total += size
+            j += 1
+        if j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] < size and total + sizes[j] <= GSO_MAX_BYTES:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 _RX_HEAD = struct.Struct("<IIQ")
 _HS_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE, MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
@@ -165,6 +188,7 @@ class Edge:
         # sessions it could only drop them (unknown_index, no_route).
         self.listen, self.reuseport = listen, reuseport
         self.sock: socket.socket | None = None
+        self.gso = False
         self.v6 = False
         self.tun_name = tun_name
         self._ensure_tun(tun_name, address)
@@ -434,7 +458,7 @@ class Edge:
         if frame.kind in (frames.ENCRYPT, frames.DECRYPT):
             frame.seq = self.order.reserve()  # results come back in this order
         try:
-            self.work.send_multipart(frame.encode(), flags=zmq.NOBLOCK, copy=False)
+            self.work.send_multipart(frame.encode(), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.drop("no_worker", len(frame.packets))
             return
@@ -622,21 +646,50 @@ class Edge:
             return
         s = self.sessions.get(frame.session_id)
         peer = self.peers.get(s.peer) if s else None
+        pkts = frame.packets
+        sizes = [len(d) for d in pkts]
+        sent = sent_bytes = 0
+        if self.gso and len(pkts) > 1:
+            sendmsg = self.sock.sendmsg
+            for i, j in gso_runs(sizes):
+                try:
+                    if j - i == 1:
+                        self.sock.sendto(pkts[i], sa)
+                    else:
+                        seg = [(17, UDP_SEGMENT, struct.pack("=H", sizes[i]))]  # SOL_UDP
+                        sendmsg([b"".join(pkts[i:j])], seg, 0, sa)
+                        self.counters["gso_sends"] += 1
+                except OSError as exc:
+                    if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP) and j - i > 1:
+                        self.gso = False  # the kernel or device refuses: plain sends from now on
+                        log.warning("UDP GSO unavailable, sending datagrams one by one", error=str(exc))
+                        sent, sent_bytes = self._send_each(pkts[i:], sa, sent, sent_bytes)
+                        break
+                    self.drop("udp_send", j - i)
+                    continue
+                sent += j - i
+                sent_bytes += sum(sizes[i:j])
+        else:
+            sent, sent_bytes = self._send_each(pkts, sa, 0, 0)
+        if peer is not None:
+            peer.stats[1] += sent_bytes
+            peer.stats[3] += sent
+        self.counters["udp_out"] += sent
+        if s is not None:
+            self.session_packets[s.sid] += sent
+
+    def _send_each(self, pkts: Any, sa: Any, sent: int, sent_bytes: int) -> tuple[int, int]:
+        assert self.sock is not None
         sendto = self.sock.sendto
-        sent = 0
-        for d in frame.packets:
+        for d in pkts:
             try:
                 sendto(d, sa)
             except OSError:
                 self.drop("udp_send")
                 continue
             sent += 1
-            if peer is not None:
-                peer.stats[1] += len(d)
-                peer.stats[3] += 1
-        self.counters["udp_out"] += sent
-        if s is not None:
-            self.session_packets[s.sid] += sent
+            sent_bytes += len(d)
+        return sent, sent_bytes
 
     def _handshake_out(self, frame: Frame) -> None:
         try:
@@ -689,6 +742,7 @@ class Edge:
         """Join the UDP port and the TUN device (see __init__)."""
         self.sock = open_udp(self.listen, self.port, self.reuseport)
         self.v6 = self.sock.family == socket.AF_INET6
+        self.gso = os.environ.get("FABRIC_NO_GSO") != "1"
         self.tun_fd = tun.open_queue(self.tun_name)
 
     def serve(self, stop: list[bool]) -> None:

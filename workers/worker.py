@@ -217,7 +217,7 @@ class Worker:
             self.count("drop_unknown_edge", max(1, len(frame.packets)))
             return
         try:
-            sock.send_multipart(frame.encode(), flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frame.encode(), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.count("drop_edge_busy", max(1, len(frame.packets)))
 
