@@ -463,6 +463,8 @@ class Edge:
             self.drop("no_worker", len(frame.packets))
             return
         self.order.sent(frame.seq, time.time())
+        self.counters["frames_pushed"] += 1  # with packets_pushed: the batch size
+        self.counters["packets_pushed"] += len(frame.packets)
 
     # --- send path ------------------------------------------------------------------
 
