@@ -48,6 +48,7 @@ from fabric.testnet import (
     IperfError,
     Topology,
     WgClient,
+    iter_pcap,
     missing_tools,
     parse_iperf,
     tail,
@@ -165,60 +166,12 @@ def check_nonces(records: Iterable[NonceRecord], max_examples: int = 10) -> Nonc
 
 def pcap_transport_records(path: str | Path) -> Iterator[NonceRecord]:
     """(src, dst, receiver index, counter) of every WireGuard transport message
-    in a classic pcap file (Ethernet, Linux cooked v1/v2), read as a stream."""
-    import ipaddress
-
-    with open(path, "rb") as f:
-        ghdr = f.read(24)
-        if len(ghdr) < 24:
-            return
-        if ghdr[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-            end = "<"
-        elif ghdr[:4] in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-            end = ">"
-        else:
-            raise ValueError(f"{path}: not a pcap file")
-        (linktype,) = struct.unpack_from(end + "I", ghdr, 20)
-        link_len = {1: 14, 113: 16, 276: 20}.get(linktype)
-        if link_len is None:
-            raise ValueError(f"{path}: unsupported link type {linktype}")
-        rec = struct.Struct(end + "IIII")
-        names: dict[bytes, str] = {}
-
-        def name(raw: bytes) -> str:
-            s = names.get(raw)
-            if s is None:
-                s = names[raw] = str(ipaddress.ip_address(raw))
-            return s
-
-        wg = struct.Struct("<IIQ")
-        for _ in range(1 << 40):  # bounded by the file's size
-            h = f.read(16)
-            if len(h) < 16:
-                return
-            incl = rec.unpack(h)[2]
-            frame = f.read(incl)
-            if len(frame) < incl:
-                return
-            if linktype == 276:
-                ethertype = struct.unpack_from(">H", frame, 0)[0] if len(frame) >= 2 else 0
-            else:
-                ethertype = (
-                    struct.unpack_from(">H", frame, link_len - 2)[0] if len(frame) >= link_len else 0
-                )
-            ip = frame[link_len:]
-            if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 17:
-                ihl = (ip[0] & 15) * 4
-                src, dst = ip[12:16], ip[16:20]
-            elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == 17:
-                ihl = 40
-                src, dst = ip[8:24], ip[24:40]
-            else:
-                continue
-            payload = ip[ihl + 8 : ihl + 8 + 16]
-            if len(payload) == 16 and payload[:4] == b"\x04\x00\x00\x00":
-                _, receiver, counter = wg.unpack(payload)
-                yield name(src), name(dst), receiver, counter
+    in a classic pcap file, read as a stream."""
+    wg = struct.Struct("<IIQ")
+    for p in iter_pcap(path):
+        if len(p.head) >= 16 and p.head[:4] == b"\x04\x00\x00\x00":
+            _, receiver, counter = wg.unpack_from(p.head, 0)
+            yield p.src, p.dst, receiver, counter
 
 
 _TCPDUMP_DROPPED = re.compile(r"(\d+) packets? dropped by kernel")

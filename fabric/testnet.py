@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -1227,47 +1227,64 @@ class UdpPacket:
 
 def read_pcap(path: str | Path) -> list[UdpPacket]:
     """UDP packets of a classic pcap file (Ethernet or Linux cooked link types)."""
+    return list(iter_pcap(path))
+
+
+def iter_pcap(path: str | Path) -> Iterator[UdpPacket]:
+    """UDP packets of a classic pcap file, read as a stream (captures can be large)."""
     import ipaddress as _ip
     import struct as _st
 
-    data = Path(path).read_bytes()
-    if len(data) < 24:
-        return []
-    magic = data[:4]
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        end = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        end = ">"
-    else:
-        raise ValueError(f"{path}: not a pcap file")
-    (linktype,) = _st.unpack_from(end + "I", data, 20)
-    link_len = {1: 14, 113: 16, 276: 20}.get(linktype)
-    if link_len is None:
-        raise ValueError(f"{path}: unsupported link type {linktype}")
-    out: list[UdpPacket] = []
-    pos = 24
-    while pos + 16 <= len(data):
-        _, _, incl, _ = _st.unpack_from(end + "IIII", data, pos)
-        frame = data[pos + 16 : pos + 16 + incl]
-        pos += 16 + incl
-        ethertype = _st.unpack_from(">H", frame, link_len - 2)[0] if len(frame) >= link_len else 0
-        if linktype == 276 and len(frame) >= 2:
-            ethertype = _st.unpack_from(">H", frame, 0)[0]
-        ip = frame[link_len:]
-        if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 17:
-            ihl = (ip[0] & 15) * 4
-            src, dst = str(_ip.IPv4Address(ip[12:16])), str(_ip.IPv4Address(ip[16:20]))
-        elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == 17:
-            ihl = 40
-            src, dst = str(_ip.IPv6Address(ip[8:24])), str(_ip.IPv6Address(ip[24:40]))
+    names: dict[bytes, str] = {}
+
+    def name(raw: bytes) -> str:
+        text = names.get(raw)
+        if text is None:
+            text = names[raw] = str(_ip.ip_address(raw))
+        return text
+
+    with open(path, "rb") as f:
+        ghdr = f.read(24)
+        if len(ghdr) < 24:
+            return
+        magic = ghdr[:4]
+        if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+            end = "<"
+        elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+            end = ">"
         else:
-            continue
-        udp = ip[ihl:]
-        if len(udp) < 8:
-            continue
-        sport, dport, ulen = _st.unpack_from(">HHH", udp, 0)
-        out.append(UdpPacket(src, sport, dst, dport, ulen - 8, bytes(udp[8:])))
-    return out
+            raise ValueError(f"{path}: not a pcap file")
+        (linktype,) = _st.unpack_from(end + "I", ghdr, 20)
+        link_len = {1: 14, 113: 16, 276: 20}.get(linktype)
+        if link_len is None:
+            raise ValueError(f"{path}: unsupported link type {linktype}")
+        rec = _st.Struct(end + "IIII")
+        while True:  # ends with the file
+            h = f.read(16)
+            if len(h) < 16:
+                return
+            incl = rec.unpack(h)[2]
+            frame = f.read(incl)
+            if len(frame) < incl:
+                return
+            if linktype == 276:
+                ethertype = _st.unpack_from(">H", frame, 0)[0] if len(frame) >= 2 else 0
+            else:
+                ethertype = _st.unpack_from(">H", frame, link_len - 2)[0] if len(frame) >= link_len else 0
+            ip = frame[link_len:]
+            if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 17:
+                ihl = (ip[0] & 15) * 4
+                src, dst = ip[12:16], ip[16:20]
+            elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == 17:
+                ihl = 40
+                src, dst = ip[8:24], ip[24:40]
+            else:
+                continue
+            udp = ip[ihl:]
+            if len(udp) < 8:
+                continue
+            sport, dport, ulen = _st.unpack_from(">HHH", udp, 0)
+            yield UdpPacket(name(src), sport, name(dst), dport, ulen - 8, bytes(udp[8:]))
 
 
 def transport_nonces(packets: Sequence[UdpPacket]) -> list[tuple[int, int]]:
