@@ -128,10 +128,25 @@ class Reports:
     """Latest counters from each process (role, id, pid); totals are sums over them."""
 
     latest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    # the report before the latest one, for rates (`fabric status`: packets per second)
+    previous: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     def add(self, report: dict[str, Any], now: float) -> None:
         key = (str(report["role"]), int(report["id"]), int(report["pid"]))
+        if key in self.latest:
+            self.previous[key] = self.latest[key]
         self.latest[key] = (now, report)
+
+    def rates(self, key: tuple[str, int, int]) -> dict[str, float]:
+        """Per-second increase of each counter between the last two reports of one process."""
+        if key not in self.previous or key not in self.latest:
+            return {}
+        (t0, r0), (t1, r1) = self.previous[key], self.latest[key]
+        dt = t1 - t0
+        if dt <= 0:
+            return {}
+        c0 = r0.get("counters", {})
+        return {k: round(max(0, v - c0.get(k, 0)) / dt, 1) for k, v in r1.get("counters", {}).items()}
 
 
 class Broker:
@@ -155,6 +170,7 @@ class Broker:
         self.endpoint = endpoint
         self.slots = slots
         self.epoch = secrets.randbits(63)
+        self.started = time.time()
         self.seq = 0
         self.kv: dict[bytes, dict[str, Any]] = {}
         self.peers: dict[bytes, Peer] = {}
@@ -398,7 +414,7 @@ class Broker:
             "sessions": self._admin_sessions,
             "peer_add": self._admin_peer_add,
             "peer_remove": self._admin_peer_remove,
-            "status": self._admin_status,
+            "status": self._admin_status_load,
             "stats": self._admin_stats,
             "server": self._admin_server,
         }.get(op if isinstance(op, str) else "")
@@ -565,6 +581,15 @@ class Broker:
                                    "counters": self.counters},
             "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
         }
+
+    def _admin_status_load(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        """`_admin_status` plus what `fabric status` shows as load: the broker's start
+        time and each process's counter increase per second between its last two reports."""
+        reply = self._admin_status(req, now)
+        reply["broker"]["started"] = self.started
+        for p in reply["processes"]:
+            p["rates"] = self.reports.rates((p["role"], p["id"], p["pid"]))
+        return reply
 
     def _admin_stats(self, req: dict[str, Any], now: float) -> dict[str, Any]:
         totals: dict[str, int] = dict(self.counters)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
-import time
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +18,60 @@ class AdminError(RuntimeError):
     pass
 
 
+DEFAULT_TIMEOUT = 5.0
+START_HINT = "start it with `fabric up --state-dir DIR` (or `fabric broker`), or point --state-dir at the running fabric"
+
+
+class Unreachable(AdminError):
+    """No broker answers at the admin endpoint (`fabric status` exits 2 for it)."""
+
+
 def endpoint_for(state_dir: str | None, admin: str | None) -> str:
     if admin:
         return admin
     sd = StateDir.at(state_dir)
     sock = sd.run / "admin.sock"
-    if not sock.exists():
-        raise AdminError(
-            f"no fabric is running on state dir {sd.root} ({sock} is missing): "
-            "start one with `fabric up`, or pass --state-dir/--admin"
-        )
+    try:
+        present = sock.exists()
+    except PermissionError:
+        raise AdminError(f"cannot read {sd.run}: permission denied; run as root (sudo), "
+                         "or as the user that owns the state dir") from None
+    if not present:
+        raise Unreachable(f"no fabric is running on state dir {sd.root} ({sock} is missing): {START_HINT}")
     return sd.admin
 
 
-def request(endpoint: str, req: dict[str, Any], timeout: float = 5.0,
+def _probe_ipc(endpoint: str) -> None:
+    """Fail at once when nothing listens on an ipc endpoint (a broker that died leaves
+    its socket file behind; ZeroMQ would wait for the whole timeout)."""
+    path = endpoint.removeprefix("ipc://")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+    except PermissionError:
+        raise AdminError(f"cannot connect to {path}: permission denied; run as root (sudo), "
+                         "or as the user that owns the state dir") from None
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise Unreachable(f"no broker is listening on {path} (it is not running): {START_HINT}") from None
+        # anything else (e.g. a full backlog): let ZeroMQ try within the timeout
+    finally:
+        s.close()
+
+
+def request(endpoint: str, req: dict[str, Any], timeout: float = DEFAULT_TIMEOUT,
             curve: dict[int, Any] | None = None) -> dict[str, Any]:
+    if endpoint.startswith("ipc://"):
+        _probe_ipc(endpoint)
     ctx: zmq.Context = zmq.Context.instance()
     client = ReqClient(ctx, endpoint, curve=curve)
     try:
         reply = client.call(req, timeout)
     except RequestTimeout:
         hint = ("is its broker running, and is your --key authorized (`fabric keys client`)?"
-                if endpoint.startswith("tcp://") else "is its broker running?")
-        raise AdminError(f"the fabric at {endpoint} did not answer within {timeout:g}s: {hint}") from None
+                if endpoint.startswith("tcp://") else f"is its broker stuck? {START_HINT}")
+        raise Unreachable(f"the fabric at {endpoint} did not answer within {timeout:g}s: {hint}") from None
     finally:
         client.close()
     if not reply.get("ok"):
@@ -47,70 +79,12 @@ def request(endpoint: str, req: dict[str, Any], timeout: float = 5.0,
     return reply
 
 
-def _ago(t: float | None) -> str:
-    if not t:
-        return "never"
-    d = max(0.0, time.time() - t)
-    return f"{d:.0f}s ago" if d < 120 else f"{d / 60:.0f}m ago"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return "\n".join(lines)
-
-
-def _counts(d: dict[str, int]) -> str:
-    return ",".join(f"{k}:{v}" for k, v in sorted(d.items())) or "-"
-
-
-def format_peers(peers: list[dict[str, Any]]) -> str:
-    if not peers:
-        return "no peers; add one with `fabric peer add NAME`"
-    rows = [[
-        p["name"], p["public_key"][:10] + "…", ",".join(p["allowed_ips"]), p["endpoint"] or "-",
-        _ago(p["latest_handshake"]), _bytes(p["rx_bytes"]), _bytes(p["tx_bytes"]),
-    ] for p in peers]
-    return table(rows, ["PEER", "KEY", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE", "RX", "TX"])
-
-
-def format_sessions(sessions: list[dict[str, Any]]) -> str:
-    if not sessions:
-        return "no sessions"
-    rows = [[
-        str(s["session_id"]), s["peer"], s["endpoint"] or "-", _ago(s["latest_handshake"]),
-        _bytes(s["rx_bytes"]), _bytes(s["tx_bytes"]),
-        _counts(s["packets_per_edge"]), _counts(s["packets_per_worker"]),
-    ] for s in sessions]
-    return table(rows, ["SESSION", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PKTS/EDGE", "PKTS/WORKER"])
-
-
-def format_status(st: dict[str, Any]) -> str:
-    b = st["broker"]
-    lines = [f"broker   pid {b['pid']}  seq {b['seq']}  peers {st['peers']}  sessions {st['sessions']}"]
-    rows = []
-    for p in st["processes"]:
-        c = p["counters"]
-        drops = sum(v for k, v in c.items() if k.startswith("drop_"))
-        load = c.get("udp_in", c.get("decrypted", 0)) + c.get("tun_in", c.get("encrypted", 0))
-        rows.append([p["role"], str(p["id"]), str(p["pid"]), "up" if p["alive"] else f"silent {p['age']}s",
-                     str(load), str(drops)])
-    lines.append(table(rows, ["ROLE", "ID", "PID", "HEALTH", "PACKETS", "DROPS"]))
-    return "\n".join(lines)
-
-
-def format_stats(counters: dict[str, int]) -> str:
-    return table([[k, str(v)] for k, v in counters.items()], ["COUNTER", "VALUE"])
+def check_peer(peers: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The row of peer `name` in an admin `peers` reply; an unknown name is an error."""
+    for p in peers:
+        if p.get("name") == name:
+            return p
+    raise AdminError(f"no peer named {name!r}; `fabric admin peers` lists them")
 
 
 def client_config(reply: dict[str, Any], endpoint: str) -> str:

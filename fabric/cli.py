@@ -79,6 +79,18 @@ def _client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", metavar="FILE", help="your CURVE key (.key_secret from `fabric keys client`), for tcp")
     p.add_argument("--server-key", metavar="FILE", help="the fabric's CURVE public key (curve/server.key), for tcp")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=_timeout, default=5.0,
+                   help="seconds to wait for the broker's answer (default 5)")
+
+
+def _timeout(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= v <= 300:
+        raise argparse.ArgumentTypeError(f"{v:g} is out of range; use 0.1 to 300 seconds")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,15 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     _state_dir(krv)
     kls = ksub.add_parser("list", help="authorized client keys")
     _state_dir(kls)
+    kls.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stt = sub.add_parser("status", help="the whole fabric at a glance: processes, health, load, sessions",
+                         description="Every process of the fabric with its health and load. Exit code: "
+                                     "0 healthy, 1 degraded (the summary says which process), "
+                                     "2 the broker cannot be reached.")
+    _client(stt)
 
     adm = sub.add_parser("admin", help="inspect a running fabric")
     asub = adm.add_subparsers(dest="what", metavar="WHAT")
     asub.required = True
     for name, hlp in (("peers", "configured peers with traffic counters"),
                       ("sessions", "live sessions with per-edge and per-worker packets"),
-                      ("status", "every process of the fabric and its health"),
+                      ("status", "every process that reported to the broker (`fabric status` sums it up)"),
                       ("stats", "all counters, drops by reason")):
-        _client(asub.add_parser(name, help=hlp))
+        ap = asub.add_parser(name, help=hlp)
+        if name in ("peers", "sessions"):
+            ap.add_argument("name", nargs="?", help="only this peer")
+        _client(ap)
 
     peer = sub.add_parser("peer", help="add or remove peers at runtime")
     psub = peer.add_subparsers(dest="action", metavar="ACTION")
@@ -165,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--preshared-key", action="store_true", help="also generate a preshared key")
     add.add_argument("--keepalive", type=int, default=0, help="server-side persistent keepalive, seconds")
     add.add_argument("--output", "-o", help="write the config to this file (0600) instead of stdout")
+    add.add_argument("--qr", action="store_true", help="also print the config as a QR code (for phone apps)")
     _client(add)
     rm = psub.add_parser("remove", help="remove a peer and end its sessions")
     rm.add_argument("name")
@@ -221,33 +244,80 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if not curve.revoke(sd, args.name):
             raise ConfigError(f"no authorized client key {args.name!r}; `fabric keys list` shows them")
         print(f"revoked {args.name} (takes effect within seconds)")
+    elif getattr(args, "json", False):
+        from fabric.admin import dump
+
+        print(dump(curve.authorized(sd)))
     else:
         print("\n".join(curve.authorized(sd)))
     return 0
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from fabric import admin
+    import time
+
+    from fabric import admin, render
 
     ep, opts = _admin_target(args)
-    reply = admin.request(ep, {"op": args.what}, curve=opts)
+    reply = admin.request(ep, {"op": args.what}, timeout=args.timeout, curve=opts)
+    now = time.time()
     if args.what == "peers":
-        print(admin.dump(reply["peers"]) if args.json else admin.format_peers(reply["peers"]))
+        peers = reply["peers"]
+        if args.name is not None:
+            peers = [admin.check_peer(peers, args.name)]
+        out: object = peers
+        tables: list[render.Table | str] = [render.peers_table(peers, now)]
     elif args.what == "sessions":
-        print(admin.dump(reply["sessions"]) if args.json else admin.format_sessions(reply["sessions"]))
+        sessions = reply["sessions"]
+        if args.name is not None:
+            peers = admin.request(ep, {"op": "peers"}, timeout=args.timeout, curve=opts)["peers"]
+            admin.check_peer(peers, args.name)
+            sessions = [s for s in sessions if s["peer"] == args.name]
+        out = sessions
+        tables = [render.sessions_table(sessions, now)]
     elif args.what == "status":
-        print(admin.dump(reply) if args.json else admin.format_status(reply))
+        out = reply
+        tables = render.status_tables(render.status_view(reply, None, now), now)
     else:
-        print(admin.dump(reply["counters"]) if args.json else admin.format_stats(reply["counters"]))
+        out = reply["counters"]
+        tables = list(render.stats_tables(reply["counters"], reply.get("gauges")))
+    if args.json:
+        print(admin.dump(out))
+    else:
+        render.draw(tables)
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """`fabric status`: 0 healthy, 1 degraded, 2 unreachable (one line on stderr)."""
+    import time
+
+    from fabric import admin, render
+
+    try:
+        ep, opts = _admin_target(args)
+        st = admin.request(ep, {"op": "status"}, timeout=args.timeout, curve=opts)
+        sessions = admin.request(ep, {"op": "sessions"}, timeout=args.timeout, curve=opts)["sessions"]
+    except admin.Unreachable as exc:
+        if args.json:
+            print(admin.dump({"health": "unreachable", "problems": [str(exc)], "summary": f"fabric unreachable: {exc}"}))
+        print(f"fabric: unreachable: {exc}", file=sys.stderr)
+        return 2
+    pids = [st["broker"]["pid"], *(p["pid"] for p in st.get("processes", []) if p.get("alive"))]
+    view = render.status_view(st, sessions, time.time(), render.cpu_percent(pids))
+    if args.json:
+        print(admin.dump(view))
+    else:
+        render.draw(render.status_tables(view, time.time()))
+    return 0 if view["health"] == "ok" else 1
+
+
 def cmd_peer(args: argparse.Namespace) -> int:
-    from fabric import admin
+    from fabric import admin, render
 
     ep, opts = _admin_target(args)
     if args.action == "remove":
-        admin.request(ep, {"op": "peer_remove", "name": args.name}, curve=opts)
+        admin.request(ep, {"op": "peer_remove", "name": args.name}, timeout=args.timeout, curve=opts)
         print(f"removed peer {args.name}" if not args.json else admin.dump({"removed": args.name}))
         return 0
     if args.keepalive < 0 or args.keepalive > 65535:
@@ -262,16 +332,27 @@ def cmd_peer(args: argparse.Namespace) -> int:
     reply = admin.request(ep, {
         "op": "peer_add", "name": args.name, "allowed_ips": args.allowed_ips,
         "public_key": args.public_key, "psk": args.preshared_key, "keepalive": args.keepalive,
-    }, curve=opts)
+    }, timeout=args.timeout, curve=opts)
     endpoint = args.endpoint or reply.get("endpoint") or admin.default_endpoint(reply["listen_port"])
     text = admin.client_config(reply, endpoint)
+    qr = render.qr_text(text) if args.qr else None
     if args.json:
-        print(admin.dump({**reply, "config": text, "client_endpoint": endpoint}))
-    elif args.output:
+        reply.pop("ok", None)
+        print(admin.dump({**reply, "config": text, "client_endpoint": endpoint,
+                          **({"qr": qr} if qr is not None else {})}))
+        return 0
+    if args.output:
         admin.write_private(args.output, text)
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(text)
+    if qr is not None:
+        if not args.output:
+            print()
+        tty = sys.stdout.isatty()
+        for line in qr.splitlines():
+            # light modules in white on black, so phones read it on any terminal theme
+            print(f"\x1b[38;5;255;48;5;232m{line}\x1b[0m" if tty else line)
     return 0
 
 
@@ -325,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logmod.setup(args.verbose)
     handlers = {
         "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,
-        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys,
+        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys, "status": cmd_status,
     }
     try:
         if args.command == "demo":
@@ -339,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `fabric admin peers | head`: the reader left, nothing to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         from fabric.admin import AdminError
         from fabric.curve import KeyError_
