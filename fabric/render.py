@@ -51,7 +51,8 @@ def _rich_table(t: Table) -> Any:
                    header_style="bold")
     for i, h in enumerate(t.header):
         # a narrow terminal folds long cells onto more lines rather than cutting them
-        rt.add_column(h, justify="right" if i in t.right else "left", overflow="fold")
+        rt.add_column(h, justify="right" if i in t.right else "left", overflow="fold",
+                      min_width=len(h), no_wrap=i in t.right)
     for r in t.rows:
         rt.add_row(*[str(c) for c in r])
     return rt
