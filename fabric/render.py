@@ -47,7 +47,7 @@ def _rich_table(t: Table) -> Any:
     from rich import box
     from rich.table import Table as RichTable
 
-    rt = RichTable(title=t.title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, show_edge=False,
+    rt = RichTable(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                    header_style="bold")
     for i, h in enumerate(t.header):
         # a narrow terminal folds long cells onto more lines rather than cutting them
@@ -69,6 +69,8 @@ def draw(tables: Iterable[Table | str], file: IO[str] | None = None, width: int 
             elif not t.rows:
                 con.print(t.empty or f"no {t.title or 'rows'}", soft_wrap=True)
             else:
+                if t.title:
+                    con.print(t.title, soft_wrap=True)  # above the table, never wrapped to its width
                 con.print(_rich_table(t))
     text = cap.get()
     if not con.is_terminal:  # plain text: no padding at line ends
