@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import crypto, curve
+from fabric import crypto, curve, metrics
 from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
 from fabric.constants import (
     INITIATION_FLOOD_INTERVAL,
@@ -107,7 +107,11 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
         clean_sessions[k] = {"packets": v.get("packets", 0), "endpoint": ep[:64], "last_rx": float(last_rx)}
     out = {"role": r["role"], "id": r["id"], "pid": r["pid"], "counters": counters, "peers": peers,
            "sessions": clean_sessions}
-    for key in ("work", "result", "work_tcp", "result_tcp"):
+    gauges = r.get("gauges", {})
+    if not isinstance(gauges, dict) or not all(isinstance(k, str) and _small_int(v) for k, v in gauges.items()):
+        return None
+    out["gauges"] = gauges
+    for key in ("work", "result", "work_tcp", "result_tcp", "metrics"):
         if key in r:
             if not isinstance(r[key], str) or len(r[key]) > 200:
                 return None
@@ -164,6 +168,7 @@ class Broker:
         self.edges: dict[int, dict[str, Any]] = {}
         self.reports = Reports()
         self.counters: dict[str, int] = {}
+        self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
         self.private = self._load_server_key()
         self.public = crypto.public_key(self.private)
         self._load_state()
@@ -559,10 +564,13 @@ class Broker:
             procs.append({
                 "role": role, "id": rid, "pid": pid, "age": round(now - seen, 1),
                 "alive": now - seen < EDGE_GONE_AFTER, "counters": r.get("counters", {}),
+                "gauges": r.get("gauges", {}), "metrics": r.get("metrics"),
             })
         return {
             "ok": True, "broker": {"pid": os.getpid(), "seq": self.seq, "epoch": self.epoch,
-                                   "counters": self.counters},
+                                   "counters": self.counters, "metrics": self.metrics_addr,
+                                   "gauges": {"sessions": len(self.sessions), "peers": len(self.peers),
+                                              "queue_pending_handshakes": len(self.pending)}},
             "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
         }
 
@@ -572,7 +580,15 @@ class Broker:
             for k, v in r.get("counters", {}).items():
                 key = f"{r['role']}.{k}"
                 totals[key] = totals.get(key, 0) + int(v)
-        return {"ok": True, "counters": dict(sorted(totals.items()))}
+        # point-in-time figures: the broker's and the live processes' only
+        gauges = {"broker.sessions": len(self.sessions), "broker.peers": len(self.peers),
+                  "broker.queue_pending_handshakes": len(self.pending)}
+        for seen, r in self.reports.latest.values():
+            if now - seen < EDGE_GONE_AFTER:
+                for k, v in r.get("gauges", {}).items():
+                    key = f"{r['role']}.{k}"
+                    gauges[key] = gauges.get(key, 0) + int(v)
+        return {"ok": True, "counters": dict(sorted(totals.items())), "gauges": dict(sorted(gauges.items()))}
 
     # --- stats and edge registry -------------------------------------------
 
@@ -727,10 +743,14 @@ class Broker:
 
 
 def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: str | None,
-        config_peers: list[PeerConfig], tcp: str | None = None) -> int:
+        config_peers: list[PeerConfig], tcp: str | None = None, metrics_addr: str | None = None) -> int:
     state_dir.ensure()
     lock = state_dir.lock("broker")
+    exporter = metrics.start(metrics_addr, "broker", 0)
     broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers, tcp=tcp)
+    if exporter is not None:
+        broker.metrics_addr = exporter.address
+        exporter.source = lambda f: metrics.broker_metrics(f, broker, EDGE_GONE_AFTER)
     ctx = zmq.Context()
     try:
         broker.bind(ctx)

@@ -67,6 +67,28 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _metrics_address(text: str) -> str:
+    from fabric.metrics import format_address, parse_address
+
+    try:
+        return format_address(*parse_address(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--metrics: ")) from None
+
+
+def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address, help=hlp)
+
+
+def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int, edges: int) -> str | None:
+    """--metrics, else this process's place in the config's `metrics` layout (off without either)."""
+    from fabric.metrics import child_address
+
+    if args.metrics:
+        return str(args.metrics)
+    return child_address(base, role, ident, edges) if base else None
+
+
 def _state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="keys, state and sockets (default $FABRIC_STATE_DIR or /var/lib/fabric)")
@@ -99,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tun", help=f"TUN device name (default {DEFAULT_TUN})")
     up.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     up.add_argument("--no-reuseport", action="store_true", help="edge i binds port+i instead of sharing one port")
+    _metrics(up, "Prometheus endpoints from this base: broker PORT, edge i PORT+1+i, workers after the "
+                 "edges, `fabric up` itself last (default: [server] metrics, else off)")
 
     br = sub.add_parser("broker", help="run the session broker")
     _state_dir(br)
@@ -108,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     br.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also listen on tcp PORT..PORT+4 (pub, snapshot, commit, stats, admin); needs `fabric keys init`")
+    _metrics(br, "serve Prometheus metrics here, e.g. 127.0.0.1:9580 (default: [server] metrics, else off)")
 
     ed = sub.add_parser("edge", help="run one edge (UDP socket + TUN queue)")
     _state_dir(ed)
@@ -120,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
     ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also offer work on tcp PORT, PORT+1 for remote workers; needs `fabric keys init`")
+    _metrics(ed, "serve Prometheus metrics here (default: base+1+id from [server] metrics, else off)")
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
@@ -129,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a remote broker's --tcp address: serve its fabric from another host over CURVE")
     wk.add_argument("--key", metavar="FILE", help="this worker's CURVE key (.key_secret from `fabric keys client`)")
     wk.add_argument("--server-key", metavar="FILE", help="the fabric's CURVE public key (curve/server.key)")
+    _metrics(wk, "serve Prometheus metrics here (default: base+1+edges+id from [server] metrics, else off)")
 
     ks = sub.add_parser("keys", help="CURVE keys that protect the fabric's ZeroMQ sockets")
     ksub = ks.add_subparsers(dest="keys_action", metavar="ACTION")
@@ -283,7 +310,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
     return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
-                      args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp)
+                      args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp,
+                      metrics_addr=_metrics_for(args, cfg.server.metrics, "broker", 0, cfg.server.edges))
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -294,7 +322,7 @@ def cmd_edge(args: argparse.Namespace) -> int:
     addresses = args.address or (cfg.addresses if args.config else None)
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
                     args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
-                    tcp=args.tcp)
+                    tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -310,7 +338,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         keys = curve.remote(args.key, args.server_key)
     if args.broker and not args.broker.startswith("tcp://"):
         raise ConfigError(f"--broker {args.broker!r}: give the broker's tcp address, tcp://HOST:PORT")
-    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, broker=args.broker, keys=keys)
+    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, broker=args.broker, keys=keys,
+                      metrics_addr=_metrics_for(args, cfg.metrics, "worker", args.id, cfg.edges))
 
 
 def cmd_up(args: argparse.Namespace) -> int:

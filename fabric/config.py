@@ -9,6 +9,8 @@
     workers = 2                      # default: number of cores
     state_dir = "/var/lib/fabric"
     endpoint = "vpn.example.org:51820"   # written into client configs by `fabric peer add`
+    metrics = "127.0.0.1:9580"       # Prometheus endpoints: broker 9580, edges 9581.., workers after
+                                     # them, `fabric up` last (off when absent)
 
     [[peer]]
     name = "laptop"
@@ -55,6 +57,7 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     state_dir: str | None = None
     endpoint: str | None = None
+    metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/metrics.py)
 
 
 @dataclass
@@ -111,7 +114,7 @@ def _key(value: Any, where: str) -> bytes:
         raise ConfigError(f"{where}: {exc}; generate one with `wg genkey | wg pubkey`") from None
 
 
-_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "state_dir", "endpoint"}
+_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "state_dir", "endpoint", "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
 
 
@@ -145,6 +148,12 @@ def parse(data: dict[str, Any]) -> Config:
         s.state_dir = str(srv["state_dir"])
     if "endpoint" in srv:
         s.endpoint = str(srv["endpoint"])
+    if "metrics" in srv:
+        from fabric.metrics import format_address, parse_address
+
+        if not isinstance(srv["metrics"], str):
+            raise ConfigError(f"server.metrics: {srv['metrics']!r} must be a string \"HOST:PORT\", e.g. \"127.0.0.1:9580\"")
+        s.metrics = format_address(*parse_address(srv["metrics"], "server.metrics"))
     peers = data.get("peer", [])
     if not isinstance(peers, list):
         raise ConfigError("peer: peers are an array of tables; write [[peer]] for each")

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fabric import config, curve, tun
+from fabric import config, curve, metrics, tun
 from fabric.admin import AdminError, request
 from fabric.crypto import key_to_base64, public_key
 from fabric.log import Log
@@ -59,21 +59,34 @@ def run(args: argparse.Namespace) -> int:
     edges = args.edges or s.edges
     workers = args.workers or s.workers
     endpoint = args.endpoint or s.endpoint
+    mbase = getattr(args, "metrics", None) or s.metrics
+    ports = metrics.layout(mbase, edges, workers) if mbase else {}
     _preflight()
+    metrics.check_free(ports.values())  # before anything starts: a taken port is one clear error
+    mflag = {name: ["--metrics", addr] for name, addr in ports.items()}
     base = [sys.executable, "-m", "fabric"] + (["-" + "v" * args.verbose] if args.verbose else [])
     sdir = ["--state-dir", str(sd.root)]
     broker = Child("broker", base + ["broker", *sdir, "--address", address, "--listen-port", str(port)]
-                   + (["--endpoint", endpoint] if endpoint else []) + (["--config", args.config] if args.config else []))
+                   + (["--endpoint", endpoint] if endpoint else []) + (["--config", args.config] if args.config else [])
+                   + mflag.get("broker", []))
     children = [broker]
     for i in range(edges):
         children.append(Child(f"edge-{i}", base + ["edge", *sdir, "--id", str(i), "--listen", args.listen,
                                                    "--listen-port", str(port), "--tun", tun_name]
-                              + (["--no-reuseport"] if args.no_reuseport else [])))
+                              + (["--no-reuseport"] if args.no_reuseport else []) + mflag.get(f"edge-{i}", [])))
     for j in range(workers):
-        children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)]))
+        children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)] + mflag.get(f"worker-{j}", [])))
 
     stop = stop_on_signals()
-    tun.create(tun_name, addresses)
+    exporter = metrics.start(ports.get("up"), "up", 0)
+    if exporter is not None:
+        exporter.source = lambda f: metrics.supervisor_metrics(f, children)
+    try:
+        tun.create(tun_name, addresses)
+    except BaseException:
+        if exporter is not None:
+            exporter.close()
+        raise
     print(f"fabric up: creating TUN {tun_name} ({address}), starting broker...", file=sys.stderr, flush=True)
     try:
         broker.start()
@@ -87,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
             f"fabric up: listening on UDP port {port}, tunnel {address} on {tun_name}\n"
             f"  public key {key}\n"
             f"  add a client: fabric peer add NAME --state-dir {sd.root}\n"
-            f"  sessions:     fabric admin sessions --state-dir {sd.root}",
+            f"  sessions:     fabric admin sessions --state-dir {sd.root}"
+            + (f"\n  metrics:      http://{ports['broker']}/metrics (broker) ... http://{ports['up']}/metrics"
+               " (this supervisor); `fabric admin status` lists each" if ports else ""),
             file=sys.stderr, flush=True,
         )
         _supervise(children, stop)
@@ -101,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             os.unlink(sd.session_table)
         except OSError:
             pass
+        if exporter is not None:
+            exporter.close()
         print("fabric up: stopped", file=sys.stderr, flush=True)
     return 0
 
