@@ -42,6 +42,9 @@ def _id(text: str) -> int:
     return v
 
 
+def _id_or_auto(text: str) -> int | None:
+    return None if text == "auto" else _id(text)
+
 
 def _cidrs(text: str) -> list[str]:
     from fabric.config import parse_interfaces
@@ -123,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
-    wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
+    wk.add_argument("--id", type=_id_or_auto, required=True,
+                    help="worker number, unique on this host; 'auto' takes the first free one (replicas)")
     wk.add_argument("--config", help="TOML configuration file ([server] state_dir)")
     wk.add_argument("--broker", metavar="tcp://HOST:PORT",
                     help="a remote broker's --tcp address: serve its fabric from another host over CURVE")
@@ -179,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_arguments(dm)
     import importlib
 
-    for name, hlp in (("soak", "wireguard-go clients under load while processes are killed"),
+    for name, hlp in (("cluster", "run or check compose.yaml as processes in network namespaces"),
+                      ("soak", "wireguard-go clients under load while processes are killed"),
                       ("bench", "measure fabric against wireguard-go and OpenVPN in one run")):
         try:
             mod = importlib.import_module(f"fabric.{name}")
@@ -332,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fabric import demo
 
             return demo.run(args)
-        if args.command in ("soak", "bench"):
+        if args.command in ("soak", "bench", "cluster"):
             import importlib
 
             return int(importlib.import_module(f"fabric.{args.command}").run(args))
