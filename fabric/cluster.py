@@ -219,7 +219,8 @@ def _interp_all(node: Any, env: dict[str, str], where: str) -> Any:
     if isinstance(node, list):
         return [_interp_all(v, env, f"{where}[{i}]") for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {k: _interp_all(v, env, f"{where}.{k}") for k, v in node.items()}
+        return {k: _interp_all(v, env, f"{where} {k}" if where.endswith(":") else f"{where}.{k}")
+                for k, v in node.items()}
     return node
 
 
@@ -389,7 +390,7 @@ def parse(text: str, path: Path = Path("compose.yaml"), env: dict[str, str] | No
         raise ComposeError(f"{name}: not valid YAML at {where}: {problem}; fix the indentation or quoting there") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("services"), dict) or not doc["services"]:
         raise ComposeError(f"{name}: no services: mapping; a compose file lists its containers under services:")
-    doc = _interp_all(doc, dict(os.environ if env is None else env), name)
+    doc = _interp_all(doc, dict(os.environ if env is None else env), f"{name}:")
     volumes = [str(v) for v in _mapping(doc.get("volumes"), f"{name}: volumes", "list volume names").keys()]
     networks: dict[str, Network] = {}
     for net, spec in _mapping(doc.get("networks"), f"{name}: networks", "list network names").items():
@@ -953,7 +954,10 @@ def run(args: argparse.Namespace) -> int:
                  f"logs in {cluster.topo.log_dir}; Ctrl-C stops")
             sd = cluster.topo.state_dir_of(cluster.broker)
             print(f"  fabric admin status --state-dir {sd}", flush=True)
-            cluster.supervise(stop, args.duration)
+            try:
+                cluster.supervise(stop, args.duration)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop it
+                step("stopping...")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         rc = 130
