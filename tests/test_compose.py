@@ -180,6 +180,29 @@ def test_default_network_refused() -> None:
     assert msg.startswith("compose.yaml: services.worker: joins Docker's default network")
 
 
+def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
+    # replicas run one command, `fabric worker --id auto`: each must get its own id
+    from fabric.paths import StateDir
+    from workers.worker import _free_id
+
+    sd = StateDir.at(tmp_path / "state").ensure()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fabric.paths import StateDir; "
+         "sd = StateDir.at(sys.argv[1]); sd.lock('worker-0'); sd.lock('worker-1'); print('held', flush=True); "
+         "time.sleep(60)", str(sd.root)], stdout=subprocess.PIPE, text=True, env=fabric_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        wid, fd = _free_id(sd)
+        os.close(fd)
+        assert wid == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    wid, fd = _free_id(sd)
+    os.close(fd)
+    assert wid == 0
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
