@@ -42,6 +42,9 @@ def _id(text: str) -> int:
     return v
 
 
+def _id_or_auto(text: str) -> int | None:
+    return None if text == "auto" else _id(text)
+
 
 def _cidrs(text: str) -> list[str]:
     from fabric.config import parse_interfaces
@@ -80,13 +83,16 @@ def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address, help=hlp)
 
 
-def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int, edges: int) -> str | None:
+def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,
+                 edges: int) -> str | None:
     """--metrics, else this process's place in the config's `metrics` layout (off without either)."""
     from fabric.metrics import child_address
 
     if args.metrics:
         return str(args.metrics)
-    return child_address(base, role, ident, edges) if base else None
+    if base and ident is None:
+        raise ConfigError("--id auto has no place in the config's metrics layout: give --metrics HOST:PORT")
+    return child_address(base, role, ident, edges) if base and ident is not None else None
 
 
 def _state_dir(p: argparse.ArgumentParser) -> None:
@@ -149,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
-    wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
+    wk.add_argument("--id", type=_id_or_auto, required=True,
+                    help="worker number, unique on this host; 'auto' takes the first free one (replicas)")
     wk.add_argument("--config", help="TOML configuration file ([server] state_dir)")
     wk.add_argument("--broker", metavar="tcp://HOST:PORT",
                     help="a remote broker's --tcp address: serve its fabric from another host over CURVE")
@@ -206,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_arguments(dm)
     import importlib
 
-    for name, hlp in (("soak", "wireguard-go clients under load while processes are killed"),
+    for name, hlp in (("cluster", "run or check compose.yaml as processes in network namespaces"),
+                      ("soak", "wireguard-go clients under load while processes are killed"),
                       ("bench", "measure fabric against wireguard-go and OpenVPN in one run")):
         try:
             mod = importlib.import_module(f"fabric.{name}")
@@ -361,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fabric import demo
 
             return demo.run(args)
-        if args.command in ("soak", "bench"):
+        if args.command in ("soak", "bench", "cluster"):
             import importlib
 
             return int(importlib.import_module(f"fabric.{args.command}").run(args))

@@ -478,10 +478,13 @@ class Worker:
                 next_tick = now + 1.0
 
 
-def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | None = None,
+def run(sd: StateDir, wid: int | None, broker: str | None = None, keys: curve.Curve | None = None,
         metrics_addr: str | None = None) -> int:
     sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
-    lock = sd.lock(f"worker-{wid}")
+    if wid is None:  # --id auto (compose replicas run one command): the first free id
+        wid, lock = _free_id(sd)
+    else:
+        lock = sd.lock(f"worker-{wid}")
     exporter = metrics.start(metrics_addr, "worker", wid)
     worker = Worker(sd, wid, broker=broker, keys=keys)
     if exporter is not None:
@@ -495,3 +498,13 @@ def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | N
         worker.ctx.destroy(0)
         os.close(lock)
     return 0
+
+
+def _free_id(sd: StateDir) -> tuple[int, int]:
+    """The lowest worker id no running worker of this state dir holds, and its lock."""
+    for wid in range(256):
+        try:
+            return wid, sd.lock(f"worker-{wid}")
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"all 256 worker ids of {sd.root} are taken; stop some workers first")
