@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         mod.add_arguments(sub.add_parser(name, help=hlp))
+    # `fabric up -v` as well as `fabric -v up` (the counts add up)
+    for sp in sub.choices.values():
+        try:
+            sp.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
+                            help="more log output (-vv for debug)")
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
@@ -350,6 +357,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0)
     logmod.setup(args.verbose)
     handlers = {
         "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,

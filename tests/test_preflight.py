@@ -25,6 +25,7 @@ from fabric.preflight import PreflightError
 from fabric.testnet import FabricCluster, Topology, _netns_pids, fabric_argv, fabric_env
 
 ADDRESS = "198.19.100.1/24"
+SERVER_IP = "198.19.100.1"
 PORT = 51820
 
 
@@ -249,3 +250,51 @@ def test_second_up_on_the_same_state_dir(topo: Topology) -> None:
         assert fab.peers() == []
     finally:
         fab.stop()
+
+
+# --- what fabric up says once it starts: progress, then quiet unless -v --------------------
+
+BANNER = ("fabric up: ", "  public key ", "  add a client: ", "  sessions:     ")
+
+
+def up_log(fab: FabricCluster) -> list[str]:
+    return (fab.topo.log_dir / "fabric-up.log").read_text().splitlines()
+
+
+@pytest.mark.netns
+def test_up_shows_progress_then_stays_quiet(topo: Topology) -> None:
+    fab = FabricCluster(topo, address=ADDRESS, listen_port=PORT, edges=2, workers=2, mode="up")
+    fab.start()
+    try:
+        client = fab.connect_client(1, "alice")
+        assert client.ping(SERVER_IP, count=10, timeout=2.0).ok
+        fab.admin("peers")
+        time.sleep(2)
+        fab.check_alive()
+        lines = up_log(fab)
+    finally:
+        fab.stop()
+    progress = [line for line in lines if line.startswith("fabric up: ")]
+    assert any("creating TUN" in line for line in progress), lines
+    assert any("starting 2 edges and 2 workers" in line for line in progress), lines
+    assert any("4/4 edges and workers running" in line for line in progress), lines
+    assert any(f"listening on UDP port {PORT}" in line for line in progress), lines
+    others = [line for line in lines if not line.startswith(BANNER)]
+    assert others == [], f"fabric up at default verbosity printed more than its banner: {others}"
+
+
+@pytest.mark.netns
+def test_up_passes_verbose_to_every_process(topo: Topology) -> None:
+    fab = FabricCluster(topo, address=ADDRESS, listen_port=PORT, edges=1, workers=1, mode="up")
+    fab.extra["up"] = ["-v"]
+    fab.start()
+    try:
+        fab.connect_client(1, "alice")
+        lines = up_log(fab)
+    finally:
+        fab.stop()
+    loggers = {line.split()[2] for line in lines if len(line.split()) > 3 and line.split()[1] == "info"}
+    assert {"fabric.broker", "fabric.edge", "fabric.worker"} <= loggers, lines
+    assert all(" debug " not in line for line in lines)  # -v is info, -vv debug
+    structured = [line for line in lines if not line.startswith(BANNER)]
+    assert all(line.split()[1] in ("info", "warning", "error") for line in structured), structured
