@@ -203,6 +203,13 @@ def test_up_with_the_udp_port_in_use(topo: Topology) -> None:
     line = up_fails(topo, topo.workdir / "state", keep_pids=(blocker.pid,))
     assert f"UDP port {PORT} is in use" in line and "--listen-port" in line
     assert blocker.poll() is None
+    # a single edge started by hand checks the same before joining the port late
+    state = topo.workdir / "state"
+    cp = topo.run(topo.server_ns, fabric_argv("edge", "--state-dir", str(state), "--id", "0",
+                                              "--listen-port", str(PORT), "--tun", topo.ifname("t")),
+                  check=False, timeout=60, env=fabric_env())
+    assert cp.returncode != 0 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+    assert f"UDP port {PORT} is in use" in cp.stderr and not state.exists()
     # with --no-reuseport edge 1 needs PORT+1 too
     line = up_fails(topo, topo.workdir / "state", "--listen-port", str(PORT - 1), "--no-reuseport",
                     keep_pids=(blocker.pid,))
