@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     kls = ksub.add_parser("list", help="authorized client keys")
     _state_dir(kls)
 
+    cf = sub.add_parser("config", help="check a TOML configuration file")
+    csub = cf.add_subparsers(dest="config_action", metavar="ACTION")
+    csub.required = True
+    cck = csub.add_parser("check", help="validate FILE; print a summary, or the problem and its fix (exit 1)")
+    cck.add_argument("file", metavar="FILE")
+    cck.add_argument("--json", action="store_true", help="machine-readable output")
+
     adm = sub.add_parser("admin", help="inspect a running fabric")
     asub = adm.add_subparsers(dest="what", metavar="WHAT")
     asub.required = True
@@ -221,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         mod.add_arguments(sub.add_parser(name, help=hlp))
+    # `fabric up -v` as well as `fabric -v up` (the counts add up)
+    for sp in sub.choices.values():
+        try:
+            sp.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
+                            help="more log output (-vv for debug)")
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
@@ -310,24 +324,45 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from fabric import admin, config
+
+    try:
+        cfg = config.load(args.file)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(admin.dump({"ok": False, "file": args.file, "error": str(exc)}))
+        return 1
+    if args.json:
+        print(admin.dump({"ok": True, "file": args.file, **config.summary(cfg)}))
+    else:
+        print(config.format_summary(args.file, cfg))
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from brokers import broker
-    from fabric import config
+    from fabric import config, preflight
     from fabric.paths import StateDir
 
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
+    preflight.for_broker(sd)
     return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
                       args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp,
                       metrics_addr=_metrics_for(args, cfg.server.metrics, "broker", 0, cfg.server.edges))
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
-    from fabric import config, edge
+    from fabric import config, edge, preflight
     from fabric.paths import StateDir
 
     cfg = config.load(args.config).server
     addresses = args.address or (cfg.addresses if args.config else None)
+    port = args.listen_port or cfg.listen_port
+    preflight.for_edge(args.listen, port if not args.no_reuseport else port + args.id,
+                       not args.no_reuseport, args.tun or cfg.tun)
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
                     args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
                     tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges))
@@ -359,10 +394,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0)
     logmod.setup(args.verbose)
     handlers = {
         "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,
-        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys,
+        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys, "config": cmd_config,
     }
     try:
         if args.command == "demo":
