@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import crypto, curve
+from fabric import crypto, curve, metrics
 from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
 from fabric.constants import (
     INITIATION_FLOOD_INTERVAL,
@@ -56,6 +56,7 @@ class Peer:
     keepalive: int = 0
     last_timestamp: bytes = bytes(12)
     last_initiation: float = 0.0
+    source: str = "runtime"  # "config": from the TOML file (re-read at every start); "runtime": `fabric peer add`
 
     def value(self) -> dict[str, Any]:
         return {
@@ -67,13 +68,15 @@ class Peer:
         }
 
     def to_state(self) -> dict[str, Any]:
-        return {**self.value(), "last_timestamp": self.last_timestamp, "last_initiation": self.last_initiation}
+        return {**self.value(), "last_timestamp": self.last_timestamp, "last_initiation": self.last_initiation,
+                "source": self.source}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Peer:
         return cls(
             d["name"], d["public"], list(d["allowed_ips"]), d.get("psk"), d.get("keepalive", 0),
             d.get("last_timestamp", bytes(12)), d.get("last_initiation", 0.0),
+            "config" if d.get("source") == "config" else "runtime",
         )
 
 
@@ -107,7 +110,11 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
         clean_sessions[k] = {"packets": v.get("packets", 0), "endpoint": ep[:64], "last_rx": float(last_rx)}
     out = {"role": r["role"], "id": r["id"], "pid": r["pid"], "counters": counters, "peers": peers,
            "sessions": clean_sessions}
-    for key in ("work", "result", "work_tcp", "result_tcp"):
+    gauges = r.get("gauges", {})
+    if not isinstance(gauges, dict) or not all(isinstance(k, str) and _small_int(v) for k, v in gauges.items()):
+        return None
+    out["gauges"] = gauges
+    for key in ("work", "result", "work_tcp", "result_tcp", "metrics"):
         if key in r:
             if not isinstance(r[key], str) or len(r[key]) > 200:
                 return None
@@ -180,14 +187,11 @@ class Broker:
         self.edges: dict[int, dict[str, Any]] = {}
         self.reports = Reports()
         self.counters: dict[str, int] = {}
+        self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
         self.private = self._load_server_key()
         self.public = crypto.public_key(self.private)
         self._load_state()
-        for pc in config_peers or []:
-            # the config file is authoritative for the names it gives
-            for other in [p for p in self.peers.values() if p.name == pc.name and p.public != pc.public_key]:
-                self._drop_peer(other)
-            self._put_peer(Peer(pc.name, pc.public_key, pc.allowed_ips, pc.preshared_key, pc.persistent_keepalive), persist=False)
+        self._merge_config_peers(config_peers or [])
         check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()])
         self._persist()
         self._publish(b"server", {
@@ -244,6 +248,39 @@ class Broker:
         for sid, s in self.sessions.items():
             self._publish(session_key(sid), s)
         log.info("resumed state", peers=len(self.peers), sessions=len(self.sessions))
+
+    def _merge_config_peers(self, config_peers: list[PeerConfig]) -> None:
+        """Persisted peers meet the config file's (docs/architecture.md, "Peers").
+
+        The file is authoritative for what it names: its peers replace persisted ones
+        with the same name or key, a runtime peer whose allowed IPs overlap one of
+        them is dropped (with a warning), and a peer that came from the file but is
+        no longer in it is forgotten. Runtime peers (`fabric peer add`) otherwise
+        survive restarts unchanged.
+        """
+        names = {pc.name for pc in config_peers}
+        keys = {pc.public_key for pc in config_peers}
+        nets = [(pc.name, ipaddress.ip_network(n)) for pc in config_peers for n in pc.allowed_ips]
+        for p in list(self.peers.values()):
+            if p.public in keys:
+                continue  # replaced below, keeping its handshake timestamp
+            if p.source == "config" and p.name not in names:
+                self._drop_peer(p)
+                log.info("peer no longer in the config file, removed", peer=p.name)
+            elif p.name in names:
+                self._drop_peer(p)
+                log.warning("peer replaced by the config file's peer of the same name", peer=p.name)
+            else:
+                clash = next((name for name, net in nets for mine in p.allowed_ips
+                              if net.version == ipaddress.ip_network(mine).version
+                              and net.overlaps(ipaddress.ip_network(mine))), None)
+                if clash is not None:
+                    self._drop_peer(p)
+                    log.warning("runtime peer removed: its allowed IPs overlap a peer of the config file; "
+                                "add it again with other addresses", peer=p.name, config_peer=clash)
+        for pc in config_peers:
+            self._put_peer(Peer(pc.name, pc.public_key, pc.allowed_ips, pc.preshared_key, pc.persistent_keepalive,
+                                source="config"), persist=False)
 
     @staticmethod
     def _sid_floor() -> int:
@@ -503,6 +540,7 @@ class Broker:
                 "tx_packets": t[3],
                 "persistent_keepalive": p.keepalive,
                 "sessions": len(mine),
+                "source": p.source,
             })
         return {"ok": True, "peers": rows}
 
@@ -564,6 +602,8 @@ class Broker:
         peer = next((p for p in self.peers.values() if p.name == name), None)
         if peer is None:
             raise ValueError(f"no peer named {name!r}; `fabric admin peers` lists them")
+        if peer.source == "config":
+            raise ValueError(f"peer {name!r} comes from the config file: delete its [[peer]] there and restart")
         self._drop_peer(peer)
         self._persist()
         log.info("peer removed", peer=name)
@@ -575,10 +615,13 @@ class Broker:
             procs.append({
                 "role": role, "id": rid, "pid": pid, "age": round(now - seen, 1),
                 "alive": now - seen < EDGE_GONE_AFTER, "counters": r.get("counters", {}),
+                "gauges": r.get("gauges", {}), "metrics": r.get("metrics"),
             })
         return {
             "ok": True, "broker": {"pid": os.getpid(), "seq": self.seq, "epoch": self.epoch,
-                                   "counters": self.counters},
+                                   "counters": self.counters, "metrics": self.metrics_addr,
+                                   "gauges": {"sessions": len(self.sessions), "peers": len(self.peers),
+                                              "queue_pending_handshakes": len(self.pending)}},
             "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
         }
 
@@ -597,7 +640,15 @@ class Broker:
             for k, v in r.get("counters", {}).items():
                 key = f"{r['role']}.{k}"
                 totals[key] = totals.get(key, 0) + int(v)
-        return {"ok": True, "counters": dict(sorted(totals.items()))}
+        # point-in-time figures: the broker's and the live processes' only
+        gauges = {"broker.sessions": len(self.sessions), "broker.peers": len(self.peers),
+                  "broker.queue_pending_handshakes": len(self.pending)}
+        for seen, r in self.reports.latest.values():
+            if now - seen < EDGE_GONE_AFTER:
+                for k, v in r.get("gauges", {}).items():
+                    key = f"{r['role']}.{k}"
+                    gauges[key] = gauges.get(key, 0) + int(v)
+        return {"ok": True, "counters": dict(sorted(totals.items())), "gauges": dict(sorted(gauges.items()))}
 
     # --- stats and edge registry -------------------------------------------
 
@@ -752,10 +803,14 @@ class Broker:
 
 
 def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: str | None,
-        config_peers: list[PeerConfig], tcp: str | None = None) -> int:
+        config_peers: list[PeerConfig], tcp: str | None = None, metrics_addr: str | None = None) -> int:
     state_dir.ensure()
     lock = state_dir.lock("broker")
+    exporter = metrics.start(metrics_addr, "broker", 0)
     broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers, tcp=tcp)
+    if exporter is not None:
+        broker.metrics_addr = exporter.address
+        exporter.source = lambda f: metrics.broker_metrics(f, broker, EDGE_GONE_AFTER)
     ctx = zmq.Context()
     try:
         broker.bind(ctx)

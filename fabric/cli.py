@@ -42,6 +42,9 @@ def _id(text: str) -> int:
     return v
 
 
+def _id_or_auto(text: str) -> int | None:
+    return None if text == "auto" else _id(text)
+
 
 def _cidrs(text: str) -> list[str]:
     from fabric.config import parse_interfaces
@@ -65,6 +68,31 @@ def _endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} must be HOST:PORT, e.g. vpn.example.org:51820")
     _port(port)
     return text
+
+
+def _metrics_address(text: str) -> str:
+    from fabric.metrics import format_address, parse_address
+
+    try:
+        return format_address(*parse_address(text))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--metrics: ")) from None
+
+
+def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
+    p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address, help=hlp)
+
+
+def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,
+                 edges: int) -> str | None:
+    """--metrics, else this process's place in the config's `metrics` layout (off without either)."""
+    from fabric.metrics import child_address
+
+    if args.metrics:
+        return str(args.metrics)
+    if base and ident is None:
+        raise ConfigError("--id auto has no place in the config's metrics layout: give --metrics HOST:PORT")
+    return child_address(base, role, ident, edges) if base and ident is not None else None
 
 
 def _state_dir(p: argparse.ArgumentParser) -> None:
@@ -111,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tun", help=f"TUN device name (default {DEFAULT_TUN})")
     up.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     up.add_argument("--no-reuseport", action="store_true", help="edge i binds port+i instead of sharing one port")
+    _metrics(up, "Prometheus endpoints from this base: broker PORT, edge i PORT+1+i, workers after the "
+                 "edges, `fabric up` itself last (default: [server] metrics, else off)")
 
     br = sub.add_parser("broker", help="run the session broker")
     _state_dir(br)
@@ -120,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     br.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also listen on tcp PORT..PORT+4 (pub, snapshot, commit, stats, admin); needs `fabric keys init`")
+    _metrics(br, "serve Prometheus metrics here, e.g. 127.0.0.1:9580 (default: [server] metrics, else off)")
 
     ed = sub.add_parser("edge", help="run one edge (UDP socket + TUN queue)")
     _state_dir(ed)
@@ -132,15 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
     ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also offer work on tcp PORT, PORT+1 for remote workers; needs `fabric keys init`")
+    _metrics(ed, "serve Prometheus metrics here (default: base+1+id from [server] metrics, else off)")
 
     wk = sub.add_parser("worker", help="run one crypto worker")
     _state_dir(wk)
-    wk.add_argument("--id", type=_id, required=True, help="worker number, unique on this host")
+    wk.add_argument("--id", type=_id_or_auto, required=True,
+                    help="worker number, unique on this host; 'auto' takes the first free one (replicas)")
     wk.add_argument("--config", help="TOML configuration file ([server] state_dir)")
     wk.add_argument("--broker", metavar="tcp://HOST:PORT",
                     help="a remote broker's --tcp address: serve its fabric from another host over CURVE")
     wk.add_argument("--key", metavar="FILE", help="this worker's CURVE key (.key_secret from `fabric keys client`)")
     wk.add_argument("--server-key", metavar="FILE", help="the fabric's CURVE public key (curve/server.key)")
+    _metrics(wk, "serve Prometheus metrics here (default: base+1+edges+id from [server] metrics, else off)")
 
     ks = sub.add_parser("keys", help="CURVE keys that protect the fabric's ZeroMQ sockets")
     ksub = ks.add_subparsers(dest="keys_action", metavar="ACTION")
@@ -162,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "0 healthy, 1 degraded (the summary says which process), "
                                      "2 the broker cannot be reached.")
     _client(stt)
+
+    cf = sub.add_parser("config", help="check a TOML configuration file")
+    csub = cf.add_subparsers(dest="config_action", metavar="ACTION")
+    csub.required = True
+    cck = csub.add_parser("check", help="validate FILE; print a summary, or the problem and its fix (exit 1)")
+    cck.add_argument("file", metavar="FILE")
+    cck.add_argument("--json", action="store_true", help="machine-readable output")
 
     adm = sub.add_parser("admin", help="inspect a running fabric")
     asub = adm.add_subparsers(dest="what", metavar="WHAT")
@@ -202,13 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_arguments(dm)
     import importlib
 
-    for name, hlp in (("soak", "wireguard-go clients under load while processes are killed"),
+    for name, hlp in (("cluster", "run or check compose.yaml as processes in network namespaces"),
+                      ("soak", "wireguard-go clients under load while processes are killed"),
                       ("bench", "measure fabric against wireguard-go and OpenVPN in one run")):
         try:
             mod = importlib.import_module(f"fabric.{name}")
         except ImportError:
             continue
         mod.add_arguments(sub.add_parser(name, help=hlp))
+    # `fabric up -v` as well as `fabric -v up` (the counts add up)
+    for sp in sub.choices.values():
+        try:
+            sp.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
+                            help="more log output (-vv for debug)")
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
@@ -356,26 +405,48 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from fabric import admin, config
+
+    try:
+        cfg = config.load(args.file)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(admin.dump({"ok": False, "file": args.file, "error": str(exc)}))
+        return 1
+    if args.json:
+        print(admin.dump({"ok": True, "file": args.file, **config.summary(cfg)}))
+    else:
+        print(config.format_summary(args.file, cfg))
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from brokers import broker
-    from fabric import config
+    from fabric import config, preflight
     from fabric.paths import StateDir
 
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
+    preflight.for_broker(sd)
     return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
-                      args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp)
+                      args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp,
+                      metrics_addr=_metrics_for(args, cfg.server.metrics, "broker", 0, cfg.server.edges))
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
-    from fabric import config, edge
+    from fabric import config, edge, preflight
     from fabric.paths import StateDir
 
     cfg = config.load(args.config).server
     addresses = args.address or (cfg.addresses if args.config else None)
+    port = args.listen_port or cfg.listen_port
+    preflight.for_edge(args.listen, port if not args.no_reuseport else port + args.id,
+                       not args.no_reuseport, args.tun or cfg.tun)
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
                     args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
-                    tcp=args.tcp)
+                    tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -391,7 +462,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         keys = curve.remote(args.key, args.server_key)
     if args.broker and not args.broker.startswith("tcp://"):
         raise ConfigError(f"--broker {args.broker!r}: give the broker's tcp address, tcp://HOST:PORT")
-    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, broker=args.broker, keys=keys)
+    return worker.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, broker=args.broker, keys=keys,
+                      metrics_addr=_metrics_for(args, cfg.metrics, "worker", args.id, cfg.edges))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -403,17 +475,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "sub_verbose", 0)
     logmod.setup(args.verbose)
     handlers = {
         "admin": cmd_admin, "peer": cmd_peer, "broker": cmd_broker, "edge": cmd_edge,
-        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys, "status": cmd_status,
+        "worker": cmd_worker, "up": cmd_up, "keys": cmd_keys, "config": cmd_config, "status": cmd_status,
     }
     try:
         if args.command == "demo":
             from fabric import demo
 
             return demo.run(args)
-        if args.command in ("soak", "bench"):
+        if args.command in ("soak", "bench", "cluster"):
             import importlib
 
             return int(importlib.import_module(f"fabric.{args.command}").run(args))

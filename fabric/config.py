@@ -9,6 +9,8 @@
     workers = 2                      # default: number of cores
     state_dir = "/var/lib/fabric"
     endpoint = "vpn.example.org:51820"   # written into client configs by `fabric peer add`
+    metrics = "127.0.0.1:9580"       # Prometheus endpoints: broker 9580, edges 9581.., workers after
+                                     # them, `fabric up` last (off when absent)
 
     [[peer]]
     name = "laptop"
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -55,12 +58,15 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     state_dir: str | None = None
     endpoint: str | None = None
+    metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/metrics.py)
 
 
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     peers: list[PeerConfig] = field(default_factory=list)
+    # things that work but are probably not meant (e.g. a peer network the TUN does not route)
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_port(value: Any, where: str) -> int:
@@ -111,22 +117,53 @@ def _key(value: Any, where: str) -> bytes:
         raise ConfigError(f"{where}: {exc}; generate one with `wg genkey | wg pubkey`") from None
 
 
-_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "state_dir", "endpoint"}
+_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "state_dir", "endpoint", "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
+
+
+def _unknown(where: str, key: str, known: set[str]) -> ConfigError:
+    """An unknown key, with the nearest known one when it looks like a typo."""
+    guess = difflib.get_close_matches(key.lower().replace("-", "_"), sorted(known), n=1, cutoff=0.6)
+    if guess:
+        return ConfigError(f"{where}: unknown key; did you mean {guess[0]!r}?")
+    return ConfigError(f"{where}: unknown key; known keys are {', '.join(sorted(known))}")
+
+
+def parse_endpoint(value: Any, where: str) -> str:
+    """HOST:PORT (an IPv6 host in brackets), as written into client configs."""
+    text = str(value) if isinstance(value, str) else ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {value!r} must be HOST:PORT, e.g. \"vpn.example.org:51820\"")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"{where}: {value!r}: put an IPv6 address in brackets, e.g. \"[2001:db8::1]:51820\"")
+    return text
+
+
+def parse_peer_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: every peer needs a name, e.g. name = \"laptop\"")
+    if len(value) > 64 or not value.isprintable():
+        raise ConfigError(f"{where}: {value[:70]!r} must be 1 to 64 printable characters")
+    return value
 
 
 def parse(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document."""
     unknown = set(data) - {"server", "peer"}
     if unknown:
-        raise ConfigError(f"unknown section {sorted(unknown)[0]!r}; the sections are [server] and [[peer]]")
+        name = sorted(unknown)[0]
+        guess = difflib.get_close_matches(name.lower(), ["server", "peer"], n=1, cutoff=0.6)
+        hint = f"did you mean [{guess[0]}]?" if guess == ["server"] else (
+            "did you mean [[peer]]?" if guess else "the sections are [server] and [[peer]]")
+        raise ConfigError(f"unknown section {name!r}; {hint}")
     cfg = Config()
     srv = data.get("server", {})
     if not isinstance(srv, dict):
         raise ConfigError("server: must be a table ([server])")
     for key in srv:
         if key not in _SERVER_KEYS:
-            raise ConfigError(f"server.{key}: unknown key; known keys are {', '.join(sorted(_SERVER_KEYS))}")
+            raise _unknown(f"server.{key}", key, _SERVER_KEYS)
     s = cfg.server
     if "listen_port" in srv:
         s.listen_port = parse_port(srv["listen_port"], "server.listen_port")
@@ -134,17 +171,28 @@ def parse(data: dict[str, Any]) -> Config:
         s.addresses = parse_interfaces(srv["address"], "server.address")
     if "tun" in srv:
         tun = srv["tun"]
-        if not isinstance(tun, str) or not 1 <= len(tun) <= 15:
-            raise ConfigError(f"server.tun: {tun!r} must be an interface name of 1 to 15 characters")
+        if not isinstance(tun, str) or not 1 <= len(tun.encode()) <= 15 or tun in (".", "..") or any(
+                c in tun for c in "/: \t\n\0"):
+            raise ConfigError(f"server.tun: {tun!r} must be an interface name of 1 to 15 characters "
+                              "without '/', ':' or spaces, e.g. \"fabric0\"")
         s.tun = tun
     if "edges" in srv:
         s.edges = _int(srv["edges"], "server.edges", 1, 256)
     if "workers" in srv:
         s.workers = _int(srv["workers"], "server.workers", 1, 256)
     if "state_dir" in srv:
-        s.state_dir = str(srv["state_dir"])
+        sd = srv["state_dir"]
+        if not isinstance(sd, str) or not sd.strip() or "\0" in sd:
+            raise ConfigError(f"server.state_dir: {sd!r} must be a directory path, e.g. \"/var/lib/fabric\"")
+        s.state_dir = sd
     if "endpoint" in srv:
-        s.endpoint = str(srv["endpoint"])
+        s.endpoint = parse_endpoint(srv["endpoint"], "server.endpoint")
+    if "metrics" in srv:
+        from fabric.metrics import format_address, parse_address
+
+        if not isinstance(srv["metrics"], str):
+            raise ConfigError(f"server.metrics: {srv['metrics']!r} must be a string \"HOST:PORT\", e.g. \"127.0.0.1:9580\"")
+        s.metrics = format_address(*parse_address(srv["metrics"], "server.metrics"))
     peers = data.get("peer", [])
     if not isinstance(peers, list):
         raise ConfigError("peer: peers are an array of tables; write [[peer]] for each")
@@ -156,10 +204,8 @@ def parse(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{where}: must be a table")
         for key in p:
             if key not in _PEER_KEYS:
-                raise ConfigError(f"{where}.{key}: unknown key; known keys are {', '.join(sorted(_PEER_KEYS))}")
-        name = p.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{where}.name: every peer needs a name")
+                raise _unknown(f"{where}.{key}", key, _PEER_KEYS)
+        name = parse_peer_name(p.get("name"), f"{where}.name")
         if name in names:
             raise ConfigError(f"{where}.name: {name!r} is used twice; peer names must be unique")
         names.add(name)
@@ -167,7 +213,8 @@ def parse(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{where}.public_key: missing; put the client's `wg pubkey` here")
         pub = _key(p["public_key"], f"{where}.public_key")
         if pub in keys:
-            raise ConfigError(f"{where}.public_key: the same key is given to two peers")
+            other = next(q.name for q in cfg.peers if q.public_key == pub)
+            raise ConfigError(f"{where}.public_key: peer {other!r} has this key already; each client needs its own key pair")
         keys.add(pub)
         ips = p.get("allowed_ips", [])
         if isinstance(ips, str):
@@ -178,18 +225,51 @@ def parse(data: dict[str, Any]) -> Config:
         psk = _key(p["preshared_key"], f"{where}.preshared_key") if "preshared_key" in p else None
         ka = _int(p.get("persistent_keepalive", 0), f"{where}.persistent_keepalive", 0, 65535)
         cfg.peers.append(PeerConfig(name, pub, nets, psk, ka))
+        cfg.warnings += _check_against_server(where, nets, s)
     check_overlaps([(p.name, p.allowed_ips) for p in cfg.peers])
     return cfg
 
 
+def _check_against_server(where: str, nets: list[str], s: ServerConfig) -> list[str]:
+    """A peer network may not hold the server's own address; one outside the tunnel
+    networks works only with a route of its own (a warning)."""
+    ifaces = [ipaddress.ip_interface(a) for a in s.addresses]
+    warnings = []
+    for n in nets:
+        net = ipaddress.ip_network(n)
+        for iface in ifaces:
+            if iface.version == net.version and iface.ip in net:
+                raise ConfigError(
+                    f"{where}.allowed_ips: {n} contains the server's own address {iface.ip}; "
+                    f"give the peer its own address, e.g. {_example_host(iface)}")
+        if not any(iface.version == net.version and net.subnet_of(iface.network) for iface in ifaces):  # type: ignore[arg-type]
+            warnings.append(
+                f"{where}.allowed_ips: {n} is outside the server's tunnel network(s) "
+                f"{', '.join(str(i.network) for i in ifaces)}; traffic to it reaches the fabric "
+                f"only with a route (ip route add {n} dev {s.tun})")
+    return warnings
+
+
+def _example_host(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> str:
+    for host in iface.network.hosts():
+        if host != iface.ip:
+            return f"{host}/{iface.max_prefixlen}"
+    return str(iface)
+
+
 def check_overlaps(peers: list[tuple[str, list[str]]]) -> None:
-    """Allowed IPs must not be claimed by two peers (routing would be ambiguous)."""
-    seen: dict[str, str] = {}
+    """Allowed IPs of two peers must not overlap (which peer gets a packet would be ambiguous)."""
+    seen: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, str]] = []
     for name, nets in peers:
         for n in nets:
-            if n in seen and seen[n] != name:
-                raise ConfigError(f"allowed IP {n} is given to both {seen[n]!r} and {name!r}; give each peer its own")
-            seen[n] = name
+            net = ipaddress.ip_network(n)
+            for other, text, owner in seen:
+                if owner != name and other.version == net.version and net.overlaps(other):
+                    same = "is" if other == net else f"overlaps {text}, which is"
+                    raise ConfigError(
+                        f"allowed IP {n} of peer {name!r} {same} given to peer {owner!r}; "
+                        "give each peer its own addresses")
+            seen.append((net, n, name))
 
 
 def load(path: str | None) -> Config:
@@ -210,3 +290,40 @@ def load(path: str | None) -> Config:
         return parse(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def summary(cfg: Config) -> dict[str, Any]:
+    """What `fabric config check` reports about a valid file (JSON-ready)."""
+    s = cfg.server
+    return {
+        "listen_port": s.listen_port,
+        "addresses": s.addresses,
+        "tun": s.tun,
+        "edges": s.edges,
+        "workers": s.workers,
+        "state_dir": s.state_dir,
+        "endpoint": s.endpoint,
+        "peers": [{"name": p.name, "allowed_ips": p.allowed_ips, "preshared_key": p.preshared_key is not None,
+                   "persistent_keepalive": p.persistent_keepalive} for p in cfg.peers],
+        "warnings": cfg.warnings,
+    }
+
+
+def format_summary(path: str, cfg: Config) -> str:
+    s = cfg.server
+    lines = [
+        f"{path}: ok",
+        f"  listen port  {s.listen_port}/udp",
+        f"  addresses    {', '.join(s.addresses)} on {s.tun}",
+        f"  processes    {s.edges} edges, {s.workers} workers",
+        f"  state dir    {s.state_dir or '(default: $FABRIC_STATE_DIR or /var/lib/fabric)'}",
+    ]
+    if s.endpoint:
+        lines.append(f"  endpoint     {s.endpoint}")
+    lines.append(f"  peers        {len(cfg.peers)}" + (":" if cfg.peers else " (add them with `fabric peer add`)"))
+    for p in cfg.peers:
+        extra = (" +psk" if p.preshared_key else "") + (
+            f" keepalive {p.persistent_keepalive}s" if p.persistent_keepalive else "")
+        lines.append(f"    {p.name:<16} {', '.join(p.allowed_ips) or '(no allowed IPs)'}{extra}")
+    lines += [f"warning: {w}" for w in cfg.warnings]
+    return "\n".join(lines)

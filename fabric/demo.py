@@ -47,7 +47,8 @@ class _Progress:
         self.t0 = time.monotonic()
 
     def __call__(self, msg: str) -> None:
-        print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", flush=True)
+        # progress of the long setup steps goes to stderr; results stay on stdout
+        print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import curve, frames, ippacket, tun
+from fabric import curve, frames, ippacket, metrics, tun
 from fabric.clone import CloneClient
 from fabric.constants import (
     COOKIE_REPLY_SIZE,
@@ -207,6 +207,7 @@ class Edge:
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[bytes, Any] = {}
+        self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
         self.curve = curve.local(sd)
         if tcp and self.curve is None:
             raise RuntimeError(f"tcp endpoints need CURVE: run `fabric keys init --state-dir {sd.root}` first")
@@ -731,7 +732,8 @@ class Edge:
             "role": "edge", "id": self.id, "pid": os.getpid(),
             "work": self.sd.edge_work(self.id), "result": self.sd.edge_result(self.id),
             **({"work_tcp": self.tcp[0], "result_tcp": self.tcp[1]} if self.tcp else {}),
-            "port": self.port, "counters": dict(self.counters),
+            "port": self.port, "counters": dict(self.counters), "gauges": metrics.edge_gauges(self),
+            **({"metrics": self.metrics_addr} if self.metrics_addr else {}),
             "peers": {p.public: p.stats for p in self.peers.values()},
             "sessions": sessions,
         }
@@ -796,13 +798,17 @@ class Edge:
 
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
-        reuseport: bool, tcp: str | None = None) -> int:
+        reuseport: bool, tcp: str | None = None, metrics_addr: str | None = None) -> int:
     # The broker may start later: ZeroMQ connects whenever it appears, and until
     # then the edge has no sessions and counts what it drops.
     sd.ensure()
     lock = sd.lock(f"edge-{eid}")
+    exporter = metrics.start(metrics_addr, "edge", eid)  # a taken port fails before the TUN is touched
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
                 tcp=tcp)
+    if exporter is not None:
+        edge.metrics_addr = exporter.address
+        exporter.source = lambda f: metrics.edge_metrics(f, edge)
     stop = stop_on_signals()
     log.info("edge running", edge=eid, port=edge.port, tun=tun_name)
     try:

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fabric import config, curve, tun
+from fabric import config, curve, metrics, preflight, tun
 from fabric.admin import AdminError, request
 from fabric.crypto import key_to_base64, public_key
 from fabric.log import Log
@@ -41,17 +41,17 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _preflight() -> None:
-    if os.geteuid() != 0:
-        raise RuntimeError("fabric up needs root (or CAP_NET_ADMIN) to create the TUN device: run it with sudo")
-    if not os.path.exists("/dev/net/tun"):
-        raise RuntimeError("/dev/net/tun is missing: load the tun module (modprobe tun) or pass --device /dev/net/tun to docker")
+def progress(msg: str) -> None:
+    """A progress line of a long setup step (stderr, shown at every verbosity)."""
+    print(f"fabric up: {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     s = cfg.server
-    sd = StateDir.at(args.state_dir or s.state_dir).ensure()
+    for w in cfg.warnings:
+        log.warning(w)
+    sd = StateDir.at(args.state_dir or s.state_dir)
     port = args.listen_port or s.listen_port
     addresses = args.address or s.addresses
     address = ",".join(addresses)
@@ -59,35 +59,52 @@ def run(args: argparse.Namespace) -> int:
     edges = args.edges or s.edges
     workers = args.workers or s.workers
     endpoint = args.endpoint or s.endpoint
-    _preflight()
+    mbase = getattr(args, "metrics", None) or s.metrics
+    ports = metrics.layout(mbase, edges, workers) if mbase else {}
+    # before anything is created or started: one line naming the cause and the fix
+    preflight.for_up(sd, args.listen, port, edges, not args.no_reuseport, tun_name)
+    metrics.check_free(ports.values())
+    mflag = {name: ["--metrics", addr] for name, addr in ports.items()}
+    sd.ensure()
+    up_lock = sd.lock("up")
+    os.ftruncate(up_lock, 0)
+    os.write(up_lock, f"{os.getpid()}\n".encode())
     base = [sys.executable, "-m", "fabric"] + (["-" + "v" * args.verbose] if args.verbose else [])
     sdir = ["--state-dir", str(sd.root)]
     broker = Child("broker", base + ["broker", *sdir, "--address", address, "--listen-port", str(port)]
-                   + (["--endpoint", endpoint] if endpoint else []) + (["--config", args.config] if args.config else []))
+                   + (["--endpoint", endpoint] if endpoint else []) + (["--config", args.config] if args.config else [])
+                   + mflag.get("broker", []))
     children = [broker]
     for i in range(edges):
         children.append(Child(f"edge-{i}", base + ["edge", *sdir, "--id", str(i), "--listen", args.listen,
                                                    "--listen-port", str(port), "--tun", tun_name]
-                              + (["--no-reuseport"] if args.no_reuseport else [])))
+                              + (["--no-reuseport"] if args.no_reuseport else []) + mflag.get(f"edge-{i}", [])))
     for j in range(workers):
-        children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)]))
+        children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)] + mflag.get(f"worker-{j}", [])))
 
     stop = stop_on_signals()
-    tun.create(tun_name, addresses)
-    print(f"fabric up: creating TUN {tun_name} ({address}), starting broker...", file=sys.stderr, flush=True)
+    exporter = metrics.start(ports.get("up"), "up", 0)
+    if exporter is not None:
+        exporter.source = lambda f: metrics.supervisor_metrics(f, children)
     try:
+        progress(f"creating TUN {tun_name} ({address})...")
+        tun.create(tun_name, addresses)
+        progress("starting broker...")
         broker.start()
         _wait_broker(sd, broker, stop)
-        print(f"fabric up: starting {edges} edges and {workers} workers...", file=sys.stderr, flush=True)
+        progress(f"starting {edges} edges and {workers} workers...")
         for c in children[1:]:
             c.start()
+        _wait_children(sd, edges, workers, stop)
         server = request(sd.admin, {"op": "server"}, curve=_admin_curve(sd))
         key = server["public_key"]
         print(
             f"fabric up: listening on UDP port {port}, tunnel {address} on {tun_name}\n"
             f"  public key {key}\n"
             f"  add a client: fabric peer add NAME --state-dir {sd.root}\n"
-            f"  sessions:     fabric admin sessions --state-dir {sd.root}",
+            f"  sessions:     fabric admin sessions --state-dir {sd.root}"
+            + (f"\n  metrics:      http://{ports['broker']}/metrics (broker) ... http://{ports['up']}/metrics"
+               " (this supervisor); `fabric admin status` lists each" if ports else ""),
             file=sys.stderr, flush=True,
         )
         _supervise(children, stop)
@@ -101,8 +118,36 @@ def run(args: argparse.Namespace) -> int:
             os.unlink(sd.session_table)
         except OSError:
             pass
-        print("fabric up: stopped", file=sys.stderr, flush=True)
+        if exporter is not None:
+            exporter.close()
+        os.close(up_lock)
+        progress("stopped")
     return 0
+
+
+def _wait_children(sd: StateDir, edges: int, workers: int, stop: list[bool], timeout: float = 15.0) -> None:
+    """Progress until every edge and worker reported to the broker (never fails: the
+    supervisor restarts what died, and `fabric status` shows what is missing)."""
+    want = edges + workers
+    t0 = time.time()
+    shown = -1
+    while not stop[0]:
+        try:
+            st = request(sd.admin, {"op": "status"}, timeout=1.0, curve=_admin_curve(sd))
+            up = len({(p["role"], p["id"]) for p in st.get("processes", [])
+                      if p.get("alive") and p.get("role") in ("edge", "worker")})
+        except (AdminError, KeyError, TypeError):
+            up = 0
+        if up != shown and up < want:
+            progress(f"{up}/{want} edges and workers running...")
+            shown = up
+        if up >= want:
+            progress(f"{want}/{want} edges and workers running ({time.time() - t0:.1f} s)")
+            return
+        if time.time() - t0 > timeout:
+            progress(f"{up}/{want} edges and workers after {timeout:g} s; going on (see `fabric admin status`)")
+            return
+        time.sleep(0.2)
 
 
 def _admin_curve(sd: StateDir) -> dict[int, object] | None:

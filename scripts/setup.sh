@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what fabric's demo and tests need, on Debian 12, as root. Idempotent.
-#   - apt packages: wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn (bench anchor) python3-venv zbar-tools (decodes the QR code in a test)
+#   - apt packages: wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn (bench anchor) python3-venv
+#     docker-compose (validates compose.yaml; Docker itself is not needed)
+#     zbar-tools (decodes the QR code `fabric peer add --qr` prints, in a test)
 #   - .venv in the repository root with fabric installed editable, plus test tools
 set -euo pipefail
 
@@ -12,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates zbar-tools)
+PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates docker-compose zbar-tools)
 
 missing=()
 for p in "${PKGS[@]}"; do

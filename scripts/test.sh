@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then run the whole suite: pytest (unit, vectors,
-# fuzz, network-namespace end-to-end), ruff and mypy. Exits non-zero if any fails.
+# fuzz, network-namespace end-to-end), ruff, mypy and docker-compose's check of compose.yaml. Exits non-zero if any fails.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k e2e -x
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,6 +14,8 @@ echo "== ruff check ."
 .venv/bin/ruff check . || failed+=(ruff)
 echo "== mypy fabric brokers workers"
 .venv/bin/mypy fabric brokers workers || failed+=(mypy)
+echo "== docker-compose -f compose.yaml config -q"
+docker-compose -f compose.yaml config -q || failed+=(docker-compose)
 
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "FAILED: ${failed[*]}" >&2

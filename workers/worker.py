@@ -34,7 +34,7 @@ import zmq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fabric import curve, frames, ippacket
+from fabric import curve, frames, ippacket, metrics
 from fabric.clone import CloneClient
 from fabric.constants import (
     MSG_INITIATION,
@@ -111,6 +111,8 @@ class Worker:
         self.results: dict[int, zmq.Socket] = {}
         self.counters: dict[str, int] = {}
         self.session_packets: dict[int, int] = {}
+        self.frame_stats = metrics.FrameStats()  # time and packets per frame handled
+        self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
         self.pull = curve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -440,7 +442,9 @@ class Worker:
 
     def report(self) -> None:
         rep = {
-            "role": "worker", "id": self.id, "pid": os.getpid(), "counters": self.counters,
+            "role": "worker", "id": self.id, "pid": os.getpid(),
+            "counters": {**self.counters, **self.frame_stats.counters()}, "gauges": metrics.worker_gauges(self),
+            **({"metrics": self.metrics_addr} if self.metrics_addr else {}),
             "sessions": {sid: {"packets": n} for sid, n in self.session_packets.items()},
         }
         try:
@@ -464,17 +468,28 @@ class Worker:
                         parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.handle([p.buffer for p in parts], now)
+                    bufs = [p.buffer for p in parts]
+                    t0 = time.perf_counter()
+                    self.handle(bufs, now)
+                    self.frame_stats.observe(bufs[0], time.perf_counter() - t0)
             if now >= next_tick:
                 self.clone.tick(now)
                 self.report()
                 next_tick = now + 1.0
 
 
-def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | None = None) -> int:
+def run(sd: StateDir, wid: int | None, broker: str | None = None, keys: curve.Curve | None = None,
+        metrics_addr: str | None = None) -> int:
     sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
-    lock = sd.lock(f"worker-{wid}")
+    if wid is None:  # --id auto (compose replicas run one command): the first free id
+        wid, lock = _free_id(sd)
+    else:
+        lock = sd.lock(f"worker-{wid}")
+    exporter = metrics.start(metrics_addr, "worker", wid)
     worker = Worker(sd, wid, broker=broker, keys=keys)
+    if exporter is not None:
+        worker.metrics_addr = exporter.address
+        exporter.source = lambda f: metrics.worker_metrics(f, worker)
     stop = stop_on_signals()
     log.info("worker running", worker=wid)
     try:
@@ -483,3 +498,13 @@ def run(sd: StateDir, wid: int, broker: str | None = None, keys: curve.Curve | N
         worker.ctx.destroy(0)
         os.close(lock)
     return 0
+
+
+def _free_id(sd: StateDir) -> tuple[int, int]:
+    """The lowest worker id no running worker of this state dir holds, and its lock."""
+    for wid in range(256):
+        try:
+            return wid, sd.lock(f"worker-{wid}")
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"all 256 worker ids of {sd.root} are taken; stop some workers first")

@@ -1,0 +1,341 @@
+"""compose.yaml: the parser and its errors, docker-compose's own check, and the
+same topology run as processes in network namespaces (``fabric cluster up``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fabric import cluster
+from fabric.cluster import ComposeError, load, parse
+from fabric.testnet import fabric_argv, fabric_env, new_prefix
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "compose.yaml"
+TEXT = COMPOSE.read_text()
+
+
+def broken(old: str, new: str, text: str = TEXT) -> str:
+    assert old in text, f"the test's anchor {old!r} is gone from compose.yaml"
+    return text.replace(old, new, 1)
+
+
+def error_of(text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ComposeError) as exc:
+        parse(text, Path("compose.yaml"), env)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --------------------------------------------------------------------------- the good file
+
+
+def test_repo_file_topology() -> None:
+    p = load(COMPOSE)
+    assert {s.role for s in p.services.values()} == {"broker", "edge", "worker", "other"}
+    # edges share one namespace (edge0's); workers are expanded; every other service has its own
+    groups = p.groups()
+    assert groups["edge0"] == ["edge0", "edge1"]
+    assert groups["worker-1"] == ["worker-1"] and groups["worker-2"] == ["worker-2"]
+    assert set(groups) == {"broker", "edge0", "worker-1", "worker-2", "peer-add", "client"}
+    order = p.order
+    assert order.index("broker") < order.index("edge0") < order.index("edge1")
+    assert order.index("peer-add") < order.index("client")
+    assert p.services["client"].depends_on["peer-add"] == "service_completed_successfully"
+    # one state dir on one named volume for every fabric process
+    fabric_services = [s for s in p.services.values() if s.role != "other"]
+    assert {(s.mount_of(s.state_dir()).source, s.state_dir()) for s in fabric_services} == {  # type: ignore[union-attr]
+        ("state", "/var/lib/fabric")}
+    # addresses only from 198.18.0.0/15
+    for net in p.networks.values():
+        assert net.subnet.subnet_of(cluster.ALLOWED_NET)
+    assert "6 services, 7 processes in 6 network namespaces" in p.summary()
+
+
+def test_interpolation_like_compose() -> None:
+    env = {"A": "x", "EMPTY": ""}
+    assert cluster.interpolate("$$HOME ${A} $A ${B:-d} ${EMPTY:-e} ${EMPTY-f}", env, "w") == "$HOME x x d e "
+    # the client's script reaches the shell with single dollars
+    p = load(COMPOSE)
+    script = p.services["client"].command[-1]
+    assert '"$CLIENT_CONF"' in script and "$$" not in script
+
+
+def test_required_variable() -> None:
+    msg = error_of(broken("fabric worker --id auto", "fabric worker --id ${WID:?set WID}"), env={})
+    assert msg == "compose.yaml: services.worker.command: variable WID is required: set WID"
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+def test_broken_yaml() -> None:
+    msg = error_of(broken("  broker:\n", "  broker:\n   bad: [\n"))
+    assert re.fullmatch(r"compose\.yaml: not valid YAML at line \d+, column \d+: .+; fix the indentation or quoting there", msg), msg
+
+
+def test_no_services() -> None:
+    assert error_of("volumes: {}\n") == (
+        "compose.yaml: no services: mapping; a compose file lists its containers under services:")
+
+
+def test_missing_broker_service() -> None:
+    text = broken("command: fabric broker", "command: fabric admin peers")
+    assert error_of(text) == ("compose.yaml: missing service: none runs `fabric broker`; add one with "
+                              "command: fabric broker --address 198.19.100.1/24")
+
+
+def test_unknown_network_mode_target() -> None:
+    msg = error_of(broken('network_mode: "service:edge0"', 'network_mode: "service:edge9"'))
+    assert msg.startswith("compose.yaml: services.edge1.network_mode: service 'edge9' is not defined; use one of: broker, edge0")
+
+
+def test_missing_command() -> None:
+    msg = error_of(broken("    command: fabric worker --id auto\n", ""))
+    assert msg == ("compose.yaml: services.worker: missing command; give the process to run, "
+                   "e.g. command: fabric worker --id auto")
+
+
+def test_unknown_dependency() -> None:
+    msg = error_of(broken("      peer-add:\n        condition: service_completed_successfully",
+                          "      peer-adder:\n        condition: service_completed_successfully"))
+    assert msg.startswith("compose.yaml: services.client.depends_on: service 'peer-adder' is not defined")
+
+
+def test_unknown_condition() -> None:
+    msg = error_of(broken("condition: service_completed_successfully", "condition: done"))
+    assert msg.startswith("compose.yaml: services.client.depends_on.peer-add.condition: 'done' is unknown")
+
+
+def test_edges_must_share_ipc() -> None:
+    msg = error_of(broken('    ipc: "service:edge0"\n', ""))
+    assert msg == ('compose.yaml: services.edge1.ipc: edges share the session table in /dev/shm; '
+                   'set ipc: "service:edge0"')
+
+
+def test_edges_must_share_netns() -> None:
+    text = broken('    network_mode: "service:edge0"\n', "    networks: [underlay]\n")
+    msg = error_of(text)
+    assert msg == ('compose.yaml: services.edge1.network_mode: the edges share one UDP port and TUN, '
+                   'so one network namespace; set network_mode: "service:edge0"')
+
+
+def test_subnet_outside_benchmark_range() -> None:
+    msg = error_of(broken("subnet: 198.18.10.0/24", "subnet: 10.9.0.0/24"))
+    assert msg == ("compose.yaml: networks.underlay.ipam.config[0].subnet: 10.9.0.0/24 is outside "
+                   "198.18.0.0/15; use a subnet inside it, e.g. 198.18.10.0/24")
+
+
+def test_address_outside_subnet() -> None:
+    msg = error_of(broken("ipv4_address: 198.18.10.3", "ipv4_address: 198.18.11.3"))
+    assert msg.startswith("compose.yaml: services.client.networks.underlay.ipv4_address: 198.18.11.3 is not a host address")
+
+
+def test_state_dir_not_on_volume() -> None:
+    text = broken("    command: fabric worker --id auto\n",
+                  "    command: fabric worker --id auto --state-dir /srv/fabric\n")
+    assert error_of(text) == (
+        "compose.yaml: services.worker.volumes: the state directory /srv/fabric is not on a named volume; "
+        "add `- state:/srv/fabric` (broker, edges and workers share ipc sockets there)")
+
+
+def test_replicas_need_auto_ids() -> None:
+    msg = error_of(broken("fabric worker --id auto", "fabric worker --id 0"))
+    assert msg == "compose.yaml: services.worker.command: 2 replicas need distinct worker ids; use --id auto"
+
+
+def test_edge_needs_tun_device() -> None:
+    text = broken("x-edge: &edge\n  <<: *fabric\n  cap_add: [NET_ADMIN]\n  devices: [/dev/net/tun]\n",
+                  "x-edge: &edge\n  <<: *fabric\n  cap_add: [NET_ADMIN]\n")
+    assert error_of(text) == ("compose.yaml: services.edge0.devices: edge0 opens /dev/net/tun; "
+                              "add devices: [/dev/net/tun]")
+
+
+def test_undeclared_volume() -> None:
+    msg = error_of(broken("      - client:/client:ro", "      - clients:/client:ro"))
+    assert msg == ("compose.yaml: services.client.volumes[0]: volume 'clients' is not declared; "
+                   "add it under the top-level volumes:")
+
+
+def test_dependency_cycle() -> None:
+    text = broken("    network_mode: none\n    healthcheck:",
+                  "    network_mode: none\n    depends_on: [client]\n    healthcheck:")
+    msg = error_of(text)
+    assert msg.startswith("compose.yaml: services.") and "a cycle (" in msg and "remove one of these dependencies" in msg
+
+
+def test_default_network_refused() -> None:
+    text = broken("    command: fabric worker --id auto\n    network_mode: none\n",
+                  "    command: fabric worker --id auto\n")
+    msg = error_of(text)
+    assert msg.startswith("compose.yaml: services.worker: joins Docker's default network")
+
+
+def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
+    # replicas run one command, `fabric worker --id auto`: each must get its own id
+    from fabric.paths import StateDir
+    from workers.worker import _free_id
+
+    sd = StateDir.at(tmp_path / "state").ensure()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fabric.paths import StateDir; "
+         "sd = StateDir.at(sys.argv[1]); sd.lock('worker-0'); sd.lock('worker-1'); print('held', flush=True); "
+         "time.sleep(60)", str(sd.root)], stdout=subprocess.PIPE, text=True, env=fabric_env())
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        wid, fd = _free_id(sd)
+        os.close(fd)
+        assert wid == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    wid, fd = _free_id(sd)
+    os.close(fd)
+    assert wid == 0
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(fabric_argv(*args), capture_output=True, text=True, env=fabric_env(),
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_cli_check_good_file() -> None:
+    cp = _cli("cluster", "check", str(COMPOSE))
+    assert cp.returncode == 0, cp.stderr
+    assert "compose.yaml: ok: 6 services" in cp.stdout
+
+
+def test_cli_check_broken_file(tmp_path: Path) -> None:
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(broken('network_mode: "service:edge0"', 'network_mode: "service:nope"'))
+    cp = _cli("cluster", "check", str(bad))
+    assert cp.returncode == 1
+    assert cp.stderr.strip().startswith(
+        "fabric: error: compose.yaml: services.edge1.network_mode: service 'nope' is not defined")
+    assert len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr
+
+
+def test_cli_missing_file(tmp_path: Path) -> None:
+    cp = _cli("cluster", "up", str(tmp_path / "nope.yaml"))
+    assert cp.returncode == 1
+    assert cp.stderr.strip() == (f"fabric: error: {tmp_path / 'nope.yaml'}: no such file; "
+                                 "give the path of compose.yaml (the repository has one)")
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="docker-compose not installed (apt-get install docker-compose; scripts/setup.sh does it)")
+def test_docker_compose_accepts_file() -> None:
+    cp = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                        timeout=60, cwd=ROOT)
+    assert cp.returncode == 0, cp.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="docker-compose not installed (apt-get install docker-compose; scripts/setup.sh does it)")
+def test_docker_compose_rejects_broken_file(tmp_path: Path) -> None:
+    # the CI step can fail: docker-compose does check what we give it
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(broken('network_mode: "service:edge0"', 'network_mode: "service:nope"'))
+    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    cp = subprocess.run(["docker-compose", "-f", str(bad), "config", "-q"], capture_output=True, text=True,
+                        timeout=60, cwd=tmp_path)
+    assert cp.returncode != 0
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _leftovers(prefix: str) -> list[str]:
+    left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+            if ns.startswith(prefix)]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if prefix in cmd:
+            left.append(f"pid {pid}: {cmd[:120]}")
+    left += [str(p) for p in Path("/tmp").glob(f"{prefix}-*")]
+    return left
+
+
+@pytest.mark.netns
+def test_cluster_up_check_pings_through_wireguard_go() -> None:
+    prefix = new_prefix()
+    cp = _cli("cluster", "up", str(COMPOSE), "--check", "--prefix", prefix, timeout=240)
+    out = cp.stdout
+    assert cp.returncode == 0, f"{out}\n{cp.stderr}"
+    for step in ("creating 6 network namespaces", "creating network underlay 198.18.10.0/24",
+                 "starting broker", "waiting for broker to be healthy", "starting edge0", "starting edge1",
+                 "starting worker (2 x fabric worker --id auto)", "waiting for peer-add to complete",
+                 "starting client", "tearing down", "stopped"):
+        assert step in out, f"missing progress line {step!r}:\n{out}"
+    m = re.search(r"client -> 198\.19\.100\.1: (\d+)/(\d+) replies", out)
+    assert m and int(m.group(1)) == int(m.group(2)) > 0, out
+    # the fabric saw the demo peer's session, through the edges and both workers
+    assert re.search(r"^\d+\s+demo\s+198\.18\.10\.3:\d+", out, re.M), out
+    assert len(re.findall(r"^worker\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
+    assert len(re.findall(r"^edge\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
+    assert _leftovers(prefix) == []
+
+
+@pytest.mark.netns
+def test_cluster_up_failure_leaves_nothing(tmp_path: Path) -> None:
+    prefix = new_prefix()
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(broken("--endpoint 198.18.10.2:51820 -o", "--endpoint nowhere -o"))
+    cp = _cli("cluster", "up", str(bad), "--check", "--prefix", prefix, timeout=240)
+    assert cp.returncode == 1, cp.stdout
+    errors = [ln for ln in cp.stderr.splitlines() if ln.startswith("fabric: error:")]
+    assert len(errors) == 1 and "service peer-add exited with 2 (needed by client)" in errors[0], cp.stderr
+    assert "Traceback" not in cp.stderr
+    assert "tearing down" in cp.stdout
+    assert _leftovers(prefix) == []
+
+
+@pytest.mark.netns
+def test_cluster_up_stops_on_sigterm() -> None:
+    prefix = new_prefix()
+    proc = subprocess.Popen(fabric_argv("cluster", "up", str(COMPOSE), "--prefix", prefix), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=fabric_env(), cwd=ROOT)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "cluster up:" in line:
+                break
+        assert any("cluster up: 7 processes in 6 namespaces" in ln for ln in lines), "".join(lines)
+        assert any(ns.startswith(f"{prefix}-edge0") for ns in
+                   subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    assert _leftovers(prefix) == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
