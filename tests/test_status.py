@@ -134,6 +134,7 @@ def _wait_healthy(fab: FabricCluster, timeout: float = 20.0) -> dict[str, Any]:
 @pytest.mark.netns
 def test_status_and_stats_of_a_live_fabric(topo2: Topology) -> None:
     fab = FabricCluster(topo2, address=ADDRESS, edges=2, workers=2)
+    fab.extra = {"broker": ["--metrics", "127.0.0.1:9580"]}  # loopback of the server's namespace
     fab.start()
     try:
         client = fab.connect_client(1, "alice")
@@ -150,6 +151,7 @@ def test_status_and_stats_of_a_live_fabric(topo2: Topology) -> None:
                 assert row["cpu_percent"] is not None  # local: measured from /proc
         assert [s["peer"] for s in view["sessions"]] == ["alice"]
         assert view["session_count"] == 1 and view["peer_count"] == 1
+        assert "9580" in (view["broker"]["metrics"] or ""), view["broker"]
 
         rc, text, _ = _status(fab)
         assert rc == 0
@@ -157,6 +159,7 @@ def test_status_and_stats_of_a_live_fabric(topo2: Topology) -> None:
             assert any(line.split()[:3] == [role, str(rid), str(procs[(role, rid)]["pid"])]
                        for line in text.splitlines()), text
         assert "alice" in text and text.splitlines()[-1].startswith("fabric ok: ")
+        assert "metrics " in text.splitlines()[0] and "9580" in text.splitlines()[0]
 
         before = fab.stats()
         assert client.ping(SERVER_IP, count=5, timeout=2).ok
