@@ -56,6 +56,7 @@ from fabric.constants import (
 )
 from fabric.crypto import key_from_base64
 from fabric.frames import NO_ADDR, Frame, FrameError
+from fabric.gro import VNET_HDR_LEN
 from fabric.handshake import CookieChecker
 from fabric.log import Log
 from fabric.paths import StateDir
@@ -66,6 +67,7 @@ from fabric.sessiontable import SessionTable
 log = Log("edge")
 
 BATCH = 64
+VNET_MAX = MAX_DATAGRAM + VNET_HDR_LEN
 STAGED_MAX = 16  # packets kept per peer while its handshake runs
 REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
 # UDP GSO (Linux 4.18+, as wireguard-go conn/bind_std.go): one sendmsg carries a run
@@ -513,7 +515,7 @@ class Edge:
         fd = self.tun_fd
         for _ in range(BATCH):
             try:
-                pkt = read(fd, MAX_DATAGRAM)
+                pkt = read(fd, VNET_MAX)[VNET_HDR_LEN:]  # no offloads asked: the header is all zero
             except BlockingIOError:
                 break
             except OSError:
@@ -615,31 +617,42 @@ class Edge:
         if s is None:
             self.drop("unknown_session", len(frame.packets))
             return
-        counters = frame.aux[0::2]
-        sizes = frame.aux[1::2]
-        accepted = self.table.commit_rx(s.slot, s.sid, counters, frame.addr, now)
+        accepted = self.table.commit_rx(s.slot, s.sid, frame.counters, frame.addr, now)
         if accepted is None:
-            self.drop("stale_session", len(frame.packets))
+            self.drop("stale_session", len(frame.counters))
             return
         peer = self.peers.get(s.peer)
         write = os.write
-        n_ok = 0
-        for pkt, ok, size in zip(frame.packets, accepted, sizes, strict=True):
-            if not ok:
-                self.drop("replay")
+        counters = self.counters
+        n_ok = rx_bytes = 0
+        aux = frame.aux
+        k = 0  # the first datagram of this packet in `accepted`
+        for i, pkt in enumerate(frame.packets):
+            count, size = aux[2 * i], aux[2 * i + 1]
+            ok = sum(accepted[k : k + count])
+            k += count
+            if ok < count:
+                # a replay inside: drop the packet (for a super packet, its other segments
+                # too; their counters are spent, TCP sends them again)
+                self.drop("replay", count - ok)
+                if ok:
+                    self.drop("replay_merged", ok)
                 continue
-            n_ok += 1
-            if peer is not None:
-                peer.stats[0] += size
-                peer.stats[2] += 1
+            n_ok += count
+            rx_bytes += size
             if len(pkt):
                 try:
                     write(self.tun_fd, pkt)
-                    self.counters["tun_out"] += 1
+                    counters["tun_out"] += count
+                    if count > 1:
+                        counters["tun_out_merged"] += 1
                 except OSError:
-                    self.drop("tun_write")
+                    self.drop("tun_write", count)
             else:
-                self.counters["keepalives_in"] += 1
+                counters["keepalives_in"] += 1
+        if peer is not None:
+            peer.stats[0] += rx_bytes
+            peer.stats[2] += n_ok
         self.session_packets[s.sid] += n_ok
 
     def _udp_send(self, frame: Frame) -> None:

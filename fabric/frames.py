@@ -4,7 +4,8 @@ A frame is two or three ZeroMQ message parts:
 
     part 0  header: struct HEADER, then n x u32 packet lengths, then n x aux_per x u64
     part 1  body:   the n packets, concatenated
-    part 2  extra:  optional msgpack blob (kind HANDSHAKE_OUT carries a session record)
+    part 2  extra:  optional; HANDSHAKE_OUT: msgpack session record;
+                    TUN_WRITE: the n_counters x u64 transport counters the packets carry
 
 Packets stay as one buffer end to end; there is no per-packet serialisation.
 Every malformed frame raises FrameError (counted as a drop by the receiver).
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from fabric.constants import MAX_DATAGRAM
 
-VERSION = 2
+VERSION = 3
 MAX_BATCH = 4096
 
 # edge -> worker
@@ -28,7 +29,10 @@ ENCRYPT = 2  # plaintext IP packets of one session; counters counter0, counter0+
 HANDSHAKE = 3  # handshake datagrams from one source address
 INITIATE = 4  # start a handshake to a peer (extra: {"peer": public key}) at address
 # worker -> edge
-TUN_WRITE = 11  # authenticated plaintexts; aux = (counter, datagram length) per packet
+# authenticated plaintexts, each with a virtio_net_hdr (fabric/gro.py); one packet may carry
+# several datagrams' segments: aux = (datagrams, their total length) per packet, and
+# `counters` lists every datagram's counter in packet order
+TUN_WRITE = 11
 UDP_SEND = 12  # datagrams for one destination address
 HANDSHAKE_OUT = 13  # datagrams to send (maybe none) and (extra) the session committed
 
@@ -85,6 +89,7 @@ class Frame:
     aux: Sequence[int] = ()
     extra: bytes | None = None
     seq: int = 0
+    counters: Sequence[int] = ()
 
     def encode(self) -> list[bytes]:
         """The ZeroMQ parts of this frame."""
@@ -109,7 +114,11 @@ class Frame:
             head + struct.pack(f"<{n}I", *lens) + struct.pack(f"<{n * aux_per}Q", *self.aux),
             b"".join(self.packets),
         ]
-        if self.extra is not None:
+        if self.kind == TUN_WRITE:
+            if sum(self.aux[0::2]) != len(self.counters):
+                raise FrameError("TUN_WRITE: datagram counts do not add up to the counters")
+            parts.append(struct.pack(f"<{len(self.counters)}Q", *self.counters))
+        elif self.extra is not None:
             parts.append(self.extra)
         return parts
 
@@ -145,4 +154,11 @@ def decode(parts: Sequence[bytes | memoryview]) -> Frame:
         packets.append(body[pos : pos + ln])
         pos += ln
     extra = bytes(parts[2]) if len(parts) == 3 else None
-    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra, seq)
+    counters: Sequence[int] = ()
+    if kind == TUN_WRITE:
+        k = sum(aux[0::2])
+        if extra is None or len(extra) != 8 * k or any(c == 0 for c in aux[0::2]):
+            raise FrameError("TUN_WRITE: counters do not match the datagram counts")
+        counters = struct.unpack(f"<{k}Q", extra)
+        extra = None
+    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra, seq, counters)

@@ -12,7 +12,11 @@ TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
-FLAGS = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE
+# Every packet read or written carries a struct virtio_net_hdr (fabric/gro.py): writes
+# may then be TCP super packets. The flag is per device (the last queue attached sets
+# it), so every queue of a fabric TUN is opened with it.
+IFF_VNET_HDR = 0x4000
+FLAGS = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
 DEFAULT_MTU = 1420
 
 

@@ -127,12 +127,14 @@ def test_garbage_on_internal_sockets(topo2: Topology, fab: FabricCluster) -> Non
         bad_frames: list[list[bytes]] = [
             [b"x"], [b"", b""], [b"\x0b" + bytes(10), b"body"], [os.urandom(64), os.urandom(64)],
             [b"\x0b\x07" + bytes(60), b""],  # wrong version
-            [*frames.Frame(frames.TUN_WRITE, 0, 1, 0, frames.NO_ADDR, [b"abc"], [1, 2]).encode()[:1], b"toolong"],
+            [*frames.Frame(frames.TUN_WRITE, 0, 1, 0, frames.NO_ADDR, [b"abc"], [1, 2], counters=[1]).encode()[:1],
+             b"toolong"],
         ]
         for f in bad_frames:
             push.send_multipart(f)
         # a well-formed result for a session that does not exist
-        push.send_multipart(frames.Frame(frames.TUN_WRITE, 0, 12345, 0, frames.NO_ADDR, [b"abc"], [1, 2]).encode())
+        push.send_multipart(frames.Frame(frames.TUN_WRITE, 0, 12345, 0, frames.NO_ADDR, [b"abc"], [1, 2],
+                                         counters=[1]).encode())
         # broker stats socket: garbage reports
         stats_push = ctx.socket(zmq.PUSH)
         stats_push.connect(sd.broker_stats)

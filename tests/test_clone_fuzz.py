@@ -545,6 +545,13 @@ def frame_st(draw: st.DrawFn) -> frames.Frame:
     aux_per = frames.AUX_PER.get(kind, 0)
     aux = draw(st.lists(st.integers(0, 2**64 - 1), min_size=len(packets) * aux_per,
                         max_size=len(packets) * aux_per))
+    extra = draw(st.one_of(st.none(), st.binary(max_size=32)))
+    counters: list[int] = []
+    if kind == frames.TUN_WRITE:  # (datagrams >= 1, bytes) per packet, a counter per datagram
+        aux = [x for _ in packets for x in (draw(st.integers(1, 3)), draw(st.integers(0, 2**64 - 1)))]
+        counters = draw(st.lists(st.integers(0, 2**64 - 1), min_size=sum(aux[0::2]),
+                                 max_size=sum(aux[0::2])))
+        extra = None
     return frames.Frame(
         kind=kind,
         edge=draw(st.integers(0, 0xFFFF)),
@@ -553,7 +560,8 @@ def frame_st(draw: st.DrawFn) -> frames.Frame:
         addr=draw(addr_st),
         packets=packets,
         aux=aux,
-        extra=draw(st.one_of(st.none(), st.binary(max_size=32))),
+        extra=extra,
+        counters=counters,
     )
 
 
@@ -563,6 +571,7 @@ def _same(a: frames.Frame, b: frames.Frame) -> bool:
         == (b.kind, b.edge, b.session_id, b.counter0, bytes(b.addr), b.extra)
         and [bytes(p) for p in a.packets] == [bytes(p) for p in b.packets]
         and list(a.aux) == list(b.aux)
+        and list(a.counters) == list(b.counters)
     )
 
 
@@ -586,7 +595,10 @@ def _decode_or_frame_error(parts: list[bytes]) -> frames.Frame | None:
     # whatever decodes is a consistent frame: it encodes back to the same parts
     again = f.encode()
     assert _unpadded(again[0]) == _unpadded(bytes(parts[0])) and again[1] == bytes(parts[1])
-    assert f.extra == (bytes(parts[2]) if len(parts) == 3 else None)
+    if f.kind == frames.TUN_WRITE:  # part 2 carries the counters
+        assert again[2] == bytes(parts[2])
+    else:
+        assert f.extra == (bytes(parts[2]) if len(parts) == 3 else None)
     return f
 
 
@@ -651,6 +663,6 @@ def test_frames_header_fields_mutated(f: frames.Frame, data: st.DataObject) -> N
 
 
 def test_frames_memoryview_parts_decode() -> None:
-    f = frames.Frame(frames.TUN_WRITE, packets=[b"ab", b"c"], aux=[1, 2, 3, 4])
+    f = frames.Frame(frames.TUN_WRITE, packets=[b"ab", b"c"], aux=[1, 2, 3, 4], counters=[5, 6, 7, 8])
     parts = [memoryview(p) for p in f.encode()]
     assert _same(frames.decode(parts), f)

@@ -40,6 +40,12 @@ def valid_frames(draw: st.DrawFn) -> Frame:
     packets = draw(packet_lists)
     aux_per = AUX_PER.get(kind, 0)
     aux = draw(st.lists(U64, min_size=len(packets) * aux_per, max_size=len(packets) * aux_per))
+    extra = draw(st.none() | st.binary(max_size=64))
+    counters: list[int] = []
+    if kind == frames.TUN_WRITE:  # (datagrams >= 1, bytes) per packet, a counter per datagram
+        aux = [x for _ in packets for x in (draw(st.integers(1, 4)), draw(U64))]
+        counters = draw(st.lists(U64, min_size=sum(aux[0::2]), max_size=sum(aux[0::2])))
+        extra = None
     return Frame(
         kind=kind,
         edge=draw(st.integers(0, 0xFFFF)),
@@ -48,7 +54,8 @@ def valid_frames(draw: st.DrawFn) -> Frame:
         addr=draw(addrs),
         packets=packets,
         aux=aux,
-        extra=draw(st.none() | st.binary(max_size=64)),
+        extra=extra,
+        counters=counters,
     )
 
 
@@ -74,6 +81,7 @@ def assert_same(a: Frame, b: Frame) -> None:
     assert [bytes(p) for p in a.packets] == [bytes(p) for p in b.packets]
     assert list(a.aux) == list(b.aux)
     assert a.extra == b.extra
+    assert list(a.counters) == list(b.counters)
 
 
 def header_fields(head: bytes) -> list:
@@ -96,10 +104,15 @@ def with_header(parts: list[bytes], **changes: int) -> list[bytes]:
 def test_round_trip_every_kind(kind: int) -> None:
     packets = [b"", b"a", bytes(range(256)) * 4, b"\xff" * MAX_DATAGRAM]
     aux = list(range(len(packets) * AUX_PER.get(kind, 0)))
+    counters: list[int] = []
+    if kind == frames.TUN_WRITE:  # (datagrams, bytes) per packet; counters of all datagrams
+        aux = [1, 10, 2, 20, 3, 30, 1, 40]
+        counters = [0, 2**64 - 1, 5, 6, 7, 8, 9]
     f = Frame(kind, edge=7, session_id=2**64 - 1, counter0=12345, addr=pack_addr("192.0.2.1", 51820),
-              packets=packets, aux=aux, extra=b"\x80" if kind == frames.HANDSHAKE_OUT else None)
+              packets=packets, aux=aux, extra=b"\x80" if kind == frames.HANDSHAKE_OUT else None,
+              counters=counters)
     parts = f.encode()
-    assert len(parts) == (3 if f.extra is not None else 2)
+    assert len(parts) == (3 if f.extra is not None or kind == frames.TUN_WRITE else 2)
     g = decode(parts)
     assert_same(f, g)
     assert format_addr(g.addr) == "192.0.2.1:51820"
@@ -129,6 +142,8 @@ def test_round_trip_fuzz(f: Frame) -> None:
 def test_encode_refuses_wrong_aux_count() -> None:
     with pytest.raises(FrameError):
         Frame(frames.TUN_WRITE, packets=[b"x", b"y"], aux=[1, 2, 3]).encode()
+    with pytest.raises(FrameError, match="counters"):
+        Frame(frames.TUN_WRITE, packets=[b"x", b"y"], aux=[1, 2, 2, 4], counters=[1, 2]).encode()
     with pytest.raises(FrameError):
         Frame(frames.DECRYPT, packets=[b"x"], aux=[1]).encode()
 
@@ -181,7 +196,8 @@ def test_unpack_addr_wrong_size(raw: bytes) -> None:
 
 
 def _valid_parts() -> list[bytes]:
-    return Frame(frames.TUN_WRITE, 1, 2, 3, pack_addr("::1", 9), [b"abc", b"de"], [1, 2, 3, 4], b"x").encode()
+    return Frame(frames.TUN_WRITE, 1, 2, 3, pack_addr("::1", 9), [b"abc", b"de"], [1, 2, 3, 4],
+                 counters=[7, 8, 9, 10]).encode()
 
 
 @pytest.mark.parametrize("nparts", [0, 1, 4, 5])
@@ -211,6 +227,10 @@ def test_wrong_part_count(nparts: int) -> None:
         (lambda p: with_header(p, n=3), "header length"),
         (lambda p: with_header(p, n=MAX_BATCH + 1), "over"),
         (lambda p: with_header(p, n=2**32 - 1), "over"),
+        (lambda p: p[:2], "counters"),
+        (lambda p: [p[0], p[1], p[2][:-1]], "counters"),
+        (lambda p: [p[0], p[1], p[2] + bytes(8)], "counters"),
+        (lambda p: [p[0][: -32] + struct.pack("<4Q", 0, 2, 4, 4), p[1], p[2]], "counters"),
     ],
 )
 def test_malformed_frames(mutate, match: str) -> None:

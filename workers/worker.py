@@ -34,7 +34,7 @@ import zmq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fabric import curve, frames, ippacket, metrics
+from fabric import curve, frames, gro, ippacket, metrics
 from fabric.clone import CloneClient
 from fabric.constants import (
     MSG_INITIATION,
@@ -113,6 +113,9 @@ class Worker:
         self.session_packets: dict[int, int] = {}
         self.frame_stats = metrics.FrameStats()  # time and packets per frame handled
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
+        # TCP segments bound for the TUN are coalesced (fabric/gro.py); FABRIC_NO_GRO=1
+        # writes them one by one (for measurements)
+        self.gro = os.environ.get("FABRIC_NO_GRO") != "1"
         self.pull = curve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -266,8 +269,9 @@ class Worker:
                 self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, [], seq=frame.seq))
             return
         opn = s.open.decrypt
-        out: list[bytes] = []
-        aux: list[int] = []
+        plain: list[bytes] = []
+        counters: list[int] = []
+        sizes: list[int] = []
         for pkt in frame.packets:
             if len(pkt) < TRANSPORT_HEADER_SIZE + 16:
                 self.count("drop_short")
@@ -290,12 +294,28 @@ class Worker:
                     self.count("drop_source_not_allowed")
                     continue
                 pt = pt[:n]
-            out.append(pt)
-            aux += (counter, len(pkt))
-        self.count("decrypted", len(out))
-        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
-        if out or frame.seq:
-            self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux, seq=frame.seq))
+            plain.append(pt)
+            counters.append(counter)
+            sizes.append(len(pkt))
+        self.count("decrypted", len(plain))
+        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(plain)
+        if not plain and not frame.seq:
+            return
+        out: list[bytes] = []
+        aux: list[int] = []
+        order: list[int] = []
+        if self.gro:
+            for data, members in gro.coalesce(plain):
+                out.append(data)
+                aux += (len(members), sum(sizes[i] for i in members))
+                order += members
+            self.count("gro_packets", len(out))
+        else:
+            out = [gro.PLAIN + p if p else p for p in plain]
+            aux = [x for size in sizes for x in (1, size)]
+            order = list(range(len(plain)))
+        self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux,
+                                     seq=frame.seq, counters=[counters[i] for i in order]))
 
     def encrypt(self, frame: Frame, now: float) -> None:
         s = self._session(frame, now)

@@ -1,0 +1,178 @@
+"""TCP receive coalescing for the TUN device (GRO in userspace, as wireguard-go's
+tun/offload_linux.go does since 0.0.20230223).
+
+The TUN queues are opened with IFF_VNET_HDR, so every packet written carries a
+10-byte struct virtio_net_hdr (include/uapi/linux/virtio_net.h). Consecutive TCP
+segments of one flow that arrive in one batch are joined into one "super packet"
+with gso_type TCPV4/TCPV6: the kernel's TCP stack then handles one skb (and sends
+about one ACK) where it would handle dozens, as Linux's own GRO does for a NIC
+(net/ipv4/tcp_offload.c tcp_gro_receive gives the merge rules used here).
+
+Pure functions on bytes, no I/O: `coalesce` is run by workers after decryption,
+and tested and fuzzed in memory.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = VNET_HDR.size  # 10
+F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+PLAIN = bytes(VNET_HDR_LEN)  # no offload: the packet as it is
+MAX_SUPER = 65535  # IPv4 total length / IPv6 payload length are 16 bits
+_ACK, _PSH = 0x10, 0x08
+_TCP = 6
+
+
+def _fold(data: bytes) -> int:
+    """The one's complement sum (RFC 1071) of `data` as 16-bit big-endian words, folded
+    to 16 bits, with 0xFFFF standing for zero: 2**16 = 1 (mod 0xFFFF), so the sum of
+    the words is the whole number mod 0xFFFF (one C-speed big-int operation)."""
+    if len(data) & 1:
+        data += b"\x00"
+    s = int.from_bytes(data, "big") % 0xFFFF
+    return s or 0xFFFF
+
+
+def _candidate(pkt: bytes) -> tuple[bytes, int, int, int, bool] | None:
+    """(flow key, ip header length, tcp header length, payload length, v6) of a TCP
+    segment that may be merged: data-carrying, flags ACK or ACK|PSH only, no IPv4
+    fragment, no IPv6 extension header. None otherwise."""
+    n = len(pkt)
+    if n < 40:
+        return None
+    v = pkt[0] >> 4
+    if v == 4:
+        ihl = (pkt[0] & 15) * 4
+        if pkt[9] != _TCP or ihl < 20 or pkt[6] & 0x3F or pkt[7] or n < ihl + 20:
+            return None  # not TCP, or a fragment (MF or offset)
+        # the flow: addresses, ports; must match too: ToS, DF, TTL, header lengths
+        key = pkt[12:20] + pkt[ihl : ihl + 4] + bytes((pkt[1], pkt[6] & 0x40, pkt[8], ihl))
+        v6 = False
+    elif v == 6:
+        ihl = 40
+        if pkt[6] != _TCP or n < 60:
+            return None
+        key = pkt[8:40] + pkt[40:44] + pkt[0:4] + pkt[7:8]
+        v6 = True
+    else:
+        return None
+    thl = (pkt[ihl + 12] >> 4) * 4
+    flags = pkt[ihl + 13]
+    payload = n - ihl - thl
+    if thl < 20 or payload <= 0 or flags & ~_PSH != _ACK:
+        return None
+    # The segments' own TCP checksums are not verified: the AEAD authenticated every
+    # byte (as the kernel's WireGuard marks decrypted packets CHECKSUM_UNNECESSARY,
+    # drivers/net/wireguard/receive.c), and the super packet gets a fresh checksum.
+    # the ACK number and the options (timestamps) must be equal for a merge
+    return key + pkt[ihl + 8 : ihl + 12] + pkt[ihl + 20 : ihl + thl] + bytes((thl,)), ihl, thl, payload, v6
+
+
+class _Group:
+    __slots__ = ("first", "ihl", "thl", "v6", "size", "total", "next_seq", "parts", "members", "closed", "psh")
+
+    def __init__(self, pkt: bytes, index: int, ihl: int, thl: int, payload: int, v6: bool) -> None:
+        self.first = pkt
+        self.ihl, self.thl, self.v6 = ihl, thl, v6
+        self.size = payload  # gso_size: every segment but the last has it
+        self.total = len(pkt)
+        self.next_seq = (int.from_bytes(pkt[ihl + 4 : ihl + 8], "big") + payload) & 0xFFFFFFFF
+        self.parts: list[bytes | memoryview] = [pkt]
+        self.members = [index]
+        self.closed = bool(pkt[ihl + 13] & _PSH)  # nothing follows a PSH (tcp_gro_receive)
+        self.psh = False
+
+    def add(self, pkt: bytes, index: int, payload: int) -> bool:
+        ihl = self.ihl
+        if (
+            self.closed
+            or payload > self.size
+            or self.total + payload > (MAX_SUPER + 40 if self.v6 else MAX_SUPER)
+            or int.from_bytes(pkt[ihl + 4 : ihl + 8], "big") != self.next_seq
+        ):
+            return False
+        self.parts.append(memoryview(pkt)[ihl + self.thl :])
+        self.members.append(index)
+        self.total += payload
+        self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
+        if payload < self.size or pkt[ihl + 13] & _PSH:
+            self.closed = True  # a short segment or PSH ends the run
+            self.psh = bool(pkt[ihl + 13] & _PSH)
+        return True
+
+    def build(self) -> bytes:
+        if len(self.parts) == 1:
+            return PLAIN + self.first
+        ihl, thl = self.ihl, self.thl
+        head = bytearray(self.first[: ihl + thl])
+        total = self.total
+        if self.v6:
+            head[4:6] = (total - 40).to_bytes(2, "big")
+            gso = GSO_TCPV6
+            pseudo = bytes(head[8:40]) + (total - 40).to_bytes(4, "big") + b"\x00\x00\x00\x06"
+        else:
+            head[2:4] = total.to_bytes(2, "big")
+            head[10:12] = b"\x00\x00"
+            head[10:12] = (~_fold(bytes(head[:ihl])) & 0xFFFF).to_bytes(2, "big")  # RFC 791
+            gso = GSO_TCPV4
+            pseudo = bytes(head[12:20]) + b"\x00\x06" + (total - ihl).to_bytes(2, "big")
+        if self.psh:
+            head[ihl + 13] |= _PSH
+        # CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented; the
+        # kernel adds the segment (virtio spec 5.1.6.2, wireguard-go offload_linux.go)
+        head[ihl + 16 : ihl + 18] = (_fold(pseudo) & 0xFFFF).to_bytes(2, "big")
+        vnet = VNET_HDR.pack(F_NEEDS_CSUM, gso, ihl + thl, self.size, ihl, 16)
+        self.parts[0] = memoryview(self.first)[ihl + thl :]
+        return b"".join((vnet, head, *self.parts))
+
+
+def coalesce(packets: Sequence[bytes]) -> list[tuple[bytes, list[int]]]:
+    """Packets to write to a TUN opened with IFF_VNET_HDR, each with the indexes of the
+    input packets it carries (in order). Segments of one flow are merged only while
+    they are consecutive in sequence space; the order within each flow is kept, and
+    flows keep the position of their first packet. Empty inputs (keepalives) come
+    back as empty outputs."""
+    out: list[_Group | tuple[bytes, list[int]]] = []
+    open_groups: dict[bytes, _Group] = {}
+    for i, pkt in enumerate(packets):
+        if not pkt:
+            out.append((b"", [i]))
+            continue
+        c = _candidate(pkt)
+        if c is None:
+            # a packet of an open flow that cannot merge (a pure ACK, FIN...) ends that
+            # flow's group, so it is written after the data before it
+            key = _flow_of(pkt)
+            if key is not None:
+                for k in [k for k in open_groups if k.startswith(key)]:
+                    del open_groups[k]
+            out.append((PLAIN + pkt, [i]))
+            continue
+        key, ihl, thl, payload, v6 = c
+        g = open_groups.get(key)
+        if g is not None and g.add(pkt, i, payload):
+            continue
+        if g is None:
+            flow = _flow_of(pkt)
+            if flow is not None:  # a new key of a flow with an open group (e.g. new ACK number)
+                for k in [k for k in open_groups if k.startswith(flow)]:
+                    del open_groups[k]
+        g = _Group(pkt, i, ihl, thl, payload, v6)
+        open_groups[key] = g
+        out.append(g)
+    return [(o.build(), o.members) if isinstance(o, _Group) else o for o in out]
+
+
+def _flow_of(pkt: bytes) -> bytes | None:
+    """Addresses and ports of a TCP packet (the prefix of its candidate key)."""
+    n = len(pkt)
+    if n >= 24 and pkt[0] >> 4 == 4 and pkt[9] == _TCP:
+        ihl = (pkt[0] & 15) * 4
+        return pkt[12:20] + pkt[ihl : ihl + 4] if n >= ihl + 4 else None
+    if n >= 44 and pkt[0] >> 4 == 6 and pkt[6] == _TCP:
+        return pkt[8:40] + pkt[40:44]
+    return None

@@ -1,0 +1,253 @@
+"""fabric/gro.py: TCP coalescing for TUN writes with a virtio_net_hdr.
+
+The checks use an independent RFC 1071 checksum (a plain loop) and a reference
+segmenter that does what the kernel's GSO does with a super packet (split the payload
+by gso_size, one header per segment), so a merge must give back the original segments.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fabric import gro
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+SRC4, DST4 = ipaddress.ip_address("198.18.0.2").packed, ipaddress.ip_address("198.19.100.1").packed
+SRC6 = ipaddress.ip_address("2001:db8::2").packed
+DST6 = ipaddress.ip_address("2001:db8::1").packed
+ACK, PSH, FIN, SYN = 0x10, 0x08, 0x01, 0x02
+
+
+def csum(data: bytes) -> int:
+    """RFC 1071, the textbook way: 16-bit words, end-around carry, complement."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def tcp(seq: int, payload: bytes, *, flags: int = ACK, ack: int = 1000, sport: int = 5201, dport: int = 40000,
+        v6: bool = False, opts: bytes = b"", ident: int = 7, tos: int = 0, ttl: int = 64,
+        good_csum: bool = True) -> bytes:
+    thl = 20 + len(opts)
+    th = bytearray(struct.pack(">HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack, (thl // 4) << 4, flags,
+                               502, 0, 0) + opts)
+    seg_len = len(th) + len(payload)
+    if v6:
+        pseudo = SRC6 + DST6 + seg_len.to_bytes(4, "big") + b"\0\0\0\x06"
+        ip = struct.pack(">IHBB", (6 << 28) | (tos << 20), seg_len, 6, ttl) + SRC6 + DST6
+    else:
+        pseudo = SRC4 + DST4 + b"\0\x06" + seg_len.to_bytes(2, "big")
+        ip = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, tos, 20 + seg_len, ident, 0x4000, ttl, 6, 0, SRC4, DST4))
+        ip[10:12] = csum(bytes(ip)).to_bytes(2, "big")
+        ip = bytes(ip)
+    c = csum(pseudo + bytes(th) + payload)
+    th[16:18] = (c if good_csum else c ^ 0x5A5A).to_bytes(2, "big")
+    return ip + bytes(th) + payload
+
+
+def segment(pkt: bytes) -> list[bytes]:
+    """What the kernel does with a packet written to the TUN: strip the virtio_net_hdr
+    and, for a super packet, cut the payload into gso_size pieces with fixed headers
+    and full checksums (net/ipv4/tcp_offload.c tcp_gso_segment, simplified)."""
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = gro.VNET_HDR.unpack_from(pkt, 0)
+    body = pkt[gro.VNET_HDR_LEN:]
+    if gso_type == gro.GSO_NONE:
+        assert flags == 0
+        return [body]
+    v6 = gso_type == gro.GSO_TCPV6
+    assert flags == gro.F_NEEDS_CSUM and csum_offset == 16
+    ihl = 40 if v6 else (body[0] & 15) * 4
+    assert csum_start == ihl and hdr_len == ihl + (body[ihl + 12] >> 4) * 4
+    if v6:
+        assert int.from_bytes(body[4:6], "big") == len(body) - 40
+        pseudo = body[8:40] + (len(body) - 40).to_bytes(4, "big") + b"\0\0\0\x06"
+    else:
+        assert int.from_bytes(body[2:4], "big") == len(body)
+        assert csum(body[:ihl]) == 0, "IPv4 header checksum of the super packet"
+        pseudo = body[12:20] + b"\0\x06" + (len(body) - ihl).to_bytes(2, "big")
+    # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not complemented
+    assert int.from_bytes(body[ihl + 16 : ihl + 18], "big") == (~csum(pseudo) & 0xFFFF)
+    head, payload = body[:hdr_len], body[hdr_len:]
+    seq0 = int.from_bytes(head[ihl + 4 : ihl + 8], "big")
+    out = []
+    for off in range(0, len(payload), gso_size):
+        chunk = payload[off : off + gso_size]
+        h = bytearray(head)
+        last = off + gso_size >= len(payload)
+        if not last:
+            h[ihl + 13] &= ~PSH & 0xFF
+        h[ihl + 4 : ihl + 8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
+        seg_len = len(h) - ihl + len(chunk)
+        if v6:
+            h[4:6] = seg_len.to_bytes(2, "big")
+            ps = bytes(h[8:40]) + seg_len.to_bytes(4, "big") + b"\0\0\0\x06"
+        else:
+            h[2:4] = (ihl + seg_len).to_bytes(2, "big")
+            h[10:12] = b"\0\0"
+            h[10:12] = csum(bytes(h[:ihl])).to_bytes(2, "big")
+            ps = bytes(h[12:20]) + b"\0\x06" + seg_len.to_bytes(2, "big")
+        h[ihl + 16 : ihl + 18] = b"\0\0"
+        h[ihl + 16 : ihl + 18] = csum(ps + bytes(h[ihl:]) + chunk).to_bytes(2, "big")
+        out.append(bytes(h) + chunk)
+    return out
+
+
+def payload_of(pkt: bytes) -> bytes:
+    ihl = 40 if pkt[0] >> 4 == 6 else (pkt[0] & 15) * 4
+    return pkt[ihl + (pkt[ihl + 12] >> 4) * 4 :]
+
+
+def written(packets: list[bytes]) -> list[tuple[bytes, list[int]]]:
+    out = gro.coalesce(packets)
+    covered = sorted(i for _, members in out for i in members)
+    assert covered == list(range(len(packets))), "every input exactly once"
+    return out
+
+
+def test_run_of_segments_becomes_one_super_packet_v4() -> None:
+    segs = [tcp(1000 + i * 1380, bytes([i]) * 1380) for i in range(10)]
+    out = written(segs)
+    assert len(out) == 1
+    pkt, members = out[0]
+    assert members == list(range(10))
+    assert gro.VNET_HDR.unpack_from(pkt, 0)[1:4] == (gro.GSO_TCPV4, 40, 1380)
+    assert segment(pkt) == segs  # what the kernel cuts from it are the originals
+
+
+def test_run_of_segments_v6_and_short_last_and_psh() -> None:
+    segs = [tcp(5 + i * 1000, bytes([i]) * 1000, v6=True) for i in range(4)]
+    segs.append(tcp(4005, b"tail", v6=True, flags=ACK | PSH))
+    out = written(segs)
+    assert len(out) == 1
+    assert gro.VNET_HDR.unpack_from(out[0][0], 0)[1] == gro.GSO_TCPV6
+    assert segment(out[0][0]) == segs  # IPv6 has no ID: identical
+
+
+def test_only_consecutive_sequence_numbers_merge() -> None:
+    segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100), tcp(300, b"c" * 100), tcp(400, b"d" * 100)]
+    out = written(segs)
+    assert [m for _, m in out] == [[0, 1], [2, 3]]
+
+
+def test_segment_after_a_short_one_or_psh_starts_a_new_packet() -> None:
+    short = [tcp(0, b"a" * 100), tcp(100, b"b" * 50), tcp(150, b"c" * 100)]
+    assert [m for _, m in written(short)] == [[0, 1], [2]]
+    pushed = [tcp(0, b"a" * 100, flags=ACK | PSH), tcp(100, b"b" * 100)]
+    assert [m for _, m in written(pushed)] == [[0], [1]]
+    bigger = [tcp(0, b"a" * 100), tcp(100, b"b" * 200)]
+    assert [m for _, m in written(bigger)] == [[0], [1]]
+
+
+def test_what_never_merges() -> None:
+    cases = [
+        [tcp(0, b"a" * 10, flags=SYN | ACK), tcp(10, b"b" * 10)],
+        [tcp(0, b"a" * 10), tcp(10, b"b" * 10, flags=FIN | ACK)],
+        [tcp(0, b""), tcp(0, b"")],  # pure ACKs
+        [tcp(0, b"a" * 10, ack=1), tcp(10, b"b" * 10, ack=2)],
+        [tcp(0, b"a" * 10, opts=b"\x01\x01\x08\x0a" + bytes(8)),
+         tcp(10, b"b" * 10, opts=b"\x01\x01\x08\x0a" + bytes(7) + b"\x01")],  # timestamps differ
+        [tcp(0, b"a" * 10, tos=0), tcp(10, b"b" * 10, tos=4)],
+        [tcp(0, b"a" * 10, ttl=64), tcp(10, b"b" * 10, ttl=63)],
+        [tcp(0, b"a" * 10, v6=True), tcp(10, b"b" * 10)],
+    ]
+    for segs in cases:
+        out = written(segs)
+        assert [m for _, m in out] == [[0], [1]], segs
+        for (pkt, _), orig in zip(out, segs, strict=True):
+            assert pkt == gro.PLAIN + orig  # written as it came
+
+
+def test_ipv4_fragments_and_other_protocols_pass_through() -> None:
+    frag = bytearray(tcp(0, b"a" * 10))
+    frag[6] |= 0x20  # MF
+    udp = bytearray(tcp(10, b"b" * 10))
+    udp[9] = 17
+    out = written([bytes(frag), bytes(udp), b"\x45garbage"])
+    assert [p for p, _ in out] == [gro.PLAIN + bytes(frag), gro.PLAIN + bytes(udp), gro.PLAIN + b"\x45garbage"]
+
+
+def test_size_limit() -> None:
+    segs = [tcp(i * 1400, b"x" * 1400) for i in range(60)]  # 84 000 bytes of payload
+    out = written(segs)
+    assert len(out) == 2
+    assert all(len(p) - gro.VNET_HDR_LEN <= gro.MAX_SUPER for p, _ in out)
+    assert b"".join(payload_of(s) for p, _ in out for s in segment(p)) == b"x" * 84000
+
+
+def test_interleaved_flows_merge_separately_in_order() -> None:
+    a = [tcp(i * 100, b"A" * 100, sport=1) for i in range(3)]
+    b = [tcp(i * 100, b"B" * 100, sport=2) for i in range(3)]
+    mixed = [a[0], b[0], a[1], b[1], a[2], b[2]]
+    assert [m for _, m in written(mixed)] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_non_mergeable_packet_of_a_flow_is_not_reordered_before_its_data() -> None:
+    segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100, flags=FIN | ACK), tcp(200, b"c" * 100)]
+    out = written(segs)
+    assert [m for _, m in out] == [[0], [1], [2]]
+
+
+def test_keepalives_stay_empty() -> None:
+    assert gro.coalesce([b"", tcp(0, b"a"), b""]) == [(b"", [0]), (gro.PLAIN + tcp(0, b"a"), [1]), (b"", [2])]
+
+
+def test_merged_packet_checksum_is_fresh_even_for_a_bad_segment_checksum() -> None:
+    # the segments were authenticated by the AEAD; their own TCP checksums are not
+    # re-verified, and the kernel checksums the super packet (CHECKSUM_PARTIAL)
+    segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100, good_csum=False)]
+    (pkt, members), = written(segs)
+    assert members == [0, 1]
+    assert [payload_of(s) for s in segment(pkt)] == [b"a" * 100, b"b" * 100]
+
+
+_flow = st.sampled_from([(5201, False), (5202, False), (5201, True)])
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    """Segments of a few flows, in sequence with holes, duplicates, flags and junk."""
+    seqs: dict[tuple[int, bool], int] = {}
+    out = []
+    for _ in range(draw(st.integers(0, 30))):
+        choice = draw(st.integers(0, 9))
+        if choice == 0:
+            out.append(draw(st.binary(max_size=80)))
+            continue
+        sport, v6 = draw(_flow)
+        seq = seqs.get((sport, v6), 0)
+        if choice == 1:
+            seq += draw(st.integers(1, 500))  # a hole
+        size = draw(st.sampled_from([0, 1, 100, 100, 100, 1400]))
+        flags = draw(st.sampled_from([ACK, ACK, ACK, ACK | PSH, ACK | FIN]))
+        out.append(tcp(seq, bytes([sport & 0xFF]) * size, sport=sport, v6=v6, flags=flags))
+        seqs[(sport, v6)] = seq + size
+    return out
+
+
+@FUZZ
+@given(streams())
+def test_coalesce_keeps_every_flow_byte_for_byte(packets: list[bytes]) -> None:
+    out = written(packets)
+    for pkt, members in out:
+        if len(members) > 1:
+            assert [payload_of(s) for s in segment(pkt)] == [payload_of(packets[i]) for i in members]
+        elif packets[members[0]]:
+            assert segment(pkt) == [packets[members[0]]]
+    # within a flow the order is kept
+    order = [i for _, members in out for i in members]
+
+    def flow(p: bytes) -> bytes | None:
+        return gro._flow_of(p)
+
+    for f in {flow(p) for p in packets if flow(p) is not None}:
+        idx = [i for i in order if flow(packets[i]) == f]
+        assert idx == sorted(idx)
