@@ -29,6 +29,7 @@ than ignored, so the compose file stays correct for Docker too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import re
@@ -60,6 +61,9 @@ ALLOWED_NET = ipaddress.IPv4Network("198.18.0.0/15")
 FABRIC_ROLES = ("broker", "edge", "worker")
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 CHECK_LABEL = "fabric.check-ping"
+# GET /metrics, run inside a namespace (the address may exist there only).
+_SCRAPE = ("import sys, urllib.request; "
+           "sys.stdout.write(urllib.request.urlopen('http://' + sys.argv[1] + '/metrics', timeout=5).read().decode())")
 # A process gets its own /run/wireguard, as in a container (wireguard-go's UAPI sockets).
 _PRIVATE_RUN = ('mkdir -p /run/wireguard && mount -t tmpfs -o mode=0700 fabric-run /run/wireguard '
                 '&& exec "$@"')
@@ -622,12 +626,38 @@ def _start_order(project: Project) -> list[str]:
     return order
 
 
+def client_network(project: Project) -> str | None:
+    """The network clients reach the fabric on: the edges' first one (else the first declared)."""
+    edges = [s for s in project.services.values() if s.role == "edge"]
+    if edges:
+        owner = project.services[project.netns_owner(edges[0].name)]
+        if owner.networks:
+            return next(iter(owner.networks))
+    return next(iter(project.networks), None)
+
+
 # --------------------------------------------------------------------------- running
 
 
 def _short(argv: list[str], width: int = 72) -> str:
     text = " ".join(argv[:-1] + [argv[-1].strip().splitlines()[0] if argv[-1].strip() else ""])
     return text if len(text) <= width and "\n" not in argv[-1].strip() else text[: width - 3] + "..."
+
+
+def _fabric_command() -> str:
+    """How the user runs this fabric: the console script next to this interpreter (relative
+    to the working directory when inside it, e.g. .venv/bin/fabric), else python -m fabric."""
+    override = os.environ.get("FABRIC_CLI")
+    if override:
+        return override
+    exe = Path(sys.executable).parent / "fabric"
+    if not exe.exists():
+        return f"{shlex.quote(sys.executable)} -m fabric"
+    try:
+        rel = str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+    return rel if "/" in rel else f"./{rel}"
 
 
 class _Progress:
@@ -641,12 +671,20 @@ class _Progress:
 class ClusterTopology(Topology):
     """Namespaces for a compose project: one per group, one bridge namespace per network."""
 
-    def __init__(self, project: Project, prefix: str | None = None, keep_workdir: bool = False) -> None:
+    def __init__(self, project: Project, prefix: str | None = None, keep_workdir: bool = False,
+                 client_ns: list[str] | None = None) -> None:
         super().__init__(clients=1, prefix=prefix, keep_workdir=keep_workdir)
         self.project = project
         self.ns_of: dict[str, str] = {}  # instance -> namespace
         self.addresses: dict[tuple[str, str], str] = {}  # (group, network) -> address
         self.volume_dirs: dict[str, Path] = {}
+        # empty namespaces on the edges' network, for clients of the user's own (--client-ns)
+        self.client_groups = list(client_ns or [])
+        self.client_net = client_network(project)
+        for name in self.client_groups:
+            if name in project.groups() or name.startswith("net-"):
+                raise TopologyError(f"--client-ns {name}: a service of {project.path.name} has that namespace; "
+                                    "pick another name")
 
     def ns_name(self, group: str) -> str:
         return f"{self.prefix}-{group}"
@@ -671,6 +709,9 @@ class ClusterTopology(Topology):
             self._add_ns(ns)
             for inst in members:
                 self.ns_of[inst] = ns
+        for name in self.client_groups:
+            say(f"creating namespace {self.ns_name(name)} for a client of your own...")
+            self._add_ns(self.ns_name(name))
         for k, net in enumerate(self.project.networks.values()):
             bns = self.ns_name(f"net-{net.name}")
             say(f"creating network {net.name} {net.subnet} (bridge in {bns})...")
@@ -682,8 +723,10 @@ class ClusterTopology(Topology):
             attached = [g for g in groups if net.name in self._service_of(g).networks]
             static = {self._service_of(g).networks[net.name] for g in attached}
             free = (str(h) for h in net.subnet.hosts() if h != gw and str(h) not in static)
+            if net.name == self.client_net:
+                attached += self.client_groups
             for j, g in enumerate(attached):
-                addr = self._service_of(g).networks[net.name] or next(free)
+                addr = (None if g in self.client_groups else self._service_of(g).networks[net.name]) or next(free)
                 self.addresses[(g, net.name)] = addr
                 gns = self.ns_name(g)
                 eth = f"eth{k}"
@@ -692,6 +735,33 @@ class ClusterTopology(Topology):
                 self.run(bns, ["ip", "link", "set", f"v{j}", "master", "br0", "up"])
                 self.run(gns, ["ip", "addr", "add", f"{addr}/{net.subnet.prefixlen}", "dev", eth])
                 self.run(gns, ["ip", "link", "set", eth, "up"])
+
+    def close(self) -> None:
+        """Also ends what the user started in the client namespaces (wg-quick's wireguard-go)."""
+        if self._closed:
+            return
+        from fabric.testnet import WG_RUN_DIR
+
+        ifnames: list[str] = []
+        for name in self.client_groups:
+            ns = self.ns_name(name)
+            if ns not in self._created:
+                continue
+            cp = self.run(ns, ["ip", "-o", "link", "show"], check=False)
+            ifnames += [m for m in re.findall(r"^\d+: ([^:@]+)", cp.stdout, re.M) if m != "lo" and not m.startswith("eth")]
+            cp = self.run(None, ["ip", "netns", "pids", ns], check=False)
+            pids = [int(x) for x in cp.stdout.split() if x.isdigit()]
+            for pid in pids:  # politely first: wireguard-go removes its UAPI socket on SIGTERM
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 3.0
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+                time.sleep(0.05)
+        super().close()  # SIGKILLs whatever is left in every namespace, then deletes them
+        for ifname in ifnames:
+            with contextlib.suppress(OSError):
+                (WG_RUN_DIR / f"{ifname}.sock").unlink()
 
     def _service_of(self, instance: str) -> Service:
         svcs = self.project.services
@@ -751,9 +821,9 @@ class Cluster:
     """A compose project running as processes in namespaces."""
 
     def __init__(self, project: Project, prefix: str | None = None, keep_logs: bool = False,
-                 step: _Progress | None = None) -> None:
+                 step: _Progress | None = None, client_ns: list[str] | None = None) -> None:
         self.project = project
-        self.topo = ClusterTopology(project, prefix=prefix, keep_workdir=keep_logs)
+        self.topo = ClusterTopology(project, prefix=prefix, keep_workdir=keep_logs, client_ns=client_ns)
         self.step = step or _Progress()
         self.instances: dict[str, _Instance] = {}
         self._ready: set[tuple[str, str]] = set()  # (service, condition) met
@@ -868,8 +938,80 @@ class Cluster:
                     self._start(inst)
             time.sleep(0.2)
 
+    # what the user reaches ---------------------------------------------------
+    def metrics_endpoints(self) -> list[tuple[str, str, str]]:
+        """(instance, its namespace, HOST:PORT to scrape from inside it) for every `--metrics` of the file."""
+        from fabric.metrics import format_address, parse_address
+
+        out = []
+        for name in self.project.order:
+            svc = self.project.services[name]
+            addr = _arg(svc.command, "--metrics") if svc.role != "other" else None
+            if not addr:
+                continue
+            host, port = parse_address(addr, f"services.{name}.command --metrics")
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+            for inst in svc.instances():
+                out.append((inst, self.topo.ns_of[inst], format_address(host, port)))
+        return out
+
+    def scrape(self, ns: str, address: str) -> dict[str, float]:
+        """GET /metrics from inside `ns`; {sample name: value summed over its label sets}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        cp = self.topo.run(ns, [sys.executable, "-c", _SCRAPE, address], check=False, timeout=20)
+        if cp.returncode != 0:
+            lines = cp.stderr.strip().splitlines()
+            raise TopologyError(f"http://{address}/metrics in {ns}: {lines[-1] if lines else 'no answer'}")
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(cp.stdout):
+            for s in fam.samples:
+                out[s.name] = out.get(s.name, 0.0) + float(s.value)
+        return out
+
+    def server_tunnel_ip(self) -> str | None:
+        addr = _arg(self.broker.command, "--address")
+        return addr.split("/")[0] if addr else None
+
+    def client_endpoint(self) -> str | None:
+        """The edges' UDP endpoint on the client network, as a client dials it."""
+        edges = [s for s in self.project.services.values() if s.role == "edge"]
+        net = self.topo.client_net
+        if not edges or net is None:
+            return None
+        addr = self.topo.addresses.get((self.project.netns_owner(edges[0].name), net))
+        port = _arg(edges[0].command, "--listen-port") or "51820"
+        return f"{addr}:{port}" if addr else None
+
+    def next_steps(self) -> list[str]:
+        """The commands a newcomer runs next against this very run (paths and namespaces filled in)."""
+        fab = f"sudo {_fabric_command()}"
+        sd = shlex.quote(str(self.topo.state_dir_of(self.broker)))
+        lines = [f"  {fab} status --state-dir {sd}          # every process, its health and load; --json"]
+        endpoint = self.client_endpoint()
+        server_ip = self.server_tunnel_ip()
+        names = self.topo.client_groups or []
+        for name in names:
+            ns = self.topo.ns_name(name)
+            where = self.topo.addresses.get((name, self.topo.client_net or ""), "")
+            lines.append(f"  {fab} peer add {name} --state-dir {sd}"
+                         + (f" --endpoint {endpoint}" if endpoint else "") + f" -o {name}.conf")
+            lines.append(f"  sudo ip netns exec {ns} wg-quick up ./{name}.conf      "
+                         f"# a client in namespace {ns} ({where}); wireguard-go without the kernel module")
+            if server_ip:
+                lines.append(f"  sudo ip netns exec {ns} ping -c 3 {server_ip}")
+        if not names:
+            lines.append("  (add --client-ns NAME for a namespace on the underlay to run a client of your own in)")
+        for inst, ns, addr in self.metrics_endpoints():
+            lines.append(f"  sudo ip netns exec {ns} curl -s http://{addr}/metrics      # {inst}")
+        owners = ", ".join(self.topo.ns_name(g) for g in self.project.groups())
+        lines.append(f"  sudo ip netns exec NAMESPACE sh      # a shell beside any service: {owners}")
+        return lines
+
     def check(self, timeout: float = 30.0) -> bool:
-        """Ping each label's address from its service's namespace; show the fabric's view."""
+        """Ping each label's address from its service's namespace; scrape every metrics endpoint
+        for the sessions that made; show `fabric status`."""
         targets = [(s, s.labels[CHECK_LABEL]) for s in self.project.services.values() if CHECK_LABEL in s.labels]
         if not targets:
             raise TopologyError(f"--check: no service has the label {CHECK_LABEL}=ADDRESS; add it to the client")
@@ -884,14 +1026,31 @@ class Cluster:
             self.step(f"check: {svc.name} -> {addr}: {res.received}/{res.transmitted} replies"
                       + (f", avg RTT {res.rtt_avg_ms:.3f} ms" if res.rtt_avg_ms is not None else "")
                       + ("" if good else "  FAILED"))
+        for inst, ns, addr in self.metrics_endpoints():
+            # the session the ping made: the broker committed it, every edge and worker holds it
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    sessions: float | None = self.scrape(ns, addr).get("fabric_sessions")
+                    err = "" if sessions is not None else "no fabric_sessions sample"
+                except TopologyError as exc:
+                    sessions, err = None, str(exc)
+                if (sessions or 0) >= 1 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.5)
+            good = sessions is not None and sessions >= 1
+            ok = ok and good
+            self.step(f"check: metrics {inst} http://{addr}/metrics (in {ns}): "
+                      + (f"fabric_sessions {sessions:g}" if sessions is not None else err)
+                      + ("" if good else "  FAILED: expected at least 1 session"))
         sd = str(self.topo.state_dir_of(self.broker))
-        for what in ("status", "sessions"):
-            self.step(f"fabric admin {what}")
-            cp = self.topo.run(None, fabric_argv("admin", what, "--state-dir", sd), check=False,
-                               env=self.topo.env_of(self.broker))
-            print((cp.stdout or cp.stderr).rstrip(), flush=True)
-            ok = ok and cp.returncode == 0
-        return ok
+        self.step("fabric status")
+        cp = self.topo.run(None, fabric_argv("status", "--state-dir", sd), check=False,
+                           env=self.topo.env_of(self.broker))
+        print((cp.stdout + cp.stderr).rstrip(), flush=True)
+        if cp.returncode != 0:
+            self.step(f"check: fabric status exited {cp.returncode}  FAILED")
+        return ok and cp.returncode == 0
 
     def failures(self) -> str:
         return self.topo.log_tails(15)
@@ -914,6 +1073,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each start condition (default 60)")
     up.add_argument("--prefix", help="namespace name prefix (default fab + 6 random hex digits)")
     up.add_argument("--keep-logs", action="store_true", help="keep the work directory with every process log")
+    up.add_argument("--client-ns", action="append", default=[], metavar="NAME",
+                    help="also create namespace PREFIX-NAME on the edges' network, empty, for a client of your "
+                         "own (e.g. wg-quick up NAME.conf there); repeatable; removed with the cluster")
     ck = sub.add_parser("check", help="validate a compose file for the fabric and show its topology")
     ck.add_argument("file", nargs="?", default="compose.yaml", help="compose file (default compose.yaml)")
 
@@ -938,8 +1100,18 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"missing {', '.join(missing)}: run scripts/setup.sh (apt-get install wireguard-go wireguard-tools iproute2 iputils-ping)")
     if args.prefix and not re.fullmatch(r"[a-z][a-z0-9]{1,9}", args.prefix):
         raise ConfigError(f"--prefix {args.prefix!r}: use 2 to 10 lowercase letters and digits, e.g. {new_prefix()}")
+    for name in args.client_ns:
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name):
+            raise ConfigError(f"--client-ns {name!r}: use 1 to 12 lowercase letters and digits, e.g. laptop "
+                              "(it also names the client's interface)")
+    if args.client_ns and client_network(project) is None:
+        raise ConfigError(f"--client-ns: {project.path.name} declares no network to attach a client to; add one")
     step = _Progress()
-    cluster = Cluster(project, prefix=args.prefix, keep_logs=args.keep_logs, step=step)
+    try:
+        cluster = Cluster(project, prefix=args.prefix, keep_logs=args.keep_logs, step=step,
+                          client_ns=list(dict.fromkeys(args.client_ns)))
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
     stop = [False]
     old_term = signal.signal(signal.SIGTERM, _sigterm)
     rc = 0
@@ -950,10 +1122,10 @@ def run(args: argparse.Namespace) -> int:
             rc = 0 if cluster.check() else 1
             step("check " + ("passed" if rc == 0 else "FAILED"))
         else:
-            step(f"cluster up: {n} processes in {len(project.groups())} namespaces; "
-                 f"logs in {cluster.topo.log_dir}; Ctrl-C stops")
-            sd = cluster.topo.state_dir_of(cluster.broker)
-            print(f"  fabric admin status --state-dir {sd}", flush=True)
+            step(f"cluster up: {n} processes in {len(project.groups())} namespaces; logs in {cluster.topo.log_dir}")
+            print("next, in another terminal:", flush=True)
+            print("\n".join(cluster.next_steps()), flush=True)
+            step(f"ready; Ctrl-C (or kill -TERM {os.getpid()}) stops it and removes everything")
             try:
                 cluster.supervise(stop, args.duration)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop it

@@ -3,8 +3,10 @@ same topology run as processes in network namespaces (``fabric cluster up``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -59,6 +61,12 @@ def test_repo_file_topology() -> None:
     for net in p.networks.values():
         assert net.subnet.subnet_of(cluster.ALLOWED_NET)
     assert "6 services, 7 processes in 6 network namespaces" in p.summary()
+    # metrics on: the broker on its own underlay address, the edges on their shared one, a port each
+    metrics = {s.name: cluster._arg(s.command, "--metrics") for s in p.services.values()}
+    assert metrics["broker"] == "198.18.10.4:9580" and p.services["broker"].networks == {"underlay": "198.18.10.4"}
+    assert (metrics["edge0"], metrics["edge1"]) == ("198.18.10.2:9581", "198.18.10.2:9582")
+    assert p.services["edge0"].networks == {"underlay": "198.18.10.2"}
+    assert cluster.client_network(p) == "underlay"
 
 
 def test_interpolation_like_compose() -> None:
@@ -89,7 +97,7 @@ def test_no_services() -> None:
 
 
 def test_missing_broker_service() -> None:
-    text = broken("command: fabric broker", "command: fabric admin peers")
+    text = broken("      fabric broker --address", "      fabric admin peers --address")
     assert error_of(text) == ("compose.yaml: missing service: none runs `fabric broker`; add one with "
                               "command: fabric broker --address 198.19.100.1/24")
 
@@ -167,8 +175,7 @@ def test_undeclared_volume() -> None:
 
 
 def test_dependency_cycle() -> None:
-    text = broken("    network_mode: none\n    healthcheck:",
-                  "    network_mode: none\n    depends_on: [client]\n    healthcheck:")
+    text = broken("    healthcheck:\n", "    depends_on: [client]\n    healthcheck:\n")
     msg = error_of(text)
     assert msg.startswith("compose.yaml: services.") and "a cycle (" in msg and "remove one of these dependencies" in msg
 
@@ -234,6 +241,23 @@ def test_cli_missing_file(tmp_path: Path) -> None:
                                  "give the path of compose.yaml (the repository has one)")
 
 
+def test_cli_client_ns_bad_name() -> None:
+    cp = _cli("cluster", "up", str(COMPOSE), "--client-ns", "Laptop_1")
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr
+    assert cp.stderr.strip() == ("fabric: error: --client-ns 'Laptop_1': use 1 to 12 lowercase letters and digits, "
+                                 "e.g. laptop (it also names the client's interface)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fabric cluster up refuses to start without root first")
+def test_cli_client_ns_taken_by_service() -> None:
+    prefix = new_prefix()
+    cp = _cli("cluster", "up", str(COMPOSE), "--client-ns", "client", "--prefix", prefix)
+    assert cp.returncode == 1 and "Traceback" not in cp.stderr
+    assert cp.stderr.strip() == ("fabric: error: --client-ns client: a service of compose.yaml has that namespace; "
+                                 "pick another name")
+    assert _leftovers(prefix) == []
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None,
                     reason="docker-compose not installed (apt-get install docker-compose; scripts/setup.sh does it)")
 def test_docker_compose_accepts_file() -> None:
@@ -290,6 +314,14 @@ def test_cluster_up_check_pings_through_wireguard_go() -> None:
     assert re.search(r"^\d+\s+demo\s+198\.18\.10\.3:\d+", out, re.M), out
     assert len(re.findall(r"^worker\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
     assert len(re.findall(r"^edge\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
+    assert re.search(r"^fabric ok: broker up .*, 2 edges, 2 workers up, 1 peer, 1 session$", out, re.M), out
+    # every metrics endpoint of the file, scraped from inside its namespace, holds the session
+    for inst, ns, addr in (("broker", "broker", "198.18.10.4:9580"), ("edge0", "edge0", "198.18.10.2:9581"),
+                           ("edge1", "edge0", "198.18.10.2:9582")):
+        m = re.search(rf"check: metrics {inst} http://{re.escape(addr)}/metrics \(in {prefix}-{ns}\): "
+                      r"fabric_sessions (\d+)$", out, re.M)
+        assert m and int(m.group(1)) >= 1, out
+    assert "FAILED" not in out
     assert _leftovers(prefix) == []
 
 
@@ -335,6 +367,131 @@ def test_cluster_up_stops_on_sigterm() -> None:
     assert proc.returncode == 0, err
     assert "stopped" in out
     assert _leftovers(prefix) == []
+
+
+def _hint(hints: list[str], needle: str) -> list[str]:
+    """The printed command containing `needle`, as argv without sudo and the trailing comment."""
+    found = [h for h in hints if needle in h]
+    assert len(found) == 1, f"no single next-step line with {needle!r}:\n" + "\n".join(hints)
+    argv = shlex.split(found[0].split("  #", 1)[0])
+    assert argv[0] == "sudo", found[0]
+    argv = argv[1:]
+    if "/" in argv[0] and not os.path.isabs(argv[0]):
+        argv[0] = str(ROOT / argv[0])  # relative to where `fabric cluster up` ran
+    if argv[:4] == ["ip", "netns", "exec", argv[3]] and argv[4] == "curl" and shutil.which("curl") is None:
+        argv = [*argv[:4], sys.executable, "-c", cluster._SCRAPE, argv[-1].removeprefix("http://").split("/")[0]]
+    return argv
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+@pytest.mark.netns
+def test_readme_path_second_client(tmp_path: Path) -> None:
+    """What README's Compose cluster section tells a newcomer, with the commands `fabric cluster up` prints:
+    a second peer, a wireguard-go client of one's own (wg-quick) in a namespace on the underlay, the
+    fabric's view of it (fabric status, metrics), then SIGTERM leaves nothing behind."""
+    prefix = new_prefix()
+    name = "c" + prefix[3:]  # the peer, its namespace and its interface: unique to this run
+    proc = subprocess.Popen(fabric_argv("cluster", "up", str(COMPOSE), "--prefix", prefix, "--client-ns", name),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=fabric_env(), cwd=ROOT)
+    lines: list[str] = []
+    wg_pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "] ready; " in line:
+                break
+        out = "".join(lines)
+        assert "] ready; " in out, f"{out}\n{proc.stderr.read() if proc.poll() is not None else ''}"  # type: ignore[union-attr]
+        assert f"creating namespace {prefix}-{name} for a client of your own" in out
+        hints = [ln.rstrip() for ln in lines if ln.startswith("  sudo ")]
+
+        # fabric peer add NAME ... -o NAME.conf
+        cp = subprocess.run(_hint(hints, f" peer add {name} "), capture_output=True, text=True,
+                            env=fabric_env(), cwd=tmp_path, timeout=60)
+        assert cp.returncode == 0 and cp.stdout.strip() == f"wrote {name}.conf", cp.stderr
+        conf = (tmp_path / f"{name}.conf").read_text()
+        assert "Endpoint = 198.18.10.2:51820" in conf and "AllowedIPs = 198.19.100.0/24" in conf, conf
+
+        # wg-quick up ./NAME.conf in the client namespace: wireguard-go (this kernel has no WireGuard module)
+        cp = subprocess.run(_hint(hints, f"wg-quick up ./{name}.conf"), capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        pids = subprocess.run(["ip", "netns", "pids", f"{prefix}-{name}"], capture_output=True, text=True).stdout
+        comms = {int(p): Path(f"/proc/{p}/comm").read_text().strip() for p in pids.split()}
+        wg_pids = [p for p, c in comms.items() if c == "wireguard-go"]
+        if not Path("/sys/module/wireguard").exists():
+            assert len(wg_pids) == 1, comms
+
+        # it pings the server through the tunnel (the first ping may wait for the handshake)
+        ping = _hint(hints, f"{prefix}-{name} ping ")
+        for _ in range(10):
+            if subprocess.run([*ping[:4], "ping", "-c", "1", "-W", "2", ping[-1]], capture_output=True).returncode == 0:
+                break
+        cp = subprocess.run(ping, capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0 and re.search(r"\b[1-3] received", cp.stdout), cp.stdout
+
+        def fabric_view() -> None:
+            # fabric status --json: every process up, both peers' sessions, the new one from the client namespace
+            cp = subprocess.run([*_hint(hints, " status --state-dir "), "--json"], capture_output=True, text=True,
+                                env=fabric_env(), timeout=60)
+            assert cp.returncode == 0, cp.stdout + cp.stderr
+            view = json.loads(cp.stdout)
+            assert view["health"] == "ok" and view["session_count"] >= 2, view
+            by_peer = {s["peer"]: s for s in view["sessions"]}
+            assert set(by_peer) == {"demo", name}, by_peer
+            assert by_peer[name]["endpoint"].startswith("198.18.10.5:"), by_peer[name]
+            assert sorted((r["role"], r["health"]) for r in view["processes"]) == [
+                ("edge", "up"), ("edge", "up"), ("worker", "up"), ("worker", "up")], view["processes"]
+            assert {r["metrics"] for r in view["processes"] if r["role"] == "edge"} == {
+                "198.18.10.2:9581", "198.18.10.2:9582"}
+
+            # the metrics endpoints, as printed: the edge holds both sessions, the broker knows the new peer
+            cp = subprocess.run(_hint(hints, "# edge0"), capture_output=True, text=True, timeout=60)
+            assert cp.returncode == 0, cp.stderr
+            edge = _samples(cp.stdout)
+            assert [v for n, _l, v in edge if n == "fabric_sessions"][0] >= 2, cp.stdout
+            cp = subprocess.run(_hint(hints, "# broker"), capture_output=True, text=True, timeout=60)
+            assert cp.returncode == 0, cp.stderr
+            broker = _samples(cp.stdout)
+            assert [v for n, _l, v in broker if n == "fabric_sessions"][0] >= 2
+            assert [v for n, lab, v in broker if n == "fabric_peer_latest_handshake_seconds" and lab["peer"] == name][0] > 0
+            rx = [v for n, lab, v in broker if n == "fabric_peer_packets_total" and lab["peer"] == name
+                  and lab["direction"] == "rx"]
+            assert rx and rx[0] > 0, [s for s in broker if s[0].startswith("fabric_peer")]
+
+        # edges and workers report to the broker about once a second: allow a few reports
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                fabric_view()
+                break
+            except AssertionError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1)
+
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in rest and "Traceback" not in err
+    assert _leftovers(prefix) == []
+    # the client the user started went with its namespace, and so did its UAPI socket
+    assert [p for p in wg_pids if Path(f"/proc/{p}").exists()] == []
+    assert not Path(f"/var/run/wireguard/{name}.sock").exists()
 
 
 if __name__ == "__main__":
