@@ -988,28 +988,27 @@ class Cluster:
         """The commands a newcomer runs next against this very run (paths and namespaces filled in)."""
         fab = f"sudo {_fabric_command()}"
         sd = shlex.quote(str(self.topo.state_dir_of(self.broker)))
-        lines = [f"  {fab} status --state-dir {sd}          # every process, its health and load; --json"]
+        steps: list[tuple[str, str]] = [(f"{fab} status --state-dir {sd}", "processes, health, load, sessions")]
         endpoint = self.client_endpoint()
         server_ip = self.server_tunnel_ip()
-        names = self.topo.client_groups or []
-        for name in names:
+        for name in self.topo.client_groups:
             ns = self.topo.ns_name(name)
             where = self.topo.addresses.get((name, self.topo.client_net or ""), "")
-            lines.append(f"  {fab} peer add {name} --state-dir {sd}"
-                         + (f" --endpoint {endpoint}" if endpoint else "") + f" -o {name}.conf")
-            lines.append(f"  sudo ip netns exec {ns} wg-quick up ./{name}.conf      "
-                         f"# a client in namespace {ns} ({where}); wireguard-go without the kernel module")
+            steps.append((f"{fab} peer add {name} --state-dir {sd}"
+                          + (f" --endpoint {endpoint}" if endpoint else "") + f" -o {name}.conf", "a new peer"))
+            steps.append((f"sudo ip netns exec {ns} wg-quick up ./{name}.conf",
+                          f"its client, in {ns} ({where})"))
             if server_ip:
-                lines.append(f"  sudo ip netns exec {ns} ping -c 3 {server_ip}")
-        if not names:
-            lines.append("  (add --client-ns NAME for a namespace on the underlay to run a client of your own in)")
+                steps.append((f"sudo ip netns exec {ns} ping -c 3 {server_ip}", "through the tunnel"))
+        if not self.topo.client_groups:
+            steps.append(("", "--client-ns NAME adds a namespace on the underlay for a client of your own"))
         for inst, ns, addr in self.metrics_endpoints():
-            lines.append(f"  sudo ip netns exec {ns} curl -s http://{addr}/metrics      # {inst}")
-        owners = ", ".join(self.topo.ns_name(g) for g in self.project.groups())
-        lines.append(f"  sudo ip netns exec NAMESPACE sh      # a shell beside any service: {owners}")
-        return lines
+            steps.append((f"sudo ip netns exec {ns} curl -s http://{addr}/metrics", inst))
+        steps.append(("sudo ip netns exec NAMESPACE sh", "a shell beside a service: "
+                      + ", ".join(self.topo.ns_name(g) for g in self.project.groups())))
+        return [f"  {cmd}   # {why}" if cmd else f"  # {why}" for cmd, why in steps]
 
-    def check(self, timeout: float = 30.0) -> bool:
+    def check(self, timeout: float = 30.0, metrics_wait: float = 10.0) -> bool:
         """Ping each label's address from its service's namespace; scrape every metrics endpoint
         for the sessions that made; show `fabric status`."""
         targets = [(s, s.labels[CHECK_LABEL]) for s in self.project.services.values() if CHECK_LABEL in s.labels]
@@ -1028,7 +1027,7 @@ class Cluster:
                       + ("" if good else "  FAILED"))
         for inst, ns, addr in self.metrics_endpoints():
             # the session the ping made: the broker committed it, every edge and worker holds it
-            deadline = time.monotonic() + 10.0
+            deadline = time.monotonic() + metrics_wait
             while True:
                 try:
                     sessions: float | None = self.scrape(ns, addr).get("fabric_sessions")
@@ -1122,11 +1121,12 @@ def run(args: argparse.Namespace) -> int:
             rc = 0 if cluster.check() else 1
             step("check " + ("passed" if rc == 0 else "FAILED"))
         else:
-            step(f"cluster up: {n} processes in {len(project.groups())} namespaces; logs in {cluster.topo.log_dir}")
-            print("next, in another terminal:", flush=True)
-            print("\n".join(cluster.next_steps()), flush=True)
-            step(f"ready; Ctrl-C (or kill -TERM {os.getpid()}) stops it and removes everything")
-            try:
+            try:  # from here on, Ctrl-C or SIGTERM is the way to stop it
+                step(f"cluster up: {n} processes in {len(project.groups())} namespaces; "
+                     f"logs in {cluster.topo.log_dir}")
+                print("next, in another terminal:", flush=True)
+                print("\n".join(cluster.next_steps()), flush=True)
+                step(f"ready; Ctrl-C (or kill -TERM {os.getpid()}) stops it and removes everything")
                 cluster.supervise(stop, args.duration)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop it
                 step("stopping...")

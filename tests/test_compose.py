@@ -210,6 +210,68 @@ def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
     assert wid == 0
 
 
+# --------------------------------------------------------------------------- --check, the verdict (no namespaces)
+
+
+def _checked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sessions: dict[str, float | None],
+             status_rc: int = 0) -> tuple[bool, str]:
+    """Cluster.check with the namespaces' answers faked: pings pass, each endpoint reports `sessions`."""
+    from fabric.testnet import PingResult, TopologyError
+
+    c = cluster.Cluster(load(COMPOSE), prefix="fabunit")
+    c.topo.ns_of = {inst: c.topo.ns_name(g) for g, members in c.project.groups().items() for inst in members}
+    c.topo.volume_dirs = {v: Path("/nonexistent") / v for v in c.project.volumes}
+    ok = PingResult(5, 5, 0.5, "")
+    monkeypatch.setattr(c.topo, "wait_ping", lambda ns, addr, timeout: ok)
+    monkeypatch.setattr(c.topo, "ping", lambda ns, addr, count: ok)
+    by_addr = {"198.18.10.4:9580": "broker", "198.18.10.2:9581": "edge0", "198.18.10.2:9582": "edge1"}
+    seen: list[tuple[str, str]] = []
+
+    def scrape(ns: str, address: str) -> dict[str, float]:
+        seen.append((ns, address))
+        n = sessions[by_addr[address]]
+        if n is None:
+            raise TopologyError(f"http://{address}/metrics in {ns}: Connection refused")
+        return {"fabric_sessions": n, "fabric_peers": 1.0}
+
+    monkeypatch.setattr(c, "scrape", scrape)
+    monkeypatch.setattr(c.topo, "run", lambda ns, argv, **kw: subprocess.CompletedProcess(
+        argv, status_rc, "fabric ok: ..." if status_rc == 0 else "fabric degraded: no worker is up", ""))
+    result = c.check(timeout=1, metrics_wait=0)
+    assert seen == [("fabunit-broker", "198.18.10.4:9580"), ("fabunit-edge0", "198.18.10.2:9581"),
+                    ("fabunit-edge0", "198.18.10.2:9582")]
+    return result, capsys.readouterr().out
+
+
+def test_check_passes_when_every_endpoint_holds_the_session(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    ok, out = _checked(monkeypatch, capsys, {"broker": 1, "edge0": 1, "edge1": 2})
+    assert ok, out
+    assert "check: metrics edge1 http://198.18.10.2:9582/metrics (in fabunit-edge0): fabric_sessions 2\n" in out
+    assert "FAILED" not in out
+
+
+def test_check_fails_when_an_edge_lacks_the_session(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ok, out = _checked(monkeypatch, capsys, {"broker": 1, "edge0": 1, "edge1": 0})
+    assert not ok
+    assert "metrics edge1 http://198.18.10.2:9582/metrics (in fabunit-edge0): fabric_sessions 0  FAILED" in out
+
+
+def test_check_fails_when_an_endpoint_does_not_answer(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    ok, out = _checked(monkeypatch, capsys, {"broker": None, "edge0": 1, "edge1": 1})
+    assert not ok
+    assert "metrics broker http://198.18.10.4:9580/metrics (in fabunit-broker): http://198.18.10.4:9580/metrics in fabunit-broker: Connection refused  FAILED" in out
+
+
+def test_check_fails_when_fabric_status_is_degraded(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ok, out = _checked(monkeypatch, capsys, {"broker": 1, "edge0": 1, "edge1": 1}, status_rc=1)
+    assert not ok
+    assert "fabric degraded: no worker is up" in out and "check: fabric status exited 1  FAILED" in out
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
