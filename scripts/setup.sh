@@ -14,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates docker-compose zbar-tools)
+PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates docker-compose zbar-tools curl)
 
 missing=()
 for p in "${PKGS[@]}"; do
