@@ -3,7 +3,7 @@
 Creates a server namespace and one client namespace (fabric.testnet), runs
 ``fabric up`` in the server namespace with a temporary state directory, adds a
 peer, connects a wireguard-go client with the printed config, pings, runs
-iperf3 both ways, prints a summary and ``fabric admin sessions``, then removes
+iperf3 both ways, prints a summary and ``fabric status``, then removes
 everything again.
 """
 
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         up = _iperf(topo, client, server_ip, args.seconds, reverse=False)
         step(f"iperf3 server -> client, {args.seconds:g} s...")
         down = _iperf(topo, client, server_ip, args.seconds, reverse=True)
-        step("fabric admin sessions")
-        sessions = cluster.admin("sessions", check=False)
-        print(sessions.stdout.rstrip() or sessions.stderr.rstrip(), flush=True)
+        step("fabric status")
+        status = cluster.cli("status", "--state-dir", str(cluster.state_dir), check=False)
+        print(status.stdout.rstrip() or status.stderr.rstrip(), flush=True)
         cluster.check_alive()
 
         print("\nsummary", flush=True)
