@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import curve, frames, ippacket, metrics, tun
+from fabric import curve, frames, ippacket, metrics, preflight, tun
 from fabric.clone import CloneClient
 from fabric.constants import (
     COOKIE_REPLY_SIZE,
@@ -137,31 +137,13 @@ class TokenBucket:
 
 
 def open_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
-    """A non-blocking UDP socket; `::` is dual-stack, falling back to IPv4 without IPv6."""
-    family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-    try:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    except OSError as exc:
-        if family == socket.AF_INET6 and listen == "::":
-            return open_udp("0.0.0.0", port, reuseport)
-        raise RuntimeError(f"cannot open a UDP socket for {listen}: {exc.strerror}") from exc
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    if reuseport:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    """The edge's non-blocking UDP socket (preflight.bind_udp), with 4 MiB buffers."""
+    sock = preflight.bind_udp(listen, port, reuseport)
     for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
-    try:
-        sock.bind((listen, port))
-    except OSError as exc:
-        sock.close()
-        if family == socket.AF_INET6 and listen == "::" and exc.errno == errno.EADDRNOTAVAIL:
-            return open_udp("0.0.0.0", port, reuseport)
-        hint = " (another program holds it; pick another --listen-port)" if exc.errno == errno.EADDRINUSE else ""
-        raise RuntimeError(f"cannot bind UDP {listen}:{port}: {exc.strerror}{hint}") from exc
     sock.setblocking(False)
     return sock
 

@@ -17,10 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fabric.paths import StateDir
+from fabric.tun import IFF_MULTI_QUEUE, TUN_DEVICE
 
 CAP_NET_ADMIN = 12
-IFF_MULTI_QUEUE = 0x0100
-TUN_DEVICE = "/dev/net/tun"
 
 
 class PreflightError(RuntimeError):
@@ -88,13 +87,16 @@ def check_tun_name(name: str, sys_net: str = "/sys/class/net") -> None:
         )
 
 
-def _probe_udp(listen: str, port: int, reuseport: bool) -> None:
+def bind_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
+    """A UDP socket bound to listen:port (`::` is dual-stack, falling back to IPv4 on a
+    host without IPv6). Errors are PreflightError, one line with the fix. Edges open
+    their socket with it; the preflight probe opens one and closes it again."""
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
     except OSError:
         if family == socket.AF_INET6 and listen == "::":
-            return _probe_udp("0.0.0.0", port, reuseport)
+            return bind_udp("0.0.0.0", port, reuseport)
         raise PreflightError(f"cannot open a UDP socket for {listen}: this host has no IPv6; use --listen 0.0.0.0") from None
     try:
         if family == socket.AF_INET6:
@@ -102,9 +104,11 @@ def _probe_udp(listen: str, port: int, reuseport: bool) -> None:
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((listen, port))
+        return sock
     except OSError as exc:
+        sock.close()
         if family == socket.AF_INET6 and listen == "::" and exc.errno == errno.EADDRNOTAVAIL:
-            return _probe_udp("0.0.0.0", port, reuseport)
+            return bind_udp("0.0.0.0", port, reuseport)
         if exc.errno == errno.EADDRINUSE:
             raise PreflightError(
                 f"UDP port {port} is in use on {listen} by another program (`ss -ulpn sport = :{port}` "
@@ -120,9 +124,8 @@ def _probe_udp(listen: str, port: int, reuseport: bool) -> None:
             ) from None
         raise PreflightError(f"cannot bind UDP {listen}:{port}: {exc.strerror}; fix --listen/--listen-port") from None
     except (socket.gaierror, UnicodeError):
-        raise PreflightError(f"--listen {listen!r} is not an IP address; use e.g. :: or 0.0.0.0") from None
-    finally:
         sock.close()
+        raise PreflightError(f"--listen {listen!r} is not an IP address; use e.g. :: or 0.0.0.0") from None
 
 
 def check_udp_ports(listen: str, ports: Iterable[int], reuseport: bool = False) -> None:
@@ -134,7 +137,7 @@ def check_udp_ports(listen: str, ports: Iterable[int], reuseport: bool = False) 
                 f"UDP port {port} is out of range (edge i binds port+i with --no-reuseport): "
                 "pick a lower --listen-port or fewer --edges"
             )
-        _probe_udp(listen, port, reuseport)
+        bind_udp(listen, port, reuseport).close()
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -18,6 +18,7 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 FLAGS = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
 DEFAULT_MTU = 1420
+TUN_DEVICE = "/dev/net/tun"
 
 
 class TunError(RuntimeError):
@@ -37,7 +38,7 @@ def open_queue(name: str) -> int:
     Returns a non-blocking fd; closing it detaches the queue.
     """
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise TunError("/dev/net/tun is missing: load the tun module (modprobe tun)") from exc
     except PermissionError as exc:
