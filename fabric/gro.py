@@ -146,25 +146,30 @@ def coalesce(packets: Sequence[bytes]) -> list[tuple[bytes, list[int]]]:
         if c is None:
             # a packet of an open flow that cannot merge (a pure ACK, FIN...) ends that
             # flow's group, so it is written after the data before it
-            key = _flow_of(pkt)
-            if key is not None:
-                for k in [k for k in open_groups if k.startswith(key)]:
-                    del open_groups[k]
+            flow = _flow_of(pkt)
+            if flow is not None:
+                _close_flow(open_groups, flow)
             out.append((PLAIN + pkt, [i]))
             continue
         key, ihl, thl, payload, v6 = c
         g = open_groups.get(key)
         if g is not None and g.add(pkt, i, payload):
             continue
-        if g is None:
-            flow = _flow_of(pkt)
-            if flow is not None:  # a new key of a flow with an open group (e.g. new ACK number)
-                for k in [k for k in open_groups if k.startswith(flow)]:
-                    del open_groups[k]
+        if g is None:  # a new key of a flow with an open group (e.g. a new ACK number)
+            _close_flow(open_groups, key[: _FLOW_V6 if v6 else _FLOW_V4])
         g = _Group(pkt, i, ihl, thl, payload, v6)
         open_groups[key] = g
         out.append(g)
     return [(o.build(), o.members) if isinstance(o, _Group) else o for o in out]
+
+
+def _close_flow(open_groups: dict[bytes, _Group], flow: bytes) -> None:
+    """End every open group of `flow` (a prefix of their keys)."""
+    for k in [k for k in open_groups if k.startswith(flow)]:
+        del open_groups[k]
+
+
+_FLOW_V4, _FLOW_V6 = 12, 36  # addresses and ports: the first bytes of a candidate's key
 
 
 def _flow_of(pkt: bytes) -> bytes | None:

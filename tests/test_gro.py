@@ -251,3 +251,15 @@ def test_coalesce_keeps_every_flow_byte_for_byte(packets: list[bytes]) -> None:
     for f in {flow(p) for p in packets if flow(p) is not None}:
         idx = [i for i in order if flow(packets[i]) == f]
         assert idx == sorted(idx)
+
+
+def test_new_ack_number_ends_the_flow_s_open_group() -> None:
+    # same flow, new ACK number: a new group, and the old one takes nothing more, so
+    # a later segment cannot be written before the one that came first
+    for v6 in (False, True):
+        segs = [tcp(0, b"a" * 10, ack=1, v6=v6), tcp(100, b"b" * 10, ack=2, v6=v6),
+                tcp(10, b"c" * 10, ack=1, v6=v6)]  # the last would fit the first's run
+        assert [m for _, m in written(segs)] == [[0], [1], [2]]
+        for p in segs:
+            c = gro._candidate(p)
+            assert c is not None and c[0].startswith(gro._flow_of(p) or b"?")
