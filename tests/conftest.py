@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fabric.testnet import Topology, cleanup_stale
+from fabric.testnet import FabricCluster, Topology, cleanup_stale
 
 # Callables returning log text; appended to the report of a failing test.
 LOG_SOURCES: list[Callable[[], str]] = []
@@ -68,3 +68,15 @@ def topo2() -> Iterator[Topology]:
             yield t
         finally:
             LOG_SOURCES.remove(t.log_tails)
+
+
+@pytest.fixture
+def fab(topo2: Topology) -> Iterator[FabricCluster]:
+    """A broker, 2 edges and 2 workers on 198.19.100.1/24, UDP 51820, in topo2's server
+    namespace; at the end no fabric process may have died during the test."""
+    cluster = FabricCluster(topo2, address="198.19.100.1/24", listen_port=51820, edges=2, workers=2)
+    cluster.start()
+    yield cluster
+    cluster.check_alive()
+    cluster.stop()
+

@@ -13,7 +13,6 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -26,7 +25,6 @@ from fabric.testnet import FabricCluster, Topology
 
 pytestmark = pytest.mark.netns
 
-ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"
 PORT = 51820
 
@@ -42,14 +40,6 @@ for i, h in enumerate(items):
         time.sleep(0.005)  # pace: the test counts every drop, so none may be lost in queues
 """
 
-
-@pytest.fixture
-def fab(topo2: Topology) -> Iterator[FabricCluster]:
-    cluster = FabricCluster(topo2, address=ADDRESS, listen_port=PORT, edges=2, workers=2)
-    cluster.start()
-    yield cluster
-    cluster.check_alive()
-    cluster.stop()
 
 
 def send_datagrams(topo: Topology, fab: FabricCluster, datagrams: list[bytes], k: int = 2) -> None:

@@ -9,7 +9,6 @@ the tails of every process log (see conftest.LOG_SOURCES).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,16 +33,6 @@ SESSION_KEYS = {
     "packets_per_worker",
 }
 
-
-@pytest.fixture
-def fab(topo2: Topology) -> Iterator[FabricCluster]:
-    cluster = FabricCluster(
-        topo2, address=ADDRESS, listen_port=PORT, edges=2, workers=2, mode="separate"
-    )
-    cluster.start()
-    yield cluster
-    cluster.check_alive()  # no fabric process may have died during the test
-    cluster.stop()
 
 
 def sessions_of(fab: FabricCluster, name: str) -> list[dict[str, Any]]:

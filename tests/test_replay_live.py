@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -33,7 +33,6 @@ from fabric.testnet import Capture, FabricCluster, Topology, UdpPacket, WgClient
 
 pytestmark = pytest.mark.netns
 
-ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"
 PORT = 51820
 
@@ -196,14 +195,6 @@ class Replayer:
         assert self.sport not in used
         return self.n * ports
 
-
-@pytest.fixture
-def fab(topo2: Topology) -> Iterator[FabricCluster]:
-    cluster = FabricCluster(topo2, address=ADDRESS, listen_port=PORT, edges=2, workers=2)
-    cluster.start()
-    yield cluster
-    cluster.check_alive()
-    cluster.stop()
 
 
 def wait_process(fab: FabricCluster, role: str, rid: int, pid: int, timeout: float = 20.0) -> None:
