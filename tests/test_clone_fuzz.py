@@ -10,6 +10,7 @@ publisher's state and KTHXBAI, exactly like brokers/broker.py.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import struct
 import time
@@ -246,6 +247,30 @@ def test_gap_triggers_resnapshot(pair: tuple[FakeBroker, Subscriber]) -> None:
     s.pump()
     _assert_converged(b, s)
     assert s.client.snapshots == 2
+
+
+def test_gap_right_after_a_snapshot_is_quiet_mid_stream_warns(
+    pair: tuple[FakeBroker, Subscriber], caplog: pytest.LogCaptureFixture
+) -> None:
+    b, s = pair
+    s.sync()
+    b.set(b"a", {"v": 1})  # published while the SUB was "still joining": lost
+    b.publish(b.set(b"a", {"v": 2}))
+    with caplog.at_level(logging.INFO, logger="fabric"):
+        s.pump()
+    gaps = [r for r in caplog.records if "sequence gap" in r.getMessage()]
+    assert [r.levelno for r in gaps] == [logging.INFO]  # the slow joiner: repaired, not news
+    _assert_converged(b, s)
+    caplog.clear()
+    b.publish(b.set(b"a", {"v": 3}))  # one update applied: the stream is running
+    s.pump()
+    b.set(b"a", {"v": 4})  # lost mid-stream
+    b.publish(b.set(b"a", {"v": 5}))
+    with caplog.at_level(logging.INFO, logger="fabric"):
+        s.pump()
+    gaps = [r for r in caplog.records if "sequence gap" in r.getMessage()]
+    assert [r.levelno for r in gaps] == [logging.WARNING]
+    _assert_converged(b, s)
 
 
 def test_reordered_updates_converge(pair: tuple[FakeBroker, Subscriber]) -> None:

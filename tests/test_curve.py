@@ -72,7 +72,13 @@ def test_curve_remote_worker_and_admin(topo2: Topology) -> None:
 
     client = fab.connect_client(2, "alice", timeout=30)
     assert client.ping(SERVER_IP, count=5).all_ok
-    rows = fab.sessions()
+    # the worker reports its packets once a second: wait for that report (bounded)
+    deadline = time.monotonic() + 5
+    while True:
+        rows = fab.sessions()
+        if (rows and rows[0]["packets_per_worker"].get("9", 0) > 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert rows and rows[0]["packets_per_worker"].get("9", 0) > 0, rows
     time.sleep(2)
     assert worker.poll() is None and rogue.poll() is None
