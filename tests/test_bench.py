@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_defaults() -> None:
     a = _parser().parse_args([])
     assert a.seconds == 8.0 and a.systems == ["wg", "ovpn", "fabric"]
-    assert (a.edges, a.workers, a.scaling, a.json) == (2, 2, False, None)
+    assert (a.edges, a.workers, a.scaling, a.json, a.rounds) == (2, 2, False, None, 3)
 
 
 def test_parse_systems_aliases_order_and_errors() -> None:
@@ -274,8 +274,8 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     t0 = time.monotonic()
     cp = subprocess.run(
         [sys.executable, "-m", "fabric.bench", "--seconds", "1", "--systems", "wg,fabric",
-         "--pings", "5", "--json", str(out)],
-        capture_output=True, text=True, timeout=150, env=fabric_env(), cwd=ROOT,
+         "--pings", "5", "--rounds", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT,
     )
     elapsed = time.monotonic() - t0
     print(cp.stdout[-6000:])
@@ -291,6 +291,7 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     for r in runs:
         assert not r.get("error"), r
         assert r["mbit_s"] > 0, r
+        assert r["rounds"] == 2 and len(r["mbit_s_rounds"]) == 2 and r["mbit_s"] in r["mbit_s_rounds"], r
         assert r["server_cpu_s_per_gb"] is not None and r["server_cpu_s_per_gb"] >= 0, r
         assert "pps" in r and "rtt_ms" in r and "cpu_by_component" in r
         if r["test"].startswith("udp"):
@@ -304,12 +305,32 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
             assert r["cpu_by_component"]["edge"] > 0 and r["cpu_by_component"]["worker"] > 0, r
             assert r["mbit_ratio_wg"] is not None and r["mbit_ratio_wg"] > 0
     for s in ("wg", "fabric"):
-        assert doc["systems"][s]["rtt_ms"] > 0
+        assert doc["systems"][s]["rtt_ms"] > 0 and len(doc["systems"][s]["rtt_ms_rounds"]) == 2
+    assert doc["rounds"] == 2 and "round 2/2" in cp.stdout
     assert "xWG" in cp.stdout and "idle ping RTT" in cp.stdout
     prefixes = _prefixes(cp.stdout)
     assert len(prefixes) == 2, where  # one topology per system
     assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
-    assert elapsed < 90, f"took {elapsed:.0f}s{where}"
+    assert elapsed < 180, f"took {elapsed:.0f}s{where}"
+
+
+def test_rounds_rotate_and_the_median_round_is_reported() -> None:
+    assert bench.rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert bench.rotated([], 3) == []
+    rs = [{"mbit_s": 300.0, "server_cpu_s_per_gb": 9.0, "x": 1},
+          {"mbit_s": 500.0, "server_cpu_s_per_gb": 7.0, "x": 2},
+          {"mbit_s": 0.0, "error": "iperf3 died"},
+          {"mbit_s": 400.0, "server_cpu_s_per_gb": 8.0, "x": 3}]
+    m = bench.median_run(rs)
+    assert m["x"] == 3 and m["mbit_s"] == 400.0  # the middle one of the three that ran
+    assert m["rounds"] == 4 and m["failed_rounds"] == 1
+    assert m["mbit_s_rounds"] == [300.0, 500.0, 0.0, 400.0]
+    assert m["server_cpu_s_per_gb_rounds"] == [9.0, 7.0, None, 8.0]
+    assert bench.median_run(rs[:2])["x"] == 1  # even count: the lower middle
+    assert bench.median_run([rs[2]]).get("error")  # nothing ran: the failure is reported
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0 and bench.median([1.0, 2.0]) == 1.5
+    assert bench.median([]) is None
 
 
 def _netns() -> list[str]:

@@ -65,6 +65,7 @@ log = Log("worker")
 
 _HDR = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
+_ZEROS = bytes(PADDING_MULTIPLE)
 ZERO_PSK = bytes(32)
 
 
@@ -322,13 +323,13 @@ class Worker:
         if s is None:
             return
         seal = s.seal.encrypt
-        out = []
+        out: list[bytes] = []
+        append = out.append
         counter = frame.counter0
-        hdr = _HDR.pack
+        hdr, nonce, join, remote = _HDR.pack, _NONCE.pack, b"".join, s.remote_index
         for pkt in frame.packets:
-            pad = -len(pkt) % PADDING_MULTIPLE  # whitepaper 5.4.6
-            pt = bytes(pkt) + bytes(pad) if pad else pkt
-            out.append(hdr(MSG_TRANSPORT, s.remote_index, counter) + seal(_NONCE.pack(counter), pt, None))
+            pad = -len(pkt) % PADDING_MULTIPLE  # whitepaper 5.4.6: one copy, padding included
+            append(hdr(MSG_TRANSPORT, remote, counter) + seal(nonce(counter), join((pkt, _ZEROS[:pad])) if pad else pkt, None))
             counter += 1
         self.count("encrypted", len(out))
         self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
