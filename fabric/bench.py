@@ -1,11 +1,14 @@
 """``fabric bench``: fabric against its anchors, measured in one run.
 
-Builds throwaway network namespaces (``fabric.testnet``: a server namespace and
-one client namespace joined by a veth pair, underlay 198.18.1.0/24) for every
-system, starts them all, then measures them taking turns (``--rounds``, each
-round in a rotated order) and reports the median round of each test: neighbours
-on a shared VM move single runs by 10-30% within minutes, and systems measured
-one after the other would each get a different spell of it. The systems:
+Measures ``--rounds`` rounds (default 3); in each, every system in turn (the order
+rotated from round to round) gets throwaway network namespaces
+(``fabric.testnet``: a server namespace and one client namespace joined by a veth
+pair, underlay 198.18.1.0/24), is measured and torn down again. Each test reports
+its median round: neighbours on a shared VM move single runs by 10-30% within
+minutes, and systems measured once, one after the other, would each get a
+different spell of it. (Systems are not left up while others are measured: with
+five idle systems beside it, a fabric download fell from 395-445 to 328 Mbit/s
+in one comparison here, their timers and wakeups competing.) The systems:
 
 * ``wg``: a wireguard-go client to a wireguard-go server (tunnel 198.19.200.0/24);
 * ``ovpn``: an OpenVPN 2.6 client to an OpenVPN server (userspace, one process,
@@ -756,13 +759,11 @@ def _shielded() -> Iterator[None]:
 
 @dataclass
 class Bench:
-    """One system set up in its own namespaces, waiting for its turn."""
+    """One system set up in its own namespaces."""
 
     spec: SystemSpec
     topo: Topology
     target: Target | None = None
-    failed: str | None = None
-    pings: list[float] = field(default_factory=list)
 
 
 def setup_system(spec: SystemSpec, args: argparse.Namespace, step: _Progress,
@@ -834,38 +835,39 @@ def median(values: Sequence[float]) -> float | None:
     return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
 
 
-def measure_round(benches: Sequence[Bench], k: int, args: argparse.Namespace, step: _Progress,
+def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Progress,
                   samples: dict[tuple[str, str], list[dict[str, Any]]],
-                  systems: dict[str, dict[str, Any]]) -> None:
-    """Round k: the idle RTT of every system, then each test on every system in turn."""
-    rounds = args.rounds
-    tag = f"round {k + 1}/{rounds}: " if rounds > 1 else ""
-    live = [b for b in benches if b.failed is None]
-    for b in rotated(live, k):
+                  systems: dict[str, dict[str, Any]], pings: dict[str, list[float]]) -> None:
+    """Round k of one system: set it up in fresh namespaces, the idle RTT, every test,
+    tear it down (a system waiting for its turn would be idle, but not free: its
+    timers and wakeups would run beside the one being measured)."""
+    tag = f"round {k + 1}/{args.rounds}: " if args.rounds > 1 else ""
+    b = setup_system(spec, args, step, systems)
+    try:
         assert b.target is not None
         ping = b.topo.ping(b.target.client_ns, b.target.server_ip, count=args.pings, timeout=2.0,
                            interval=0.1)
         if ping.rtt_avg_ms is not None:
-            b.pings.append(ping.rtt_avg_ms)
-        info = systems[b.spec.name]
+            pings.setdefault(spec.name, []).append(ping.rtt_avg_ms)
+        info = systems[spec.name]
         info["ping_loss"] = info.get("ping_loss", 0) + ping.transmitted - ping.received
-        step(f"{tag}{b.spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
+        step(f"{tag}{spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
              f"({ping.received}/{ping.transmitted} replies)")
-    for test in TESTS:
-        for b in rotated([b for b in benches if b.failed is None], k):
-            assert b.target is not None
-            try:
-                b.target.check()
-            except Exception as e:
-                b.failed = str(e).strip() or type(e).__name__
-                step(f"{b.spec.name}: FAILED: {b.failed.splitlines()[0]}")
-                continue
+        for test in TESTS:
+            b.target.check()
             time.sleep(SETTLE)
-            r = measure(b.topo, b.target, b.spec, test, args.seconds)
-            if b.spec.kind == "fabric":
-                r.update({"edges": b.spec.edges, "workers": b.spec.workers, "cpus": b.spec.cpus})
-            samples.setdefault((b.spec.name, test.name), []).append(r)
-            step(f"{tag}{b.spec.name}: {test.name:<10} {_describe_run(r)}")
+            r = measure(b.topo, b.target, spec, test, args.seconds)
+            if spec.kind == "fabric":
+                r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus})
+            samples.setdefault((spec.name, test.name), []).append(r)
+            step(f"{tag}{spec.name}: {test.name:<10} {_describe_run(r)}")
+        b.target.check()
+    except Exception:
+        if b.topo.workdir.name:
+            print(f"process logs (tails):\n{b.topo.log_tails(15)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        teardown(b, step)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -920,45 +922,37 @@ def run(args: argparse.Namespace) -> int:
     systems: dict[str, dict[str, Any]] = {}
     errors: list[dict[str, str]] = []
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    benches: list[Bench] = []
+    pings: dict[str, list[float]] = {}
+    failed: set[str] = set()
     rc = 0
     old = signal.signal(signal.SIGTERM, _sigterm)
-    step(f"{len(specs)} configuration(s), all up at once, then {args.rounds} round(s) of "
-         f"{len(TESTS)} iperf3 runs of {args.seconds:g} s each, systems taking turns: "
-         + ", ".join(sp.name for sp in specs))
+    step(f"{len(specs)} configuration(s) x {args.rounds} round(s) x {len(TESTS)} iperf3 runs of "
+         f"{args.seconds:g} s; each round sets up every system in turn (rotated order), "
+         "measures it and tears it down: " + ", ".join(sp.name for sp in specs))
     try:
-        for spec in specs:
-            try:
-                benches.append(setup_system(spec, args, step, systems))
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                msg = str(e).strip() or type(e).__name__
-                step(f"{spec.name}: FAILED: {msg.splitlines()[0]}")
-                errors.append({"system": spec.name, "error": msg[-2000:]})
-                systems[spec.name]["error"] = msg.splitlines()[0]
-                rc = 1
         for k in range(args.rounds):
-            measure_round(benches, k, args, step, samples, systems)
+            for spec in rotated(specs, k):
+                if spec.name in failed:
+                    continue
+                try:
+                    measure_round(spec, k, args, step, samples, systems, pings)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    msg = str(e).strip() or type(e).__name__
+                    step(f"{spec.name}: FAILED: {msg.splitlines()[0]}")
+                    errors.append({"system": spec.name, "error": msg[-2000:]})
+                    systems[spec.name]["error"] = msg.splitlines()[0]
+                    failed.add(spec.name)
+                    rc = 1
     except KeyboardInterrupt:
         print("\ninterrupted: reporting what was measured", file=sys.stderr, flush=True)
         rc = 130
     finally:
         signal.signal(signal.SIGTERM, old)
-        for b in benches:
-            if b.failed is not None:
-                if b.topo.workdir.name:
-                    print(f"process logs (tails):\n{b.topo.log_tails(15)}", file=sys.stderr, flush=True)
-                errors.append({"system": b.spec.name, "error": b.failed[-2000:]})
-                systems[b.spec.name]["error"] = b.failed.splitlines()[0]
-                rc = rc or 1
-            try:
-                teardown(b, step)
-            except KeyboardInterrupt:
-                rc = 130
-    for b in benches:
-        systems[b.spec.name]["rtt_ms"] = median(b.pings)
-        systems[b.spec.name]["rtt_ms_rounds"] = b.pings
+    for name, got_pings in pings.items():
+        systems[name]["rtt_ms"] = median(got_pings)
+        systems[name]["rtt_ms_rounds"] = got_pings
     for spec in specs:
         for test in TESTS:
             got = samples.get((spec.name, test.name))

@@ -309,7 +309,7 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     assert doc["rounds"] == 2 and "round 2/2" in cp.stdout
     assert "xWG" in cp.stdout and "idle ping RTT" in cp.stdout
     prefixes = _prefixes(cp.stdout)
-    assert len(prefixes) == 2, where  # one topology per system
+    assert len(prefixes) == 4, where  # one topology per system and round
     assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
     assert elapsed < 180, f"took {elapsed:.0f}s{where}"
 
