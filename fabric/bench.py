@@ -24,7 +24,9 @@ the packets per second that arrived and the loss. Around every iperf3 run the
 CPU time (utime + stime from /proc/<pid>/stat) of the server's processes is
 read: the wireguard-go server, the openvpn server, and for the fabric every
 process of ``fabric up`` summed per role (edge, worker, broker, and ``up``, the supervisor).
-That gives server CPU seconds per GB of payload that arrived.
+That gives server CPU seconds per GB of payload that arrived. HOST% is how busy
+the VM's CPUs were during the run, STEAL% how much of their time the hypervisor
+gave to other guests (a slow spell of the host shows there).
 
 ``--scaling`` adds fabric runs with 1 edge / 1 worker and 2 / 2, and the fabric
 pinned to one core and to two (``taskset -c`` on ``fabric up``, inherited by
@@ -345,17 +347,22 @@ def cpu_delta(before: Sample, after: Sample) -> tuple[dict[str, float], list[int
     return comp, gone
 
 
-def host_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
+def parse_host_stat(line: str) -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies from the "cpu" line of /proc/stat (user nice
+    system idle iowait irq softirq steal ...; busy leaves out idle and iowait)."""
+    vals = [float(x) for x in line.split()[1:9]]
+    vals += [0.0] * (8 - len(vals))
+    total = sum(vals)
+    return total - vals[3] - vals[4], total, vals[7]
+
+
+def host_cpu() -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies of all CPUs now."""
     try:
         with open("/proc/stat") as f:
-            first = f.readline().split()
-    except OSError:
-        return 0.0, 0.0
-    vals = [float(x) for x in first[1:9]]
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
-    total = sum(vals)
-    return total - idle, total
+            return parse_host_stat(f.readline())
+    except (OSError, ValueError):
+        return 0.0, 0.0, 0.0
 
 
 # --------------------------------------------------------------------------- iperf3 results
@@ -420,11 +427,11 @@ def _f(v: float | None, fmt: str) -> str:
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
     head = ["SYSTEM", "TEST", "MBIT/S", "xWG", "PPS", "LOSS%", "RETR", "CPU-S/GB", "xWG",
-            "HOST%", "CPU-S/GB BY COMPONENT"]
+            "HOST%", "STEAL%", "CPU-S/GB BY COMPONENT"]
     rows = []
     for r in runs:
         if r.get("error"):
-            rows.append([r["system"], r["test"], "failed", "", "", "", "", "", "", "",
+            rows.append([r["system"], r["test"], "failed", "", "", "", "", "", "", "", "",
                          str(r["error"]).splitlines()[0][:60]])
             continue
         comps = r.get("cpu_s_per_gb_by_component") or {}
@@ -434,11 +441,11 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
             _f(r.get("pps"), ".0f"), _f(r.get("loss_pct"), ".1f"),
             "-" if r.get("retransmits") is None else str(r["retransmits"]),
             _f(r.get("server_cpu_s_per_gb"), ".1f"), _f(r.get("cpu_ratio_wg"), ".2f"),
-            _f(r.get("host_cpu_busy_pct"), ".0f"), by,
+            _f(r.get("host_cpu_busy_pct"), ".0f"), _f(r.get("host_steal_pct"), ".1f"), by,
         ])
     widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i])
               for i in range(len(head))]
-    right = {2, 3, 4, 5, 6, 7, 8, 9}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -695,6 +702,8 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
         "cpu_s_per_gb_by_component": {k: per_gb(comp[k], summary["bytes"])
                                       for k in sorted(comp, key=_component_key)},
         "host_cpu_busy_pct": 100.0 * (h1[0] - h0[0]) / (h1[1] - h0[1]) if h1[1] > h0[1] else None,
+        # time the hypervisor gave this VM's CPUs to others: a slow spell shows here
+        "host_steal_pct": 100.0 * (h1[2] - h0[2]) / (h1[1] - h0[1]) if h1[1] > h0[1] else None,
         "streams": test.parallel,
         "direction": "down" if test.reverse else "up",
         "protocol": "udp" if test.udp else "tcp",

@@ -145,7 +145,7 @@ def test_per_gb() -> None:
 def _runs() -> list[dict[str, Any]]:
     return [
         {"system": "wg", "test": "tcp1-up", "mbit_s": 500.0, "pps": None, "retransmits": 3,
-         "server_cpu_s_per_gb": 10.0, "host_cpu_busy_pct": 99.0,
+         "server_cpu_s_per_gb": 10.0, "host_cpu_busy_pct": 99.0, "host_steal_pct": 7.3,
          "cpu_s_per_gb_by_component": {"wireguard-go": 10.0}},
         {"system": "wg", "test": "udp64-up", "mbit_s": 10.0, "pps": 20000.0, "loss_pct": 50.0,
          "server_cpu_s_per_gb": 400.0},
@@ -188,6 +188,7 @@ def test_table() -> None:
     assert "20000" in udp and "50.0" in udp
     wg = next(line for line in lines if line.startswith("wg") and "tcp1-up" in line)
     assert "wireguard-go" not in wg  # a single component is not broken down
+    assert "STEAL%" in lines[0] and wg.split()[-2:] == ["99", "7.3"]
     bad = next(line for line in lines if line.startswith("ovpn"))
     assert "failed" in bad and "unable to connect" in bad and "more" not in bad
     # columns line up: every MBIT/S cell ends where the header does
@@ -294,6 +295,7 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
         assert r["rounds"] == 2 and len(r["mbit_s_rounds"]) == 2 and r["mbit_s"] in r["mbit_s_rounds"], r
         assert r["server_cpu_s_per_gb"] is not None and r["server_cpu_s_per_gb"] >= 0, r
         assert "pps" in r and "rtt_ms" in r and "cpu_by_component" in r
+        assert 0 <= r["host_steal_pct"] <= 100, r
         if r["test"].startswith("udp"):
             assert r["pps"] > 0 and 0 <= r["loss_pct"] <= 100, r
         else:
@@ -312,6 +314,15 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     assert len(prefixes) == 4, where  # one topology per system and round
     assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
     assert elapsed < 180, f"took {elapsed:.0f}s{where}"
+
+
+def test_host_stat_line() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    busy, total, steal = bench.parse_host_stat("cpu  100 5 50 800 10 3 2 30 0 0\n")
+    assert (busy, total, steal) == (190.0, 1000.0, 30.0)
+    assert bench.parse_host_stat("cpu  1 2 3 4")[1] == 10.0  # an old kernel: no steal field
+    b0 = bench.host_cpu()
+    assert b0[1] > 0 and 0 <= b0[2] <= b0[1] and 0 <= b0[0] <= b0[1]
 
 
 def test_rounds_rotate_and_the_median_round_is_reported() -> None:
