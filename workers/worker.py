@@ -223,7 +223,7 @@ class Worker:
             self.count("drop_unknown_edge", max(1, len(frame.packets)))
             return
         try:
-            sock.send_multipart(frame.encode(), flags=zmq.NOBLOCK)
+            frames.send_parts(sock, frame.encode())
         except zmq.Again:
             self.count("drop_edge_busy", max(1, len(frame.packets)))
 
@@ -485,11 +485,9 @@ class Worker:
             self.clone.handle_ready(ready, now)
             if self.pull in ready:
                 for _ in range(64):
-                    try:
-                        parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
+                    bufs = frames.recv_parts(self.pull)
+                    if bufs is None:
                         break
-                    bufs = [p.buffer for p in parts]
                     t0 = time.perf_counter()
                     self.handle(bufs, now)
                     self.frame_stats.observe(bufs[0], time.perf_counter() - t0)
