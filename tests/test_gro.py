@@ -262,4 +262,21 @@ def test_new_ack_number_ends_the_flow_s_open_group() -> None:
         assert [m for _, m in written(segs)] == [[0], [1], [2]]
         for p in segs:
             c = gro._candidate(p)
-            assert c is not None and c[0].startswith(gro._flow_of(p) or b"?")
+            assert c is not None and c[0][0] == gro._flow_of(p)  # the key starts with the flow
+
+
+def test_ipv4_options_header_keys_the_flow_by_its_ports() -> None:
+    # ihl > 20: the ports sit after the options, and the flow must still match _flow_of
+    def with_options(pkt: bytes) -> bytes:
+        ip = bytearray(pkt[:20])
+        ip[0] = 0x46  # ihl 24
+        ip[2:4] = (len(pkt) + 4).to_bytes(2, "big")
+        return bytes(ip) + b"\x01\x01\x01\x00" + pkt[20:]
+
+    segs = [with_options(tcp(1000 + 100 * i, b"x" * 100)) for i in range(3)]
+    other = with_options(tcp(1300, b"y" * 100, sport=5202))
+    keys = [gro._candidate(p) for p in (*segs, other)]
+    assert all(k is not None for k in keys)
+    assert [k[0][0] for k in keys if k] == [gro._flow_of(p) for p in (*segs, other)]
+    assert keys[0][0][0] == SRC4 + DST4 + struct.pack(">HH", 5201, 40000)  # type: ignore[index]
+    assert [m for _, m in written([*segs, other])] == [[0, 1, 2], [3]]
