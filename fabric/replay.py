@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterable
 
 from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_WINDOW_BITS
 
@@ -76,6 +77,78 @@ def accept(buf: Buffer, off: int, counter: int) -> bool:
         return False
     _U64.pack_into(buf, pos, new)
     return True
+
+
+def seen_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
+    """seen() of each counter against the window as it is now (changes nothing):
+    `last` is read once and a block only when the counter moves to another one."""
+    out: list[bool] = []
+    append = out.append
+    (last,) = _U64.unpack_from(buf, off)
+    ring = off + 8
+    cached = -1
+    bits = 0
+    for counter in counters:
+        if counter >= REJECT_AFTER_MESSAGES:
+            append(True)
+        elif counter > last:
+            append(False)
+        elif last - counter > WINDOW_SIZE:
+            append(True)
+        else:
+            pos = (counter >> BLOCK_BIT_LOG) & BLOCK_MASK
+            if pos != cached:
+                (bits,) = _U64.unpack_from(buf, ring + pos * 8)
+                cached = pos
+            append(bool(bits >> (counter & BIT_MASK) & 1))
+    return out
+
+
+def accept_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
+    """accept() of each counter in turn, in one pass: `last` and the block being
+    filled stay in locals and are written back once (a batch of one session's
+    datagrams mostly falls in one or two 64-bit blocks). Same results and the same
+    final state as calling accept() for each counter."""
+    out: list[bool] = []
+    append = out.append
+    (last,) = _U64.unpack_from(buf, off)
+    ring = off + 8
+    cached = -1  # ring index of the block held in `bits`, -1: none
+    bits = 0
+    for counter in counters:
+        if counter >= REJECT_AFTER_MESSAGES:
+            append(False)
+            continue
+        index_block = counter >> BLOCK_BIT_LOG
+        if counter > last:
+            current = last >> BLOCK_BIT_LOG
+            diff = min(index_block - current, RING_BLOCKS)
+            if diff:  # the window slides: blocks it enters start empty
+                if cached >= 0:
+                    _U64.pack_into(buf, ring + cached * 8, bits)
+                    cached = -1
+                for i in range(current + 1, current + diff + 1):
+                    _U64.pack_into(buf, ring + (i & BLOCK_MASK) * 8, 0)
+            last = counter
+        elif last - counter > WINDOW_SIZE:
+            append(False)
+            continue
+        pos = index_block & BLOCK_MASK
+        if pos != cached:
+            if cached >= 0:
+                _U64.pack_into(buf, ring + cached * 8, bits)
+            (bits,) = _U64.unpack_from(buf, ring + pos * 8)
+            cached = pos
+        bit = 1 << (counter & BIT_MASK)
+        if bits & bit:
+            append(False)
+            continue
+        bits |= bit
+        append(True)
+    if cached >= 0:
+        _U64.pack_into(buf, ring + cached * 8, bits)
+    _U64.pack_into(buf, off, last)
+    return out
 
 
 class ReplayWindow:

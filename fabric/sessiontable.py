@@ -186,7 +186,7 @@ class SessionTable:
             if not self._matches(off, session_id):
                 return None
             rw = off + OFF_REPLAY
-            accepted = [replay.accept(self.mm, rw, c) for c in counters]
+            accepted = replay.accept_many(self.mm, rw, counters)
             if any(accepted):
                 (flags,) = _FLAGS.unpack_from(self.mm, off + OFF_FLAGS)
                 _FLAGS.pack_into(self.mm, off + OFF_FLAGS, flags | CONFIRMED)
@@ -205,6 +205,13 @@ class SessionTable:
         if not self._matches(off, session_id):
             return False
         return replay.seen(self.mm, off + OFF_REPLAY, counter)
+
+    def seen_many(self, slot: int, session_id: int, counters: list[int]) -> list[bool]:
+        """`seen` of each counter (one read of the window for a batch)."""
+        off = self._off(slot)
+        if not self._matches(off, session_id):
+            return [False] * len(counters)
+        return replay.seen_many(self.mm, off + OFF_REPLAY, counters)
 
     def keepalive_due(
         self, slot: int, session_id: int, now: float, passive: float, persistent: float

@@ -12,6 +12,8 @@ T_LIM is COUNTER_WINDOW_SIZE + 1, and T(n, v) asserts that counter n is accepted
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fabric import replay
 from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
@@ -71,6 +73,7 @@ class Checker:
         self.buf = bytearray(self.OFF + replay.STATE_SIZE + 8)
         self.buf[:] = b"\xaa" * len(self.buf)
         replay.reset(self.buf, self.OFF)
+        self.many = bytearray(self.buf)  # the same steps through accept_many, one at a time
         self.step = 0
 
     def t(self, n: int, v: bool) -> None:
@@ -78,6 +81,9 @@ class Checker:
         assert self.window.seen(n) is (not v), f"seen() at step {self.step}"
         assert self.window.accept(n) is v, f"step {self.step}: T({n}, {v})"
         assert replay.accept(self.buf, self.OFF, n) is v, f"buffer step {self.step}"
+        assert replay.seen_many(self.many, self.OFF, [n, n]) == [not v] * 2, f"seen_many step {self.step}"
+        assert replay.accept_many(self.many, self.OFF, [n]) == [v], f"accept_many step {self.step}"
+        assert self.many == self.buf, f"accept_many state at step {self.step}"
         assert self.buf[: self.OFF] == b"\xaa" * self.OFF
         assert self.buf[self.OFF + replay.STATE_SIZE :] == b"\xaa" * 8
 
@@ -91,6 +97,11 @@ def test_kernel_sequence() -> None:
     for n, v in KERNEL_SEQUENCE:
         c.t(n, v)
     assert c.step == 34
+
+
+def test_kernel_sequence_as_one_batch() -> None:
+    buf = bytearray(replay.STATE_SIZE)
+    assert replay.accept_many(buf, 0, [n for n, _ in KERNEL_SEQUENCE]) == [v for _, v in KERNEL_SEQUENCE]
 
 
 def test_kernel_ascending_then_zero() -> None:
@@ -154,3 +165,25 @@ def test_reset_forgets_everything() -> None:
         assert w.accept(n)
     w.reset()
     assert w.accept(0) and w.accept(100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 300), st.integers(0, 3 * replay.WINDOW_SIZE),
+                          st.integers(REJECT_AFTER_MESSAGES - 70, REJECT_AFTER_MESSAGES + 2)),
+                max_size=120),
+       st.lists(st.integers(1, 40), min_size=1, max_size=10))
+def test_accept_many_and_seen_many_equal_one_at_a_time(counters: list[int], cuts: list[int]) -> None:
+    """Any counters, cut into any batches: accept_many gives what accept() gives one
+    by one, and leaves the same window behind (so the edge may commit a batch)."""
+    one, many = bytearray(replay.STATE_SIZE + 16), bytearray(replay.STATE_SIZE + 16)
+    assert replay.seen_many(one, 8, counters) == [replay.seen(one, 8, c) for c in counters]
+    expected = [replay.accept(one, 8, c) for c in counters]
+    assert replay.seen_many(one, 8, counters) == [replay.seen(one, 8, c) for c in counters]
+    got: list[bool] = []
+    i = k = 0
+    while i < len(counters):
+        n = cuts[k % len(cuts)]
+        got += replay.accept_many(many, 8, counters[i : i + n])
+        i, k = i + n, k + 1
+    assert got == expected
+    assert many == one
