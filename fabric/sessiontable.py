@@ -197,17 +197,15 @@ class SessionTable:
             return accepted
 
     def seen(self, slot: int, session_id: int, counter: int) -> bool:
-        """Lock-free pre-filter: True if `counter` is surely a replay.
-
-        False if the slot moved on to another session: `commit_rx` refuses those.
-        """
-        off = self._off(slot)
-        if not self._matches(off, session_id):
-            return False
-        return replay.seen(self.mm, off + OFF_REPLAY, counter)
+        """`seen_many` of one counter."""
+        return self.seen_many(slot, session_id, [counter])[0]
 
     def seen_many(self, slot: int, session_id: int, counters: list[int]) -> list[bool]:
-        """`seen` of each counter (one read of the window for a batch)."""
+        """Lock-free pre-filter: per counter, True if it is surely a replay (one read
+        of the window for a batch).
+
+        All False if the slot moved on to another session: `commit_rx` refuses those.
+        """
         off = self._off(slot)
         if not self._matches(off, session_id):
             return [False] * len(counters)
