@@ -791,11 +791,16 @@ def setup_system(spec: SystemSpec, args: argparse.Namespace, step: _Progress,
         b.target = STARTERS[spec.kind](topo, spec)
         info.update(b.target.info)
     except Exception:
-        if topo.workdir.name:
-            print(f"process logs (tails):\n{topo.log_tails(15)}", file=sys.stderr, flush=True)
+        _print_tails(topo)
         teardown(b, step)
         raise
     return b
+
+
+def _print_tails(topo: Topology) -> None:
+    """The last lines of every process log of a system that failed (to stderr)."""
+    if topo.workdir.name:
+        print(f"process logs (tails):\n{topo.log_tails(15)}", file=sys.stderr, flush=True)
 
 
 def teardown(b: Bench, step: _Progress) -> None:
@@ -872,8 +877,7 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
             step(f"{tag}{spec.name}: {test.name:<10} {_describe_run(r)}")
         b.target.check()
     except Exception:
-        if b.topo.workdir.name:
-            print(f"process logs (tails):\n{b.topo.log_tails(15)}", file=sys.stderr, flush=True)
+        _print_tails(b.topo)
         raise
     finally:
         teardown(b, step)
