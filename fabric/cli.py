@@ -83,6 +83,15 @@ def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address, help=hlp)
 
 
+def _crypto(p: argparse.ArgumentParser) -> None:
+    from fabric.constants import CRYPTO_MODES
+
+    p.add_argument("--crypto", choices=CRYPTO_MODES,
+                   help="where the AEAD of data runs: 'edge' (no hand-off: lowest latency and CPU), "
+                        "'workers' (the edge only moves packets), 'auto' (the edge, and workers while "
+                        "the edge is saturated and cores are spare; default: [server] crypto, else auto)")
+
+
 def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,
                  edges: int) -> str | None:
     """--metrics, else this process's place in the config's `metrics` layout (off without either)."""
@@ -139,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tun", help=f"TUN device name (default {DEFAULT_TUN})")
     up.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     up.add_argument("--no-reuseport", action="store_true", help="edge i binds port+i instead of sharing one port")
+    _crypto(up)
     _metrics(up, "Prometheus endpoints from this base: broker PORT, edge i PORT+1+i, workers after the "
                  "edges, `fabric up` itself last (default: [server] metrics, else off)")
 
@@ -161,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--tun", help=f"multiqueue TUN device (default {DEFAULT_TUN})")
     ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
+    _crypto(ed)
     ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also offer work on tcp PORT, PORT+1 for remote workers; needs `fabric keys init`")
     _metrics(ed, "serve Prometheus metrics here (default: base+1+id from [server] metrics, else off)")
@@ -446,7 +457,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
                        not args.no_reuseport, args.tun or cfg.tun)
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
                     args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
-                    tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges))
+                    tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges),
+                    crypto=args.crypto or cfg.crypto)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

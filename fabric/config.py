@@ -7,6 +7,7 @@
     tun = "fabric0"
     edges = 2                        # default: number of cores
     workers = 2                      # default: number of cores
+    crypto = "auto"                  # where the AEAD of data runs: "auto", "edge" or "workers"
     state_dir = "/var/lib/fabric"
     endpoint = "vpn.example.org:51820"   # written into client configs by `fabric peer add`
     metrics = "127.0.0.1:9580"       # Prometheus endpoints: broker 9580, edges 9581.., workers after
@@ -56,6 +57,7 @@ class ServerConfig:
     tun: str = DEFAULT_TUN
     edges: int = field(default_factory=lambda: os.cpu_count() or 1)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    crypto: str = "auto"  # fabric/datapath.py CRYPTO_MODES
     state_dir: str | None = None
     endpoint: str | None = None
     metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/metrics.py)
@@ -117,7 +119,7 @@ def _key(value: Any, where: str) -> bytes:
         raise ConfigError(f"{where}: {exc}; generate one with `wg genkey | wg pubkey`") from None
 
 
-_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "state_dir", "endpoint", "metrics"}
+_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "crypto", "state_dir", "endpoint", "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
 
 
@@ -180,6 +182,13 @@ def parse(data: dict[str, Any]) -> Config:
         s.edges = _int(srv["edges"], "server.edges", 1, 256)
     if "workers" in srv:
         s.workers = _int(srv["workers"], "server.workers", 1, 256)
+    if "crypto" in srv:
+        from fabric.constants import CRYPTO_MODES
+
+        if srv["crypto"] not in CRYPTO_MODES:
+            raise ConfigError(f"server.crypto: {srv['crypto']!r} is not a placement; use one of "
+                              + ", ".join(f'"{m}"' for m in CRYPTO_MODES))
+        s.crypto = srv["crypto"]
     if "state_dir" in srv:
         sd = srv["state_dir"]
         if not isinstance(sd, str) or not sd.strip() or "\0" in sd:
@@ -301,6 +310,7 @@ def summary(cfg: Config) -> dict[str, Any]:
         "tun": s.tun,
         "edges": s.edges,
         "workers": s.workers,
+        "crypto": s.crypto,
         "state_dir": s.state_dir,
         "endpoint": s.endpoint,
         "peers": [{"name": p.name, "allowed_ips": p.allowed_ips, "preshared_key": p.preshared_key is not None,
@@ -315,7 +325,7 @@ def format_summary(path: str, cfg: Config) -> str:
         f"{path}: ok",
         f"  listen port  {s.listen_port}/udp",
         f"  addresses    {', '.join(s.addresses)} on {s.tun}",
-        f"  processes    {s.edges} edges, {s.workers} workers",
+        f"  processes    {s.edges} edges, {s.workers} workers, crypto {s.crypto}",
         f"  state dir    {s.state_dir or '(default: $FABRIC_STATE_DIR or /var/lib/fabric)'}",
     ]
     if s.endpoint:

@@ -76,3 +76,7 @@ UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this an edge answers bad-mac2 wit
 UNDER_LOAD_HOLD = 1.0  # stay "under load" this long after the rate drops
 SESSION_KEEP_TIME = 3 * REJECT_AFTER_TIME  # whitepaper 6.3: keys erased after this
 MAX_SESSIONS_PER_PEER = 3  # previous, current, next
+
+# Where an edge runs the AEAD of its data frames (`--crypto`, fabric/datapath.py):
+# in the edge, in workers, or in the edge unless it is saturated and cores are spare.
+CRYPTO_MODES = ("auto", "edge", "workers")

@@ -6,7 +6,8 @@ Receive path (UDP -> TUN):
      (session, source), then drop the counters the shared replay window has
      surely seen (one read of the window per group);
      handshake: mac1 checked here, and under load mac2 or a cookie reply (5.4.7);
-  3. PUSH one frame per group to any worker;
+  3. open the AEAD of each group here, or PUSH the group as one frame to any
+     worker (the crypto placement, fabric/datapath.py; handshakes always go);
   4. on the result, commit the counters to the shared window under the slot
      lock (replays dropped here, after the tag verified), then write to TUN.
 Send path (TUN -> UDP):
@@ -16,8 +17,8 @@ Send path (TUN -> UDP):
      REKEY_TIMEOUT), and send the staged packets when the session arrives;
   2. reserve a run of send counters per session under the slot lock (one lock
      per session per batch);
-  3. PUSH to any worker; on the result, send the datagrams to the peer's
-     current endpoint.
+  3. seal here or PUSH to any worker (as in 3. above); on the result, send the
+     datagrams to the peer's current endpoint.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from fabric.constants import (
     UNDER_LOAD_HOLD,
 )
 from fabric.crypto import key_from_base64
+from fabric.datapath import CryptoEngine, CryptoPlacement, peer_info
 from fabric.frames import NO_ADDR, Frame, FrameError
 from fabric.gro import VNET_HDR_LEN
 from fabric.handshake import CookieChecker
@@ -162,6 +164,7 @@ class Edge:
         reuseport: bool = True,
         ctx: zmq.Context | None = None,
         tcp: str | None = None,
+        crypto: str = "auto",
     ) -> None:
         self.sd = sd
         self.id = eid
@@ -190,6 +193,10 @@ class Edge:
         self.under_load_until = 0.0
         self.ratelimit = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
+        # the AEAD of data frames runs here or in workers (fabric/datapath.py)
+        self.engine = CryptoEngine(self._count, gro=os.environ.get("FABRIC_NO_GRO") != "1")
+        self.placement = CryptoPlacement(crypto, cores=_usable_cores())
+        self.edge_ids: set[int] = {eid}  # the edges the broker knows of, for the placement
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[bytes, Any] = {}
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
@@ -242,6 +249,9 @@ class Edge:
     def drop(self, reason: str, n: int = 1) -> None:
         self.counters["drop_" + reason] += n
 
+    def _count(self, name: str, n: int) -> None:
+        self.counters[name] += n
+
     # --- state from the broker --------------------------------------------------
 
     def on_set(self, key: bytes, v: dict[str, Any]) -> None:
@@ -251,8 +261,14 @@ class Edge:
                     self.cookies = CookieChecker(v["public"])
             elif key.startswith(b"peer/"):
                 self._set_peer(v)
+                self.engine.peers[v["public"]] = peer_info(v)
             elif key.startswith(b"session/"):
                 self.install_session(v)
+                if int(v["id"]) in self.sessions:
+                    self.engine.install(v)  # keys for inline crypto (the public copy has none)
+            elif key.startswith(b"edge/"):
+                self.edge_ids.add(int(v["id"]))
+                self.placement.capacity(_usable_cores(), len(self.edge_ids))
         except (KeyError, TypeError, ValueError) as exc:
             self.counters["bad_update"] += 1
             log.warning("ignored malformed update", key=key, error=str(exc))
@@ -275,12 +291,17 @@ class Edge:
     def on_delete(self, key: bytes) -> None:
         if key.startswith(b"session/") and key[8:].isdigit():
             self._remove_session(int(key[8:]))
+        elif key.startswith(b"edge/") and key[5:].isdigit():
+            self.edge_ids.discard(int(key[5:]))
+            self.edge_ids.add(self.id)
+            self.placement.capacity(_usable_cores(), len(self.edge_ids))
         elif key.startswith(b"peer/"):
             try:
                 pub = key_from_base64(key[5:].decode())
             except ValueError:
                 return
             peer = self.peers.pop(pub, None)
+            self.engine.peers.pop(pub, None)
             self.routes.remove_value(pub)
             if peer:
                 for sid in list(peer.sessions):
@@ -314,6 +335,7 @@ class Edge:
                     self._encrypt(sending, staged, now)
 
     def _remove_session(self, sid: int) -> None:
+        self.engine.remove(sid)
         s = self.sessions.pop(sid, None)
         if s is None:
             return
@@ -437,7 +459,7 @@ class Edge:
                 self.drop("replay", len(ctrs) - len(pkts))
                 if not pkts:
                     continue
-            self._push(Frame(frames.DECRYPT, self.id, sid, 0, addr, pkts))
+            self._crypt(Frame(frames.DECRYPT, self.id, sid, 0, addr, pkts), now)
         for addr, pkts in handshakes.items():
             self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts))
 
@@ -450,17 +472,45 @@ class Edge:
         except OSError:
             self.drop("udp_send")
 
-    def _push(self, frame: Frame) -> None:
+    def _crypt(self, frame: Frame, now: float) -> None:
+        """Run a DECRYPT/ENCRYPT frame here (inline) or push it to a worker, as the
+        placement says (fabric/datapath.py); inline also when no worker takes it."""
+        here = frame.session_id in self.engine.sessions  # the keys came with the session
+        if not here or not self.placement.inline:
+            if self._push(frame, fallback=here) or not here:
+                return
+        engine = self.engine
+        result = engine.decrypt(frame, now) if frame.kind == frames.DECRYPT else engine.encrypt(frame, now)
+        self.counters["frames_inline"] += 1
+        self.counters["packets_inline"] += len(frame.packets)
+        if result is None:
+            return
+        if self.order.inflight:
+            # results of frames pushed earlier are still out: this one waits its turn
+            seq = self.order.reserve()
+            if seq:
+                self.order.sent(seq, now)
+                result.seq = seq
+                self.order.arrived(seq, result)
+                self._release(now)
+                return
+        self._deliver(result, now)
+
+    def _push(self, frame: Frame, fallback: bool = False) -> bool:
+        """PUSH to any worker; False if none takes it (a drop, unless the caller has
+        a `fallback`)."""
         if frame.kind in (frames.ENCRYPT, frames.DECRYPT):
             frame.seq = self.order.reserve()  # results come back in this order
         try:
             frames.send_parts(self.work, frame.encode())
         except zmq.Again:
-            self.drop("no_worker", len(frame.packets))
-            return
+            if not fallback:
+                self.drop("no_worker", len(frame.packets))
+            return False
         self.order.sent(frame.seq, time.time())
         self.counters["frames_pushed"] += 1  # with packets_pushed: the batch size
         self.counters["packets_pushed"] += len(frame.packets)
+        return True
 
     # --- send path ------------------------------------------------------------------
 
@@ -547,7 +597,7 @@ class Edge:
         if endpoint == NO_ADDR:
             self.drop("no_endpoint", len(pkts))
             return
-        self._push(Frame(frames.ENCRYPT, self.id, s.sid, first, endpoint, pkts))
+        self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, first, endpoint, pkts), now)
 
     def keepalives(self, now: float) -> None:
         """Once a second: passive and persistent keepalives (whitepaper 6.5), and a new
@@ -565,7 +615,7 @@ class Edge:
                 if s.initiator and now - s.created >= REKEY_AFTER_TIME:  # a keepalive is a send
                     self.request_handshake(peer, now)
                 self.counters["keepalives"] += 1
-                self._push(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [b""]))
+                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [b""]), now)
 
     # --- results -----------------------------------------------------------------------
 
@@ -718,7 +768,7 @@ class Edge:
             # the responder may not send until it hears from us: confirm at once
             got = self.table.reserve(s.slot, s.sid, 1, time.time(), data=False)
             if got is not None and got[1] != NO_ADDR:
-                self._push(Frame(frames.ENCRYPT, self.id, s.sid, got[0], got[1], [b""]))
+                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, got[0], got[1], [b""]), time.time())
 
     # --- loop -----------------------------------------------------------------------------
 
@@ -763,9 +813,12 @@ class Edge:
         poller.register(self.result, zmq.POLLIN)
         next_tick = now + 1.0
         udp_fd = -1
+        clock = time.perf_counter
+        placement = self.placement
         while not stop[0]:
             self.clone.register(poller)
             ready = dict(poller.poll(200))
+            t0 = clock()
             now = time.time()
             self.clone.handle_ready(ready, now)
             if self.sock is None and self.clone.synced:
@@ -790,6 +843,7 @@ class Edge:
                     self.keepalives(now)
                 self.report(now)
                 next_tick = now + 1.0
+            placement.work(clock() - t0, t0)
 
     def close(self) -> None:
         if self.auth is not None:
@@ -803,20 +857,28 @@ class Edge:
         self.table.close()
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
-        reuseport: bool, tcp: str | None = None, metrics_addr: str | None = None) -> int:
+        reuseport: bool, tcp: str | None = None, metrics_addr: str | None = None,
+        crypto: str = "auto") -> int:
     # The broker may start later: ZeroMQ connects whenever it appears, and until
     # then the edge has no sessions and counts what it drops.
     sd.ensure()
     lock = sd.lock(f"edge-{eid}")
     exporter = metrics.start(metrics_addr, "edge", eid)  # a taken port fails before the TUN is touched
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
-                tcp=tcp)
+                tcp=tcp, crypto=crypto)
     if exporter is not None:
         edge.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.edge_metrics(f, edge)
     stop = stop_on_signals()
-    log.info("edge running", edge=eid, port=edge.port, tun=tun_name)
+    log.info("edge running", edge=eid, port=edge.port, tun=tun_name, crypto=crypto)
     try:
         edge.serve(stop)
     finally:

@@ -217,7 +217,7 @@ class Families:
                 self.counter("fabric_packets", "Packets through an edge's UDP socket and TUN queue",
                              v, direction=PACKET_DIRECTIONS[name])
             elif name in CRYPTO_OPS:
-                self.counter("fabric_crypto_packets", "Packets a worker decrypted or encrypted",
+                self.counter("fabric_crypto_packets", "Packets a worker (or an edge, inline) decrypted or encrypted",
                              v, op=CRYPTO_OPS[name])
             elif name in OWN_METRICS:
                 metric, doc = OWN_METRICS[name]
@@ -261,6 +261,9 @@ def edge_metrics(f: Families, edge: Any) -> None:
     f.gauge("fabric_peers", "Peers this process knows", len(edge.peers))
     f.gauge("fabric_attached", "1 once the edge has joined the UDP port and the TUN device",
             1 if edge.sock is not None else 0)
+    f.gauge("fabric_crypto_in_workers", "1 while the edge hands the AEAD of data to workers, 0 while it runs it",
+            int(edge.placement.offloading))
+    f.gauge("fabric_busy_ratio", "Share of the last 0.1 s the edge spent handling traffic", edge.placement.busy)
 
 
 def edge_gauges(edge: Any) -> dict[str, int]:
@@ -270,6 +273,8 @@ def edge_gauges(edge: Any) -> dict[str, int]:
         "sessions": len(edge.sessions), "peers": len(edge.peers),
         "queue_reorder_inflight": len(edge.order.inflight), "queue_reorder_held": len(edge.order.held),
         "queue_staged": staged,
+        # 1 while the edge hands the AEAD to workers (fabric/datapath.py CryptoPlacement)
+        "crypto_in_workers": int(edge.placement.offloading), "busy_percent": round(edge.placement.busy * 100),
     }
 
 

@@ -931,6 +931,7 @@ class FabricCluster:
         tun: str | None = None,
         admin_ns: str | None = None,
         reuseport: bool = True,
+        crypto: str | None = None,
     ) -> None:
         if mode not in ("separate", "up"):
             raise ValueError("mode must be 'separate' or 'up'")
@@ -945,6 +946,8 @@ class FabricCluster:
         self.tun = tun or topo.ifname("t")
         self.admin_ns = admin_ns
         self.reuseport = reuseport
+        # where edges run the AEAD (`--crypto`); None: fabric's default
+        self.crypto_args = ["--crypto", crypto] if crypto else []
         self.args: dict[str, tuple[str, ...]] = {}
         # extra command-line flags per role, e.g. {"broker": ["--tcp", "198.18.1.1:52000"]}
         self.extra: dict[str, list[str]] = {}
@@ -977,7 +980,7 @@ class FabricCluster:
         self._spawn(
             f"edge{i}", "edge", "--state-dir", str(self.state_dir), "--id", str(i),
             "--listen-port", str(self.listen_port), "--tun", self.tun, "--address", self.address,
-            *([] if self.reuseport else ["--no-reuseport"]),
+            *([] if self.reuseport else ["--no-reuseport"]), *self.crypto_args,
         )
         return self.procs[f"edge{i}"]
 
@@ -1034,6 +1037,7 @@ class FabricCluster:
                 "--tun",
                 self.tun,
                 *([] if self.reuseport else ["--no-reuseport"]),
+                *self.crypto_args,
             )
         else:
             self._spawn("broker", "broker", "--state-dir", sd, "--address", self.address)
@@ -1055,6 +1059,7 @@ class FabricCluster:
                     "--address",
                     self.address,
                     *([] if self.reuseport else ["--no-reuseport"]),
+                    *self.crypto_args,
                 )
             for j in range(self.workers):
                 self._spawn(f"worker{j}", "worker", "--state-dir", sd, "--id", str(j))

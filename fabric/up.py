@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     tun_name = args.tun or s.tun
     edges = args.edges or s.edges
     workers = args.workers or s.workers
+    crypto = args.crypto or s.crypto
     endpoint = args.endpoint or s.endpoint
     mbase = getattr(args, "metrics", None) or s.metrics
     ports = metrics.layout(mbase, edges, workers) if mbase else {}
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     for i in range(edges):
         children.append(Child(f"edge-{i}", base + ["edge", *sdir, "--id", str(i), "--listen", args.listen,
                                                    "--listen-port", str(port), "--tun", tun_name]
-                              + (["--no-reuseport"] if args.no_reuseport else []) + mflag.get(f"edge-{i}", [])))
+                              + (["--no-reuseport"] if args.no_reuseport else []) + ["--crypto", crypto]
+                              + mflag.get(f"edge-{i}", [])))
     for j in range(workers):
         children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)] + mflag.get(f"worker-{j}", [])))
 

@@ -51,6 +51,9 @@ def send_datagrams(topo: Topology, fab: FabricCluster, datagrams: list[bytes], k
 
 def stats(fab: FabricCluster) -> dict[str, int]:
     out: dict[str, int] = json.loads(fab.admin("stats", "--json").stdout)
+    # the AEAD runs in an edge or a worker (--crypto): "any.<name>" adds up both
+    for name in ("drop_decrypt", "decrypted"):
+        out["any." + name] = out.get("edge." + name, 0) + out.get("worker." + name, 0)
     return out
 
 
@@ -92,8 +95,8 @@ def test_malformed_datagrams_are_counted(topo2: Topology, fab: FabricCluster) ->
         "edge.drop_bad_mac1": [b"\x01\x00\x00\x00" + os.urandom(144), b"\x02\x00\x00\x00" + os.urandom(88)] * (n // 2),
         "edge.drop_unexpected_cookie": [b"\x03\x00\x00\x00" + os.urandom(60)] * n,
         "edge.drop_unknown_index": [struct.pack("<IIQ", 4, index ^ 0xFFFF, i) + os.urandom(32) for i in range(n)],
-        # a real receiver index with a forged tag: the worker refuses it
-        "worker.drop_decrypt": [struct.pack("<IIQ", 4, index, 10**9 + i) + os.urandom(48) for i in range(n - 2)]
+        # a real receiver index with a forged tag: the AEAD (edge or worker) refuses it
+        "any.drop_decrypt": [struct.pack("<IIQ", 4, index, 10**9 + i) + os.urandom(48) for i in range(n - 2)]
         + [struct.pack("<IIQ", 4, index, 10**9 + 100 + i) + os.urandom(60000) for i in range(2)],
     }
     base = stats(fab)

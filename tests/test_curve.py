@@ -43,7 +43,8 @@ def cli(topo: Topology, ns: str | None, fab: FabricCluster, *args: str) -> tuple
 
 def test_curve_remote_worker_and_admin(topo2: Topology) -> None:
     topo = topo2
-    fab = FabricCluster(topo, address=ADDRESS, listen_port=PORT, edges=1, workers=0)
+    # crypto in workers: all data crosses the remote worker
+    fab = FabricCluster(topo, address=ADDRESS, listen_port=PORT, edges=1, workers=0, crypto="workers")
     sd = StateDir.at(fab.state_dir).ensure()
     rogue_sd = StateDir.at(topo.workdir / "rogue").ensure()
     for args in (("keys", "init"), ("keys", "client", "w9"), ("keys", "client", "ops")):

@@ -243,9 +243,9 @@ def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.5) -> Any
 # --------------------------------------------------------------------------- fixtures
 
 
-def cluster(topo: Topology, edges: int, workers: int) -> FabricCluster:
+def cluster(topo: Topology, edges: int, workers: int, crypto: str | None = None) -> FabricCluster:
     return FabricCluster(topo, address=ADDRESS, listen_port=PORT, edges=edges, workers=workers,
-                         mode="separate").start()
+                         mode="separate", crypto=crypto).start()
 
 
 def session_of(fab: FabricCluster, peer: str) -> dict[str, Any]:
@@ -324,9 +324,12 @@ def test_nonce_checker_catches_reuse(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 1: nonces under kills
 
 
-def test_no_nonce_reuse_when_worker_and_edge_are_killed(topo2: Topology) -> None:
+@pytest.mark.parametrize("crypto", ["workers", "auto"])
+def test_no_nonce_reuse_when_worker_and_edge_are_killed(topo2: Topology, crypto: str) -> None:
+    """Both placements of the AEAD (docs/architecture.md): every datagram sealed by
+    a worker, and the default, where the edges seal them."""
     topo = topo2
-    fab = cluster(topo, edges=4, workers=3)
+    fab = cluster(topo, edges=4, workers=3, crypto=crypto)
     client = fab.connect_client(1, "alice")
     mark = HandshakeMark.take(fab, client)
     ping = PingMonitor(topo, client.ns, SERVER_IP)
@@ -369,7 +372,7 @@ def test_no_nonce_reuse_when_worker_and_edge_are_killed(topo2: Topology) -> None
 
 def test_worker_death_and_growth(topo2: Topology) -> None:
     topo = topo2
-    fab = cluster(topo, edges=2, workers=2)
+    fab = cluster(topo, edges=2, workers=2, crypto="workers")  # all data crosses the workers
     client = fab.connect_client(1, "alice")
     mark = HandshakeMark.take(fab, client)
     ping = PingMonitor(topo, client.ns, SERVER_IP)

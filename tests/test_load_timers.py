@@ -135,7 +135,7 @@ def per_edge(fab: FabricCluster, name: str) -> dict[int, int]:
 
 
 def session_packets(s: dict[str, Any]) -> int:
-    return sum(s["packets_per_worker"].values())
+    return sum(s["packets_per_edge"].values())  # edges count every packet, wherever the AEAD ran
 
 
 # --------------------------------------------------------------------------- flood

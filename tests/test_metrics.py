@@ -62,6 +62,7 @@ def fake_edge() -> Any:
                   "drop_bad_mac1": 2, "frames_pushed": 4, "packets_pushed": 30, "keepalives": 5,
                   "initiations": 1},
         peers={b"a": peer_a, b"b": peer_b}, sessions={1: None, 2: None}, order=order, sock=object(),
+        placement=SimpleNamespace(offloading=True, busy=0.25),
     )
 
 
@@ -87,6 +88,8 @@ def test_edge_counters_become_metrics() -> None:
     assert value(got, "fabric_queue_depth", queue="staged", **lab) == 2
     assert value(got, "fabric_sessions", **lab) == 2
     assert value(got, "fabric_peers", **lab) == 2
+    assert value(got, "fabric_crypto_in_workers", **lab) == 1
+    assert value(got, "fabric_busy_ratio", **lab) == 0.25
     assert value(got, "fabric_process_info", pid=str(os.getpid())) == 1
     # read at scrape time: a later counter shows up in the next scrape
     edge.counters["udp_in"] += 5
@@ -303,7 +306,9 @@ def test_up_with_metrics_taken_port_starts_nothing() -> None:
 @pytest.mark.netns
 def test_metrics_end_to_end(topo2: Topology) -> None:
     edges, workers, base = 2, 2, 9580
-    fab = FabricCluster(topo2, address="198.19.100.1/24", edges=edges, workers=workers, mode="up")
+    # crypto in workers: their frame histograms get samples
+    fab = FabricCluster(topo2, address="198.19.100.1/24", edges=edges, workers=workers, mode="up",
+                        crypto="workers")
     fab.extra["up"] = ["--metrics", f"127.0.0.1:{base}"]
     fab.start()
     try:

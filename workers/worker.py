@@ -26,24 +26,15 @@ import os
 import secrets
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fabric import curve, frames, gro, ippacket, metrics
+from fabric import curve, frames, metrics
 from fabric.clone import CloneClient
-from fabric.constants import (
-    MSG_INITIATION,
-    MSG_RESPONSE,
-    MSG_TRANSPORT,
-    PADDING_MULTIPLE,
-    REJECT_AFTER_TIME,
-    TRANSPORT_HEADER_SIZE,
-)
+from fabric.constants import MSG_INITIATION, MSG_RESPONSE
+from fabric.datapath import CryptoEngine, peer_info
 from fabric.frames import Frame, FrameError
 from fabric.handshake import (
     HandshakeError,
@@ -62,29 +53,6 @@ from fabric.reqclient import ReqClient, RequestTimeout
 from fabric.service import stop_on_signals
 
 log = Log("worker")
-
-_HDR = struct.Struct("<IIQ")
-_NONCE = struct.Struct("<4xQ")
-_ZEROS = bytes(PADDING_MULTIPLE)
-ZERO_PSK = bytes(32)
-
-
-@dataclass
-class PeerInfo:
-    psk: bytes
-    allowed: ippacket.PrefixTable[bool]
-
-
-@dataclass
-class SessionKeys:
-    sid: int
-    peer: bytes
-    local_index: int
-    remote_index: int
-    created: float
-    seal: Any
-    open: Any
-
 
 class Worker:
     """One crypto worker. `broker` (HOST:PORT of a broker's --tcp) makes it a remote
@@ -105,8 +73,6 @@ class Worker:
             pub, snap, commit, stats = sd.broker_pub, sd.broker_snapshot, sd.broker_commit, sd.broker_stats
         self.client_opts = keys.client if keys else None
         self.static: StaticKeys | None = None
-        self.peers: dict[bytes, PeerInfo] = {}
-        self.sessions: dict[int, SessionKeys] = {}
         self.pending: dict[int, InitiatorState] = {}
         self.edges: dict[int, dict[str, Any]] = {}
         self.results: dict[int, zmq.Socket] = {}
@@ -116,7 +82,10 @@ class Worker:
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
         # TCP segments bound for the TUN are coalesced (fabric/gro.py); FABRIC_NO_GRO=1
         # writes them one by one (for measurements)
-        self.gro = os.environ.get("FABRIC_NO_GRO") != "1"
+        self.engine = CryptoEngine(self.count, gro=os.environ.get("FABRIC_NO_GRO") != "1",
+                                   packets=self.session_packets)
+        self.sessions = self.engine.sessions  # session id -> keys
+        self.peers = self.engine.peers  # public key -> psk, allowed IPs
         self.pull = curve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -137,12 +106,9 @@ class Worker:
             if key == b"server":
                 self.static = StaticKeys.from_private(v["private"])
             elif key.startswith(b"peer/"):
-                table: ippacket.PrefixTable[bool] = ippacket.PrefixTable()
-                for net in v["allowed_ips"]:
-                    table.add(net, True)
-                self.peers[v["public"]] = PeerInfo(v.get("psk") or ZERO_PSK, table)
+                self.peers[v["public"]] = peer_info(v)
             elif key.startswith(b"session/"):
-                self._install_session(v)
+                self.engine.install(v)
             elif key.startswith(b"edge/"):
                 self._connect_edge(v)
             elif key.startswith(b"pending/"):
@@ -164,22 +130,11 @@ class Worker:
             except ValueError:
                 pass
         elif key.startswith(b"session/") and key[8:].isdigit():
-            sid = int(key[8:])
-            self.sessions.pop(sid, None)
-            self.session_packets.pop(sid, None)
+            self.engine.remove(int(key[8:]))
         elif key.startswith(b"edge/") and key[5:].isdigit():
             self._disconnect_edge(int(key[5:]))
         elif key.startswith(b"pending/") and key[8:].isdigit():
             self.pending.pop(int(key[8:]), None)
-
-    def _install_session(self, v: dict[str, Any]) -> None:
-        sid = int(v["id"])
-        if sid in self.sessions:
-            return
-        self.sessions[sid] = SessionKeys(
-            sid, v["peer"], int(v["local_index"]), int(v["remote_index"]), float(v["created"]),
-            ChaCha20Poly1305(v["send_key"]), ChaCha20Poly1305(v["recv_key"]),
-        )
 
     def _connect_edge(self, v: dict[str, Any]) -> None:
         eid = int(v["id"])
@@ -246,94 +201,15 @@ class Worker:
         else:
             self.count("drop_bad_frame")
 
-    def _session(self, frame: Frame, now: float) -> SessionKeys | None:
-        s = self.sessions.get(frame.session_id)
-        if s is None:
-            self.count("drop_unknown_session", len(frame.packets))
-        elif now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
-            self.count("drop_expired", len(frame.packets))
-            s = None
-        if s is None and frame.seq:
-            # the edge releases results in order: tell it this one is empty
-            kind = frames.TUN_WRITE if frame.kind == frames.DECRYPT else frames.UDP_SEND
-            self._send(frame.edge, Frame(kind, frame.edge, frame.session_id, 0, frame.addr, [], seq=frame.seq))
-        return s
-
     def decrypt(self, frame: Frame, now: float) -> None:
-        s = self._session(frame, now)
-        if s is None:
-            return
-        peer = self.peers.get(s.peer)
-        if peer is None:
-            self.count("drop_unknown_peer", len(frame.packets))
-            if frame.seq:
-                self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, [], seq=frame.seq))
-            return
-        opn = s.open.decrypt
-        plain: list[bytes] = []
-        counters: list[int] = []
-        sizes: list[int] = []
-        for pkt in frame.packets:
-            if len(pkt) < TRANSPORT_HEADER_SIZE + 16:
-                self.count("drop_short")
-                continue
-            kind, receiver, counter = _HDR.unpack_from(pkt, 0)
-            if kind != MSG_TRANSPORT or receiver != s.local_index:
-                self.count("drop_unknown_index")
-                continue
-            try:
-                pt = opn(_NONCE.pack(counter), pkt[TRANSPORT_HEADER_SIZE:], None)
-            except InvalidTag:
-                self.count("drop_decrypt")
-                continue
-            if pt:
-                n = ippacket.inner_length(pt)
-                if not n:
-                    self.count("drop_bad_inner")
-                    continue
-                if not peer.allowed.lookup(ippacket.source(pt)):
-                    self.count("drop_source_not_allowed")
-                    continue
-                pt = pt[:n]
-            plain.append(pt)
-            counters.append(counter)
-            sizes.append(len(pkt))
-        self.count("decrypted", len(plain))
-        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(plain)
-        if not plain and not frame.seq:
-            return
-        out: list[bytes] = []
-        aux: list[int] = []
-        order: list[int] = []
-        if self.gro:
-            for data, members in gro.coalesce(plain):
-                out.append(data)
-                aux += (len(members), sum(sizes[i] for i in members))
-                order += members
-            self.count("gro_packets", len(out))
-        else:
-            out = [gro.PLAIN + p if p else p for p in plain]
-            aux = [x for size in sizes for x in (1, size)]
-            order = list(range(len(plain)))
-        self._send(frame.edge, Frame(frames.TUN_WRITE, frame.edge, s.sid, 0, frame.addr, out, aux,
-                                     seq=frame.seq, counters=[counters[i] for i in order]))
+        result = self.engine.decrypt(frame, now)
+        if result is not None:
+            self._send(frame.edge, result)
 
     def encrypt(self, frame: Frame, now: float) -> None:
-        s = self._session(frame, now)
-        if s is None:
-            return
-        seal = s.seal.encrypt
-        out: list[bytes] = []
-        append = out.append
-        counter = frame.counter0
-        hdr, nonce, join, remote = _HDR.pack, _NONCE.pack, b"".join, s.remote_index
-        for pkt in frame.packets:
-            pad = -len(pkt) % PADDING_MULTIPLE  # whitepaper 5.4.6: one copy, padding included
-            append(hdr(MSG_TRANSPORT, remote, counter) + seal(nonce(counter), join((pkt, _ZEROS[:pad])) if pad else pkt, None))
-            counter += 1
-        self.count("encrypted", len(out))
-        self.session_packets[s.sid] = self.session_packets.get(s.sid, 0) + len(out)
-        self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, s.sid, 0, frame.addr, out, seq=frame.seq))
+        result = self.engine.encrypt(frame, now)
+        if result is not None:
+            self._send(frame.edge, result)
 
     def handshake(self, frame: Frame, pkt: bytes, now: float) -> None:
         if self.static is None:
@@ -451,7 +327,7 @@ class Worker:
         self._handshake_done(frame, reply["session"], [])
 
     def _handshake_done(self, frame: Frame, session: dict[str, Any], out: list[bytes]) -> None:
-        self._install_session(session)
+        self.engine.install(session)
         public = {k: v for k, v in session.items() if k not in ("send_key", "recv_key")}
         self.count("handshakes")
         self._send(frame.edge, Frame(

@@ -1,0 +1,172 @@
+"""The transport-data engine (fabric/datapath.py) in memory: the engine of one side
+seals what the other side's engine opens, every bad datagram is a counted drop,
+and the placement's switch between edge and workers."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fabric import datapath, frames, gro
+from fabric.constants import REJECT_AFTER_TIME
+from fabric.datapath import BUSY_HIGH, BUSY_LOW, BUSY_WINDOW, CryptoEngine, CryptoPlacement
+from fabric.frames import Frame
+
+K_SERVER_SEND = bytes(range(32))
+K_SERVER_RECV = bytes(range(32, 64))
+SERVER_INDEX, CLIENT_INDEX = 0x11223344, 0x55667788
+NOW = 1_000_000.0
+ADDR = frames.pack_addr("198.18.0.2", 51000)
+
+
+def ipv4(src: str, dst: str, payload: bytes, proto: int = 17) -> bytes:
+    import socket
+
+    total = 20 + len(payload)
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, 64, proto, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    return hdr + payload
+
+
+def engines() -> tuple[CryptoEngine, CryptoEngine, Counter[str], Counter[str]]:
+    """The server's engine and a client's mirror image (keys and indices swapped)."""
+    server_counts: Counter[str] = Counter()
+    client_counts: Counter[str] = Counter()
+    server = CryptoEngine(lambda n, k: server_counts.update({n: k}), gro=False)
+    client = CryptoEngine(lambda n, k: client_counts.update({n: k}), gro=False)
+    server.install({"id": 1, "peer": b"C" * 32, "local_index": SERVER_INDEX, "remote_index": CLIENT_INDEX,
+                    "created": NOW, "send_key": K_SERVER_SEND, "recv_key": K_SERVER_RECV})
+    client.install({"id": 9, "peer": b"S" * 32, "local_index": CLIENT_INDEX, "remote_index": SERVER_INDEX,
+                    "created": NOW, "send_key": K_SERVER_RECV, "recv_key": K_SERVER_SEND})
+    server.peers[b"C" * 32] = datapath.peer_info({"allowed_ips": ["198.18.0.2/32"]})
+    client.peers[b"S" * 32] = datapath.peer_info({"allowed_ips": ["0.0.0.0/0"]})
+    return server, client, server_counts, client_counts
+
+
+def seal(client: CryptoEngine, pkts: list[bytes], counter0: int = 0) -> list[bytes]:
+    out = client.encrypt(Frame(frames.ENCRYPT, 0, 9, counter0, ADDR, pkts), NOW)
+    assert out is not None and out.kind == frames.UDP_SEND
+    return [bytes(p) for p in out.packets]
+
+
+def test_transport_format_whitepaper_5_4_6() -> None:
+    """Type 4, receiver index, little-endian counter, then ChaCha20-Poly1305 with the
+    counter as the last 8 bytes of the nonce over the plaintext padded to 16."""
+    _, client, _, _ = engines()
+    pkt = ipv4("198.18.0.2", "198.18.0.1", b"x" * 7)  # 27 bytes -> padded to 32
+    (dgram,) = seal(client, [pkt], counter0=5)
+    kind, receiver, counter = struct.unpack_from("<IIQ", dgram)
+    assert (kind, receiver, counter) == (4, SERVER_INDEX, 5)
+    assert len(dgram) == 16 + 32 + 16
+    plain = ChaCha20Poly1305(K_SERVER_RECV).decrypt(b"\0" * 4 + struct.pack("<Q", 5), dgram[16:], None)
+    assert plain == pkt + bytes(5)
+
+
+def test_round_trip_trims_padding_and_returns_counters() -> None:
+    server, client, counts, _ = engines()
+    pkts = [ipv4("198.18.0.2", "198.18.0.1", bytes([i]) * (10 + i)) for i in range(5)]
+    dgrams = seal(client, pkts, counter0=100)
+    res = server.decrypt(Frame(frames.DECRYPT, 3, 1, 0, ADDR, dgrams, seq=7), NOW)
+    assert res is not None and res.kind == frames.TUN_WRITE and res.seq == 7 and res.edge == 3
+    assert [bytes(p) for p in res.packets] == [gro.PLAIN + p for p in pkts]
+    assert res.counters == [100, 101, 102, 103, 104]
+    assert res.aux == [x for d in dgrams for x in (1, len(d))]
+    assert counts["decrypted"] == 5
+
+
+def test_keepalive_is_an_empty_packet() -> None:
+    server, client, _, _ = engines()
+    dgrams = seal(client, [b""], counter0=3)
+    assert len(dgrams[0]) == 32  # whitepaper 6.5: header and tag only
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 1, 0, ADDR, dgrams), NOW)
+    assert res is not None and res.packets == [b""] and res.counters == [3]
+
+
+def test_bad_datagrams_are_counted_drops() -> None:
+    server, client, counts, _ = engines()
+    good = seal(client, [ipv4("198.18.0.2", "198.18.0.1", b"ok")])[0]
+    spoofed = seal(client, [ipv4("198.18.0.99", "198.18.0.1", b"no")], counter0=1)[0]
+    tampered = good[:-1] + bytes([good[-1] ^ 1])
+    other_index = good[:4] + struct.pack("<I", SERVER_INDEX + 1) + good[8:]
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 1, 0, ADDR, [good[:20], tampered, other_index, spoofed, good]), NOW)
+    assert res is not None and res.counters == [0]
+    assert (counts["drop_short"], counts["drop_decrypt"], counts["drop_unknown_index"],
+            counts["drop_source_not_allowed"], counts["decrypted"]) == (1, 1, 1, 1, 1)
+
+
+def test_unknown_or_expired_session_answers_ordered_frames_empty() -> None:
+    server, client, counts, _ = engines()
+    dgrams = seal(client, [b""])
+    assert server.decrypt(Frame(frames.DECRYPT, 0, 2, 0, ADDR, dgrams), NOW) is None  # unordered: nothing owed
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 2, 0, ADDR, dgrams, seq=4), NOW)
+    assert res is not None and (res.kind, res.seq, res.packets) == (frames.TUN_WRITE, 4, [])
+    late = NOW + REJECT_AFTER_TIME + 1
+    res = server.encrypt(Frame(frames.ENCRYPT, 0, 1, 0, ADDR, [b"x"], seq=5), late)
+    assert res is not None and (res.kind, res.seq, res.packets) == (frames.UDP_SEND, 5, [])
+    assert counts["drop_unknown_session"] == 2 and counts["drop_expired"] == 1
+
+
+def test_public_session_record_has_no_keys_and_remove_forgets() -> None:
+    server, _, _, _ = engines()
+    assert not server.install({"id": 5, "peer": b"C" * 32, "local_index": 1, "remote_index": 2, "created": NOW})
+    assert 5 not in server.sessions
+    server.remove(1)
+    assert 1 not in server.sessions
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=8))
+def test_fuzz_decrypt_never_raises(pkts: list[bytes]) -> None:
+    server, _, counts, _ = engines()
+    # every datagram is either authenticated (impossible here) or a counted drop
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 1, 0, ADDR, pkts), NOW)
+    assert res is None
+    assert sum(v for k, v in counts.items() if k.startswith("drop_")) == len(pkts)
+
+
+# --- placement -------------------------------------------------------------------
+
+
+def feed(p: CryptoPlacement, busy: float, t: float) -> float:
+    """One window at `busy` fraction, starting at t; returns the next t."""
+    span = 1.5 * BUSY_WINDOW
+    p.work(0.0, t)
+    p.work(busy * span, t + span)
+    return t + span
+
+
+def test_fixed_placements_never_switch() -> None:
+    for mode, inline in (("edge", True), ("workers", False)):
+        p = CryptoPlacement(mode, cores=16, edges=1)
+        t = 0.0
+        for busy in (1.0, 0.0, 1.0):
+            t = feed(p, busy, t)
+            assert p.inline is inline
+
+
+def test_auto_offloads_only_when_saturated_with_spare_cores() -> None:
+    p = CryptoPlacement("auto", cores=2, edges=2)  # no core beyond the edges'
+    t = feed(p, 1.0, 0.0)
+    assert p.inline and p.busy == pytest.approx(1.0)
+    p.capacity(cores=8, edges=2)
+    t = feed(p, (BUSY_HIGH + 1) / 2, t)
+    assert not p.inline  # saturated, cores to spare: workers take the AEAD
+    t = feed(p, (BUSY_HIGH + BUSY_LOW) / 2, t)
+    assert not p.inline  # between the marks: no flapping
+    t = feed(p, BUSY_LOW / 2, t)
+    assert p.inline  # quiet again: back in the edge
+    t = feed(p, 1.0, t)
+    assert not p.inline
+    p.capacity(cores=8, edges=8)  # more edges came: no core to spare
+    feed(p, 1.0, t)
+    assert p.inline
+
+
+def test_unknown_placement_is_refused() -> None:
+    with pytest.raises(ValueError, match="auto, edge, workers"):
+        CryptoPlacement("gpu")
