@@ -136,12 +136,14 @@ class SystemSpec:
     edges: int = 0
     workers: int = 0
     cpus: str | None = None  # taskset -c list for fabric up
+    crypto: str | None = None  # fabric up --crypto (None: its default, auto)
 
     def describe(self) -> str:
         if self.kind != "fabric":
             return LABELS[self.kind]
         pin = f", pinned to CPU {self.cpus}" if self.cpus is not None else ""
-        return f"fabric up ({self.edges} edges, {self.workers} workers{pin})"
+        where = f", crypto in {self.crypto}" if self.crypto else ""
+        return f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin})"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -224,6 +226,9 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
                 notes.append(f"scaling: {e} edge(s)/{w} worker(s) is the 'fabric' run")
             else:
                 specs.append(SystemSpec(f"fabric-{e}e{w}w", "fabric", e, w))
+        # the classic split: edges move packets, workers run every AEAD (the
+        # component split of CPU-s/GB, and what the hand-off to workers costs)
+        specs.append(SystemSpec("fabric-workers", "fabric", edges, workers, crypto="workers"))
         specs.append(SystemSpec("fabric-1cpu", "fabric", edges, workers, cpus="0"))
         if ncpu >= 2:
             specs.append(SystemSpec("fabric-2cpu", "fabric", edges, workers, cpus="0,1"))
@@ -621,7 +626,7 @@ def fabric_pids(root: int, status: dict[str, Any] | None = None) -> dict[int, st
 def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
     cluster = BenchCluster(topo, address=FABRIC_ADDRESS, listen_port=LISTEN_PORT,
                            edges=spec.edges, workers=spec.workers, mode="up",
-                           tun=topo.ifname("t"))
+                           tun=topo.ifname("t"), crypto=spec.crypto)
     cluster.cpus = spec.cpus
     cluster.start()
     client = cluster.connect_client(1, "bench")
@@ -651,7 +656,7 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
     for p, r in sorted(current().items()):
         by_role.setdefault(r, []).append(p)
     info: dict[str, Any] = {"server_pids": by_role, "edges": spec.edges, "workers": spec.workers,
-                            "cpus": spec.cpus}
+                            "cpus": spec.cpus, "crypto": spec.crypto or "auto"}
     if spec.cpus is not None:
         info["cpus_allowed"] = {str(p): cpu_allowed(p) for p in current()}
     def stop() -> None:
@@ -872,7 +877,8 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
             time.sleep(SETTLE)
             r = measure(b.topo, b.target, spec, test, args.seconds)
             if spec.kind == "fabric":
-                r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus})
+                r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus,
+                          "crypto": spec.crypto or "auto"})
             samples.setdefault((spec.name, test.name), []).append(r)
             step(f"{tag}{spec.name}: {test.name:<10} {_describe_run(r)}")
         b.target.check()
