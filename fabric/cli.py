@@ -89,7 +89,7 @@ def _crypto(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crypto", choices=CRYPTO_MODES,
                    help="where the AEAD of data runs: 'edge' (no hand-off: lowest latency and CPU), "
                         "'workers' (the edge only moves packets), 'auto' (the edge, and workers while "
-                        "the edge is saturated and cores are spare; default: [server] crypto, else auto)")
+                        "the edge is saturated and other cores idle; default: [server] crypto, else auto)")
 
 
 def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,

@@ -78,5 +78,5 @@ SESSION_KEEP_TIME = 3 * REJECT_AFTER_TIME  # whitepaper 6.3: keys erased after t
 MAX_SESSIONS_PER_PEER = 3  # previous, current, next
 
 # Where an edge runs the AEAD of its data frames (`--crypto`, fabric/datapath.py):
-# in the edge, in workers, or in the edge unless it is saturated and cores are spare.
+# in the edge, in workers, or in the edge unless it is saturated and other cores idle.
 CRYPTO_MODES = ("auto", "edge", "workers")

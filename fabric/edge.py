@@ -57,7 +57,7 @@ from fabric.constants import (
     UNDER_LOAD_HOLD,
 )
 from fabric.crypto import key_from_base64
-from fabric.datapath import CryptoEngine, CryptoPlacement, peer_info
+from fabric.datapath import CryptoEngine, CryptoPlacement, HostIdle, peer_info
 from fabric.frames import NO_ADDR, Frame, FrameError
 from fabric.gro import VNET_HDR_LEN
 from fabric.handshake import CookieChecker
@@ -195,8 +195,7 @@ class Edge:
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
         # the AEAD of data frames runs here or in workers (fabric/datapath.py)
         self.engine = CryptoEngine(self._count, gro=os.environ.get("FABRIC_NO_GRO") != "1")
-        self.placement = CryptoPlacement(crypto, cores=_usable_cores())
-        self.edge_ids: set[int] = {eid}  # the edges the broker knows of, for the placement
+        self.placement = CryptoPlacement(crypto, HostIdle(_usable_cpus()))
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[bytes, Any] = {}
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
@@ -263,12 +262,12 @@ class Edge:
                 self._set_peer(v)
                 self.engine.peers[v["public"]] = peer_info(v)
             elif key.startswith(b"session/"):
+                # keys for inline crypto (the public copy has none) before install_session
+                # sends the packets staged for this session
+                self.engine.install(v)
                 self.install_session(v)
-                if int(v["id"]) in self.sessions:
-                    self.engine.install(v)  # keys for inline crypto (the public copy has none)
-            elif key.startswith(b"edge/"):
-                self.edge_ids.add(int(v["id"]))
-                self.placement.capacity(_usable_cores(), len(self.edge_ids))
+                if int(v["id"]) not in self.sessions:  # refused (stale): keep no keys
+                    self.engine.remove(int(v["id"]))
         except (KeyError, TypeError, ValueError) as exc:
             self.counters["bad_update"] += 1
             log.warning("ignored malformed update", key=key, error=str(exc))
@@ -291,10 +290,7 @@ class Edge:
     def on_delete(self, key: bytes) -> None:
         if key.startswith(b"session/") and key[8:].isdigit():
             self._remove_session(int(key[8:]))
-        elif key.startswith(b"edge/") and key[5:].isdigit():
-            self.edge_ids.discard(int(key[5:]))
-            self.edge_ids.add(self.id)
-            self.placement.capacity(_usable_cores(), len(self.edge_ids))
+
         elif key.startswith(b"peer/"):
             try:
                 pub = key_from_base64(key[5:].decode())
@@ -857,11 +853,11 @@ class Edge:
         self.table.close()
 
 
-def _usable_cores() -> int:
+def _usable_cpus() -> set[int]:
     try:
-        return len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except OSError:
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
 
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -14,7 +15,17 @@ from hypothesis import strategies as st
 
 from fabric import datapath, frames, gro
 from fabric.constants import REJECT_AFTER_TIME
-from fabric.datapath import BUSY_HIGH, BUSY_LOW, BUSY_WINDOW, CryptoEngine, CryptoPlacement
+from fabric.datapath import (
+    BUSY_HIGH,
+    BUSY_LOW,
+    BUSY_WINDOW,
+    IDLE_TO_KEEP,
+    IDLE_TO_OFFLOAD,
+    RETRY_AFTER,
+    CryptoEngine,
+    CryptoPlacement,
+    HostIdle,
+)
 from fabric.frames import Frame
 
 K_SERVER_SEND = bytes(range(32))
@@ -142,29 +153,61 @@ def feed(p: CryptoPlacement, busy: float, t: float) -> float:
 
 def test_fixed_placements_never_switch() -> None:
     for mode, inline in (("edge", True), ("workers", False)):
-        p = CryptoPlacement(mode, cores=16, edges=1)
+        p = CryptoPlacement(mode, lambda: 16.0)
         t = 0.0
         for busy in (1.0, 0.0, 1.0):
             t = feed(p, busy, t)
             assert p.inline is inline
 
 
-def test_auto_offloads_only_when_saturated_with_spare_cores() -> None:
-    p = CryptoPlacement("auto", cores=2, edges=2)  # no core beyond the edges'
+def test_auto_offloads_only_when_saturated_with_idle_cores() -> None:
+    idle: list[float | None] = [0.3]
+    p = CryptoPlacement("auto", lambda: idle[0])
     t = feed(p, 1.0, 0.0)
-    assert p.inline and p.busy == pytest.approx(1.0)
-    p.capacity(cores=8, edges=2)
+    assert p.inline and p.busy == pytest.approx(1.0)  # saturated, but no core idles
+    idle[0] = None
+    t = feed(p, 1.0, t)
+    assert p.inline  # unknown: stay
+    idle[0] = IDLE_TO_OFFLOAD + 0.5
     t = feed(p, (BUSY_HIGH + 1) / 2, t)
-    assert not p.inline  # saturated, cores to spare: workers take the AEAD
+    assert not p.inline  # saturated, a core idles: workers take the AEAD
+    idle[0] = IDLE_TO_KEEP + 0.1
     t = feed(p, (BUSY_HIGH + BUSY_LOW) / 2, t)
     assert not p.inline  # between the marks: no flapping
     t = feed(p, BUSY_LOW / 2, t)
     assert p.inline  # quiet again: back in the edge
+    idle[0] = 4.0
     t = feed(p, 1.0, t)
     assert not p.inline
-    p.capacity(cores=8, edges=8)  # more edges came: no core to spare
-    feed(p, 1.0, t)
+    idle[0] = IDLE_TO_KEEP / 2  # the workers filled the host: handing off only costs
+    t = feed(p, 1.0, t)
     assert p.inline
+    gave_up = t
+    idle[0] = 4.0  # the cores the workers took are free again, but it waits
+    while t + 2 * BUSY_WINDOW < gave_up + RETRY_AFTER:
+        t = feed(p, 1.0, t)
+        assert p.inline, t - gave_up
+    t = feed(p, 1.0, gave_up + RETRY_AFTER)
+    assert not p.inline
+
+
+def test_host_idle_reads_the_cpus_it_is_given(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+
+    def write(cpu0: tuple[int, int], cpu1: tuple[int, int]) -> None:
+        # user nice system idle iowait irq softirq steal
+        lines = ["cpu  1 2 3 4 5 6 7 8"]
+        for n, (busy, idle) in enumerate((cpu0, cpu1)):
+            lines.append(f"cpu{n} {busy} 0 0 {idle} 0 0 0 0 0 0")
+        stat.write_text("\n".join(lines) + "\nintr 1 2\n")
+
+    write((100, 100), (100, 100))
+    both, first = HostIdle({0, 1}, str(stat)), HostIdle({0}, str(stat))
+    write((110, 190), (200, 100))  # cpu0 idled 90 of 100 ticks, cpu1 0 of 100
+    assert both() == pytest.approx(0.9) and first() == pytest.approx(0.9)
+    write((210, 190), (200, 200))
+    assert both() == pytest.approx(1.0)
+    assert HostIdle({0}, str(tmp_path / "missing"))() is None
 
 
 def test_unknown_placement_is_refused() -> None:
