@@ -827,9 +827,14 @@ class Edge:
                 self.on_result(now)
             elif self.order.waiting:
                 self._release(now)  # a result may be lost: time it out
+            tun_ready = self.tun_fd in ready
             if udp_fd in ready:
+                wrote = self.counters["tun_out"]
                 self.on_udp(now)
-            if self.tun_fd in ready:
+                # what we wrote to the TUN is often answered at once (an echo reply, a TCP
+                # ACK the kernel sent while we wrote): read it now, without another poll
+                tun_ready = tun_ready or self.counters["tun_out"] != wrote
+            if tun_ready:
                 self.on_tun(now)
             if now >= next_tick:
                 self.clone.tick(now)
