@@ -56,6 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fabric.constants import CRYPTO_MODES
 from fabric.testnet import (
     FabricCluster,
     IperfError,
@@ -167,6 +168,24 @@ def parse_systems(text: str) -> list[str]:
     return [s for s in SYSTEMS if s in want]
 
 
+def parse_tests(text: str) -> list[TestSpec]:
+    """``tcp1-up,tcp1-down`` -> those of TESTS, in TESTS' order, without duplicates."""
+    by_name = {t.name: t for t in TESTS}
+    want: set[str] = set()
+    for part in text.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        if p not in by_name:
+            raise argparse.ArgumentTypeError(
+                f"unknown test {part.strip()!r}; choose from {', '.join(by_name)}"
+            )
+        want.add(p)
+    if not want:
+        raise argparse.ArgumentTypeError("no test given; e.g. --tests tcp1-up,tcp1-down")
+    return [t for t in TESTS if t.name in want]
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -192,6 +211,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="duration of each iperf3 run (default 8)")
     parser.add_argument("--systems", type=parse_systems, default=list(SYSTEMS),
                         help="comma-separated systems to measure: wg,ovpn,fabric (default all)")
+    parser.add_argument("--tests", type=parse_tests, default=list(TESTS),
+                        help="comma-separated tests to run: " + ",".join(t.name for t in TESTS)
+                             + " (default all)")
+    parser.add_argument("--crypto", choices=CRYPTO_MODES, default=None,
+                        help="fabric up --crypto for the 'fabric' system (default: fabric's own, auto)")
     parser.add_argument("--edges", type=_small_count, default=2,
                         help="fabric edge processes (default 2)")
     parser.add_argument("--workers", type=_small_count, default=2,
@@ -211,13 +235,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
-         ncpu: int) -> tuple[list[SystemSpec], list[str]]:
+         ncpu: int, crypto: str | None = None) -> tuple[list[SystemSpec], list[str]]:
     """What to run, in order, and notes on what was left out."""
     specs: list[SystemSpec] = []
     notes: list[str] = []
     for s in systems:
         if s == "fabric":
-            specs.append(SystemSpec("fabric", "fabric", edges, workers))
+            specs.append(SystemSpec("fabric", "fabric", edges, workers, crypto=crypto))
         else:
             specs.append(SystemSpec(s, s))
     if scaling and "fabric" in systems:
@@ -228,7 +252,8 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
                 specs.append(SystemSpec(f"fabric-{e}e{w}w", "fabric", e, w))
         # the classic split: edges move packets, workers run every AEAD (the
         # component split of CPU-s/GB, and what the hand-off to workers costs)
-        specs.append(SystemSpec("fabric-workers", "fabric", edges, workers, crypto="workers"))
+        if crypto != "workers":
+            specs.append(SystemSpec("fabric-workers", "fabric", edges, workers, crypto="workers"))
         specs.append(SystemSpec("fabric-1cpu", "fabric", edges, workers, cpus="0"))
         if ncpu >= 2:
             specs.append(SystemSpec("fabric-2cpu", "fabric", edges, workers, cpus="0,1"))
@@ -872,7 +897,7 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
         info["ping_loss"] = info.get("ping_loss", 0) + ping.transmitted - ping.received
         step(f"{tag}{spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
              f"({ping.received}/{ping.transmitted} replies)")
-        for test in TESTS:
+        for test in args.tests:
             b.target.check()
             time.sleep(SETTLE)
             r = measure(b.topo, b.target, spec, test, args.seconds)
@@ -928,7 +953,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             systems_wanted.append(s)
     specs, notes = plan(systems_wanted, args.edges, args.workers, args.scaling,
-                        os.cpu_count() or 1)
+                        os.cpu_count() or 1, args.crypto)
     if args.scaling and shutil.which("taskset") is None:
         for sp in [sp for sp in specs if sp.cpus is not None]:
             specs.remove(sp)
@@ -945,7 +970,7 @@ def run(args: argparse.Namespace) -> int:
     failed: set[str] = set()
     rc = 0
     old = signal.signal(signal.SIGTERM, _sigterm)
-    step(f"{len(specs)} configuration(s) x {args.rounds} round(s) x {len(TESTS)} iperf3 runs of "
+    step(f"{len(specs)} configuration(s) x {args.rounds} round(s) x {len(args.tests)} iperf3 runs of "
          f"{args.seconds:g} s; each round sets up every system in turn (rotated order), "
          "measures it and tears it down: " + ", ".join(sp.name for sp in specs))
     try:
@@ -973,7 +998,7 @@ def run(args: argparse.Namespace) -> int:
         systems[name]["rtt_ms"] = median(got_pings)
         systems[name]["rtt_ms_rounds"] = got_pings
     for spec in specs:
-        for test in TESTS:
+        for test in args.tests:
             got = samples.get((spec.name, test.name))
             if got:
                 r = median_run(got)
@@ -1006,7 +1031,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds": args.seconds,
             "rounds": args.rounds,
             "notes": notes,
-            "tests": {t.name: t.describe() for t in TESTS},
+            "tests": {t.name: t.describe() for t in args.tests},
             "skipped": skipped,
             "errors": errors,
             "host": {"cpus": os.cpu_count(), "clk_tck": CLK_TCK},

@@ -47,6 +47,27 @@ def test_parse_systems_aliases_order_and_errors() -> None:
         _parser().parse_args(["--seconds", "0"])
 
 
+def test_tests_parse_in_canonical_order() -> None:
+    assert [t.name for t in bench.parse_tests("tcp1-down, TCP1-UP,tcp1-down")] == ["tcp1-up", "tcp1-down"]
+    for bad in ("", ",", "tcp2-up", "tcp1-up,ping"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_tests(bad)
+    a = _parser().parse_args(["--tests", "udp64-down", "--crypto", "edge"])
+    assert [t.name for t in a.tests] == ["udp64-down"] and a.crypto == "edge"
+    assert [t.name for t in _parser().parse_args([]).tests] == [t.name for t in bench.TESTS]
+    for argv in (["--tests", "nope"], ["--crypto", "gpu"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(argv)
+
+
+def test_plan_crypto_applies_to_the_fabric_run() -> None:
+    specs, _ = bench.plan(["wg", "fabric"], 2, 2, scaling=False, ncpu=2, crypto="edge")
+    assert [(s.name, s.crypto) for s in specs] == [("wg", None), ("fabric", "edge")]
+    specs, _ = bench.plan(["fabric"], 2, 2, scaling=True, ncpu=2, crypto="workers")
+    assert "fabric-workers" not in [s.name for s in specs]  # the base run is that already
+    assert {s.name: s.crypto for s in specs}["fabric"] == "workers"
+
+
 def test_plan_scaling() -> None:
     specs, notes = bench.plan(["wg", "fabric"], 2, 2, scaling=True, ncpu=2)
     assert [s.name for s in specs] == ["wg", "fabric", "fabric-1e1w", "fabric-workers", "fabric-1cpu", "fabric-2cpu"]
