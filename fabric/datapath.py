@@ -34,6 +34,7 @@ from fabric.frames import Frame
 _HDR = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
 _ZEROS = bytes(PADDING_MULTIPLE)
+_MIN_DATAGRAM = TRANSPORT_HEADER_SIZE + 16  # header and the AEAD tag of an empty plaintext
 ZERO_PSK = bytes(32)
 
 
@@ -140,34 +141,48 @@ class CryptoEngine:
         opn = s.open.decrypt
         allowed = peer.allowed.lookup
         local = s.local_index
+        unpack, nonce, inner_length = _HDR.unpack_from, _NONCE.pack, ippacket.inner_length
         plain: list[bytes] = []
         counters: list[int] = []
         sizes: list[int] = []
+        last_src, last_ok = b"", False  # a frame's packets mostly share one source
         for pkt in frame.packets:
-            if len(pkt) < TRANSPORT_HEADER_SIZE + 16:
+            size = len(pkt)
+            if size < _MIN_DATAGRAM:
                 count("drop_short", 1)
                 continue
-            kind, receiver, counter = _HDR.unpack_from(pkt, 0)
+            kind, receiver, counter = unpack(pkt, 0)
             if kind != MSG_TRANSPORT or receiver != local:
                 count("drop_unknown_index", 1)
                 continue
             try:
-                pt = opn(_NONCE.pack(counter), pkt[TRANSPORT_HEADER_SIZE:], None)
+                pt = opn(nonce(counter), pkt[TRANSPORT_HEADER_SIZE:], None)
             except InvalidTag:
                 count("drop_decrypt", 1)
                 continue
             if pt:  # an empty plaintext is a keepalive (whitepaper 6.5)
-                n = ippacket.inner_length(pt)
+                v = pt[0] >> 4
+                if v == 4 and len(pt) >= 20:  # IPv4 inline: inner_length and source
+                    n = (pt[2] << 8) | pt[3]
+                    if not 20 <= n <= len(pt):
+                        n = 0
+                    src = pt[12:16]
+                else:
+                    n = inner_length(pt)
+                    src = pt[8:24] if n else b""
                 if not n:
                     count("drop_bad_inner", 1)
                     continue
-                if not allowed(ippacket.source(pt)):  # whitepaper 4: cryptokey routing
+                if src != last_src:
+                    last_src, last_ok = src, bool(allowed(src))
+                if not last_ok:  # whitepaper 4: cryptokey routing
                     count("drop_source_not_allowed", 1)
                     continue
-                pt = pt[:n]  # the padding (5.4.6) goes
+                if n != len(pt):
+                    pt = pt[:n]  # the padding (5.4.6) goes
             plain.append(pt)
             counters.append(counter)
-            sizes.append(len(pkt))
+            sizes.append(size)
         count("decrypted", len(plain))
         if self.packets is not None:
             self.packets[s.sid] = self.packets.get(s.sid, 0) + len(plain)

@@ -110,6 +110,28 @@ def test_bad_datagrams_are_counted_drops() -> None:
             counts["drop_source_not_allowed"], counts["decrypted"]) == (1, 1, 1, 1, 1)
 
 
+def ipv6(src: str, dst: str, payload: bytes) -> bytes:
+    import ipaddress
+
+    return (struct.pack("!IHBB", 6 << 28, len(payload), 17, 64) + ipaddress.ip_address(src).packed
+            + ipaddress.ip_address(dst).packed + payload)
+
+
+def test_source_check_holds_for_every_packet_of_a_frame() -> None:
+    # the engine remembers the last source it checked: alternating and repeated
+    # sources, IPv4 and IPv6, must each get their own verdict
+    server, client, counts, _ = engines()
+    server.peers[b"C" * 32] = datapath.peer_info({"allowed_ips": ["198.18.0.2/32", "2001:db8::2/128"]})
+    ok4, bad4 = ipv4("198.18.0.2", "198.18.0.1", b"a"), ipv4("198.18.0.3", "198.18.0.1", b"b")
+    ok6, bad6 = ipv6("2001:db8::2", "2001:db8::1", b"c"), ipv6("2001:db8::3", "2001:db8::1", b"d")
+    pkts = [ok4, bad4, bad4, ok4, ok4, ok6, bad6, ok6, bad4, ok4]
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 1, 0, ADDR, seal(client, pkts, counter0=10)), NOW)
+    assert res is not None
+    assert [bytes(p)[gro.VNET_HDR_LEN:] for p in res.packets] == [p for p in pkts if p in (ok4, ok6)]
+    assert res.counters == [10 + i for i, p in enumerate(pkts) if p in (ok4, ok6)]
+    assert counts["drop_source_not_allowed"] == 4
+
+
 def test_unknown_or_expired_session_answers_ordered_frames_empty() -> None:
     server, client, counts, _ = engines()
     dgrams = seal(client, [b""])
