@@ -191,12 +191,17 @@ class CryptoEngine:
         out: list[bytes] = []
         aux: list[int] = []
         order: list[int] = []
-        if self.gro:
+        if self.gro and len(plain) > 1:  # one packet has nothing to merge with
             for data, members in gro.coalesce(plain):
                 out.append(data)
                 aux += (len(members), sum(sizes[i] for i in members))
                 order += members
             count("gro_packets", len(out))
+        elif len(plain) == 1:
+            p = plain[0]
+            out = [gro.PLAIN + p if p else p]
+            aux = [1, sizes[0]]
+            order = [0]
         else:
             out = [gro.PLAIN + p if p else p for p in plain]
             aux = [x for size in sizes for x in (1, size)]

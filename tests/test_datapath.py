@@ -132,6 +132,22 @@ def test_source_check_holds_for_every_packet_of_a_frame() -> None:
     assert counts["drop_source_not_allowed"] == 4
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([b"", b"tcp", b"udp"]), st.binary(max_size=64))
+def test_one_packet_frame_is_written_as_coalescing_would(kind: bytes, payload: bytes) -> None:
+    # a frame of one packet skips gro.coalesce (nothing to merge with): what it
+    # writes must be what coalesce would have made of it
+    server, client, _, _ = engines()
+    server.gro = True
+    pkt = b"" if not kind else ipv4("198.18.0.2", "198.18.0.1", struct.pack("!HHIIBBHHH", 5201, 40000, 1, 2, 0x50, 0x10, 500, 0, 0) + payload
+                                    if kind == b"tcp" else payload,
+                                    proto=6 if kind == b"tcp" else 17)
+    res = server.decrypt(Frame(frames.DECRYPT, 0, 1, 0, ADDR, seal(client, [pkt])), NOW)
+    assert res is not None
+    assert res.packets == [data for data, _ in gro.coalesce([pkt])]
+    assert res.aux[0] == 1 and res.counters == [0]
+
+
 def test_unknown_or_expired_session_answers_ordered_frames_empty() -> None:
     server, client, counts, _ = engines()
     dgrams = seal(client, [b""])
