@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from fabric import zpoll
 from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVError, KVMsg
 from fabric.log import Log
 
@@ -68,7 +69,7 @@ class CloneClient:
     def sockets(self) -> list[zmq.Socket]:
         return [s for s in (self.sub, self.snap) if s is not None]
 
-    def register(self, poller: zmq.Poller) -> None:
+    def register(self, poller: zmq.Poller | zpoll.Poller) -> None:
         """Keep `poller` watching exactly this client's current sockets (the snapshot
         socket comes and goes)."""
         registered = self._registered
