@@ -194,7 +194,10 @@ class CryptoEngine:
         if self.gro and len(plain) > 1:  # one packet has nothing to merge with
             for data, members in gro.coalesce(plain):
                 out.append(data)
-                aux += (len(members), sum(sizes[i] for i in members))
+                if len(members) == 1:  # most often: an ACK, or a packet of another kind
+                    aux += (1, sizes[members[0]])
+                else:
+                    aux += (len(members), sum(sizes[i] for i in members))
                 order += members
             count("gro_packets", len(out))
         elif len(plain) == 1:

@@ -208,9 +208,10 @@ def coalesce(packets: Sequence[bytes]) -> list[tuple[bytes, list[int]]]:
         if c is None:
             # a packet of an open flow that cannot merge (a pure ACK, FIN...) ends that
             # flow's group, so it is written after the data before it
-            flow = _flow_of(pkt)
-            if flow is not None:
-                _close_flow(open_groups, flow)
+            if open_groups:
+                flow = _flow_of(pkt)
+                if flow is not None:
+                    _close_flow(open_groups, flow)
             out.append((PLAIN + pkt, [i]))
             continue
         key, ihl, thl, payload, v6, seq, flags = c
