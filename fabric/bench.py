@@ -150,39 +150,33 @@ class SystemSpec:
 # --------------------------------------------------------------------------- arguments
 
 
-def parse_systems(text: str) -> list[str]:
-    """``wg,ovpn,fabric`` (aliases wireguard-go, openvpn) -> canonical names, in
-    the canonical order, without duplicates."""
+def _parse_list(text: str, names: dict[str, str], what: str, choices: Sequence[str], example: str) -> set[str]:
+    """The canonical names (`names` maps every accepted spelling to one) of a
+    comma-separated list; argparse errors that name the choices."""
     want: set[str] = set()
     for part in text.split(","):
         p = part.strip().lower()
         if not p:
             continue
-        if p not in _ALIASES:
-            raise argparse.ArgumentTypeError(
-                f"unknown system {part.strip()!r}; choose from {', '.join(SYSTEMS)}"
-            )
-        want.add(_ALIASES[p])
+        if p not in names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {part.strip()!r}; choose from {', '.join(choices)}")
+        want.add(names[p])
     if not want:
-        raise argparse.ArgumentTypeError("no system given; e.g. --systems wg,ovpn,fabric")
+        raise argparse.ArgumentTypeError(f"no {what} given; e.g. {example}")
+    return want
+
+
+def parse_systems(text: str) -> list[str]:
+    """``wg,ovpn,fabric`` (aliases wireguard-go, openvpn) -> canonical names, in
+    the canonical order, without duplicates."""
+    want = _parse_list(text, _ALIASES, "system", SYSTEMS, "--systems wg,ovpn,fabric")
     return [s for s in SYSTEMS if s in want]
 
 
 def parse_tests(text: str) -> list[TestSpec]:
     """``tcp1-up,tcp1-down`` -> those of TESTS, in TESTS' order, without duplicates."""
-    by_name = {t.name: t for t in TESTS}
-    want: set[str] = set()
-    for part in text.split(","):
-        p = part.strip().lower()
-        if not p:
-            continue
-        if p not in by_name:
-            raise argparse.ArgumentTypeError(
-                f"unknown test {part.strip()!r}; choose from {', '.join(by_name)}"
-            )
-        want.add(p)
-    if not want:
-        raise argparse.ArgumentTypeError("no test given; e.g. --tests tcp1-up,tcp1-down")
+    names = [t.name for t in TESTS]
+    want = _parse_list(text, {n: n for n in names}, "test", names, "--tests tcp1-up,tcp1-down")
     return [t for t in TESTS if t.name in want]
 
 
