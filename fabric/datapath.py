@@ -200,12 +200,7 @@ class CryptoEngine:
                     aux += (len(members), sum(sizes[i] for i in members))
                 order += members
             count("gro_packets", len(out))
-        elif len(plain) == 1:
-            p = plain[0]
-            out = [gro.PLAIN + p if p else p]
-            aux = [1, sizes[0]]
-            order = [0]
-        else:
+        else:  # no coalescing, or one packet (nothing to merge with)
             out = [gro.PLAIN + p if p else p for p in plain]
             aux = [x for size in sizes for x in (1, size)]
             order = list(range(len(plain)))
