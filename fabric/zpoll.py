@@ -30,7 +30,6 @@ from typing import Any
 import zmq
 
 POLLIN = zmq.POLLIN
-_EPOLL_READY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 FULL_CHECK_EVERY = 64  # calls between checks of every ZeroMQ socket
 
 
@@ -71,7 +70,9 @@ class Poller:
         if fd is None:
             return
         self._forget(obj)
-        if self._by_fd.get(fd) is obj or (not isinstance(obj, zmq.Socket) and self._by_fd.get(fd) == obj):
+        current = self._by_fd.get(fd)
+        # a socket's fd number may belong to a newer socket by now; an int is itself
+        if current is obj or (isinstance(obj, int) and current == obj):
             del self._by_fd[fd]
             try:
                 self._ep.unregister(fd)
@@ -100,9 +101,9 @@ class Poller:
         wait = 0.0 if ready else (-1.0 if timeout is None else timeout / 1000.0)
         events = self._ep.poll(wait)
         by_fd = self._by_fd
-        for fd, ev in events:
+        for fd, _ in events:  # registered for EPOLLIN: any event is input, an error or a hang-up
             obj = by_fd.get(fd)
-            if obj is None or obj in ready or not ev & _EPOLL_READY:
+            if obj is None or obj in ready:
                 continue
             if isinstance(obj, zmq.Socket):
                 if self._has_input(obj):
