@@ -167,7 +167,7 @@ class SessionTable:
         mm = self.mm
         lockf(self.fd, LOCK_EX, 1, slot)
         try:
-            if _SID.unpack_from(mm, off)[0] != session_id:
+            if not self._matches(off, session_id):
                 return None
             (first,) = _COUNTER.unpack_from(mm, off + OFF_COUNTER)
             if first + n > REJECT_AFTER_MESSAGES:
@@ -193,7 +193,7 @@ class SessionTable:
         mm = self.mm
         lockf(self.fd, LOCK_EX, 1, slot)
         try:
-            if _SID.unpack_from(mm, off)[0] != session_id:
+            if not self._matches(off, session_id):
                 return None
             accepted = replay.accept_many(mm, off + OFF_REPLAY, counters)
             if True in accepted:
