@@ -389,6 +389,34 @@ def host_cpu() -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
 
 
+def parse_udp_rcvbuf_errors(text: str) -> int | None:
+    """UDP datagrams dropped for a full socket receive buffer, IPv4 + IPv6, from the
+    text of /proc/net/snmp and /proc/net/snmp6: the RcvbufErrors field of the
+    "Udp:" lines of the first (a header line, then a value line) plus
+    Udp6RcvbufErrors of the second. None if neither is there."""
+    total: int | None = None
+    lines = [ln.split() for ln in text.splitlines()]
+    for head, vals in zip(lines, lines[1:], strict=False):  # each line with the next
+        if head[:1] == ["Udp:"] and vals[:1] == ["Udp:"] and "RcvbufErrors" in head:
+            i = head.index("RcvbufErrors")
+            if i < len(vals) and vals[i].isdigit():
+                total = int(vals[i])
+            break
+    for f in lines:
+        if len(f) == 2 and f[0] == "Udp6RcvbufErrors" and f[1].isdigit():
+            total = (total or 0) + int(f[1])
+    return total
+
+
+def udp_rcvbuf_errors(topo: Topology, ns: str) -> int | None:
+    """`parse_udp_rcvbuf_errors` of namespace `ns` (the counters are per namespace)."""
+    try:
+        cp = topo.run(ns, ["cat", "/proc/net/snmp", "/proc/net/snmp6"], check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_udp_rcvbuf_errors(cp.stdout)
+
+
 # --------------------------------------------------------------------------- iperf3 results
 
 
@@ -695,6 +723,8 @@ STARTERS: dict[str, Callable[[Topology, SystemSpec], Target]] = {
 def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
             seconds: float, retry: bool = True) -> dict[str, Any]:
     pids0 = target.pids()
+    namespaces = {"server": topo.server_ns, "client": target.client_ns}
+    drops0 = {side: udp_rcvbuf_errors(topo, ns) for side, ns in namespaces.items()}
     before = sample(pids0)
     h0 = host_cpu()
     run: dict[str, Any] = {"system": spec.name, "test": test.name}
@@ -715,6 +745,12 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
         return again
     h1 = host_cpu()
     after = sample({**pids0, **target.pids()})
+    drops1 = {side: udp_rcvbuf_errors(topo, ns) for side, ns in namespaces.items()}
+    drops = {}
+    for side in namespaces:
+        a, b = drops0[side], drops1[side]
+        if a is not None and b is not None:
+            drops[side] = b - a
     comp, gone = cpu_delta(before, after)
     summary = summarize_iperf(res.raw, test.udp)
     cpu = sum(comp.values())
@@ -728,6 +764,9 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
         "host_cpu_busy_pct": 100.0 * (h1[0] - h0[0]) / (h1[1] - h0[1]) if h1[1] > h0[1] else None,
         # time the hypervisor gave this VM's CPUs to others: a slow spell shows here
         "host_steal_pct": 100.0 * (h1[2] - h0[2]) / (h1[1] - h0[1]) if h1[1] > h0[1] else None,
+        # datagrams a full receive buffer dropped in each namespace (the tunnel's and,
+        # for UDP tests, iperf3's): where TCP's losses happen, and work wasted upstream
+        "udp_rcvbuf_drops": drops,
         "streams": test.parallel,
         "direction": "down" if test.reverse else "up",
         "protocol": "udp" if test.udp else "tcp",
@@ -750,6 +789,9 @@ def _describe_run(r: dict[str, Any]) -> str:
         parts.append(f"{r['pps']:.0f} pps received, loss {r.get('loss_pct', 0):.1f}%")
     if r.get("retransmits") is not None:
         parts.append(f"{r['retransmits']} retransmits")
+    drops = {k: v for k, v in (r.get("udp_rcvbuf_drops") or {}).items() if v}
+    if drops:
+        parts.append("receive-buffer drops " + ", ".join(f"{k} {v}" for k, v in drops.items()))
     cpg = r.get("server_cpu_s_per_gb")
     if cpg is not None:
         parts.append(f"server {cpg:.1f} CPU-s/GB")

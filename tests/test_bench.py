@@ -319,6 +319,8 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
         assert r["server_cpu_s_per_gb"] is not None and r["server_cpu_s_per_gb"] >= 0, r
         assert "pps" in r and "rtt_ms" in r and "cpu_by_component" in r
         assert 0 <= r["host_steal_pct"] <= 100, r
+        assert set(r["udp_rcvbuf_drops"]) == {"server", "client"}, r
+        assert all(v >= 0 for v in r["udp_rcvbuf_drops"].values()), r
         if r["test"].startswith("udp"):
             assert r["pps"] > 0 and 0 <= r["loss_pct"] <= 100, r
         else:
@@ -339,6 +341,35 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     assert len(prefixes) == 4, where  # one topology per system and round
     assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
     assert elapsed < 180, f"took {elapsed:.0f}s{where}"
+
+
+SNMP = """Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 100
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 5000 1 30 4000 29 0 1 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 0 0 7 0 0 0 0
+"""
+SNMP6 = """Udp6InDatagrams                 	12
+Udp6RcvbufErrors                	4
+UdpLite6RcvbufErrors            	9
+"""
+
+
+def test_parse_udp_rcvbuf_errors() -> None:
+    # /proc/net/snmp as Linux 6.x writes it: the Udp: value line, not UdpLite's
+    assert bench.parse_udp_rcvbuf_errors(SNMP) == 29
+    assert bench.parse_udp_rcvbuf_errors(SNMP + SNMP6) == 33  # cat of both files
+    assert bench.parse_udp_rcvbuf_errors(SNMP6) == 4
+    assert bench.parse_udp_rcvbuf_errors("") is None
+    assert bench.parse_udp_rcvbuf_errors("Udp: InDatagrams RcvbufErrors\nUdp: 1\n") is None  # cut short
+    assert bench.parse_udp_rcvbuf_errors("garbage\nUdp: x\n") is None
+
+
+def test_udp_rcvbuf_errors_of_this_namespace() -> None:
+    with open("/proc/net/snmp") as f:
+        here = bench.parse_udp_rcvbuf_errors(f.read())
+    assert here is not None and here >= 0
 
 
 def test_host_stat_line() -> None:
