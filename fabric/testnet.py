@@ -635,8 +635,10 @@ class WgDevice:
         ifname: str,
         config: str | WgConfig,
         start_timeout: float = 10.0,
+        binary: str = "wireguard-go",
     ) -> None:
         self.topo = topo
+        self.binary = binary  # Debian's wireguard-go, or another build (bench --client)
         self.ns = ns
         self.ifname = ifname
         self.config = config if isinstance(config, WgConfig) else WgConfig.parse(config)
@@ -653,7 +655,7 @@ class WgDevice:
         self._starts += 1
         self.proc = self.topo.popen(
             self.ns,
-            ["wireguard-go", "-f", self.ifname],
+            [self.binary, "-f", self.ifname],
             log_path=self.topo.log_dir / f"wg-{self.ifname}-{self._starts}.log",
             env=env,
             label=f"wireguard-go:{self.ifname}",
@@ -772,6 +774,7 @@ def start_wg_server(
     peers: Sequence[tuple[str, str]] = (),
     private_key: str | None = None,
     ifname: str | None = None,
+    binary: str = "wireguard-go",
 ) -> WgDevice:
     """wireguard-go as the server in ``topo.server_ns`` (the anchor, and the
     harness's own peer). ``peers`` are (public key, allowed-ips) pairs."""
@@ -785,7 +788,8 @@ def start_wg_server(
     ]
     for pub, allowed in peers:
         lines += ["", "[Peer]", f"PublicKey = {pub}", f"AllowedIPs = {allowed}"]
-    return WgDevice(topo, topo.server_ns, ifname or topo.ifname("wgs"), "\n".join(lines)).start()
+    return WgDevice(topo, topo.server_ns, ifname or topo.ifname("wgs"), "\n".join(lines),
+                    binary=binary).start()
 
 
 def client_config(
@@ -1155,13 +1159,15 @@ class FabricCluster:
         return data
 
     def connect_client(
-        self, k: int, name: str, ifname: str | None = None, timeout: float = 20.0
+        self, k: int, name: str, ifname: str | None = None, timeout: float = 20.0,
+        binary: str = "wireguard-go",
     ) -> WgClient:
         """Add peer ``name``, start a wireguard-go client in client namespace k
         and wait until it pings the server's tunnel address."""
         conf = self.peer_add(name, endpoint=f"{self.topo.server_underlay(k)}:{self.listen_port}")
         client = WgClient(
-            self.topo, self.topo.ns_of_client(k), ifname or self.topo.ifname(f"w{k}"), conf
+            self.topo, self.topo.ns_of_client(k), ifname or self.topo.ifname(f"w{k}"), conf,
+            binary=binary,
         )
         client.start()
         res = client.wait_ping(self.server_ip, timeout=timeout)
