@@ -72,8 +72,18 @@ MAX_DATAGRAM = 65535  # largest UDP payload / TUN packet we accept
 INITIATION_FLOOD_INTERVAL = 0.020  # wireguard-go device/noise-protocol.go HandshakeInitationRate
 HANDSHAKE_RATE_PER_SECOND = 20  # wireguard-go ratelimiter: per source IP
 HANDSHAKE_RATE_BURST = 5
-UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this an edge answers bad-mac2 with cookies
+UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this (per host) edges answer bad-mac2 with cookies
 UNDER_LOAD_HOLD = 1.0  # stay "under load" this long after the rate drops
+# Under load, cookie replies are bounded (fabric/guard.py): a client waiting for one
+# sends an initiation every REKEY_TIMEOUT, so 20 a second per source address serves a
+# NAT of a hundred clients; an edge makes at most COOKIE_REPLIES_PER_SECOND in all.
+COOKIE_REPLIES_PER_SOURCE = 20
+COOKIE_REPLIES_PER_SOURCE_BURST = 5
+COOKIE_REPLIES_PER_SECOND = 1000
+# Handshakes an edge hands to workers per second, in all (each costs a worker four
+# X25519 operations, ~0.3 ms in Python): a bounded queue, its overflow counted
+# (`handshake_budget`); a refused client retries after REKEY_TIMEOUT.
+HANDSHAKES_PER_SECOND = 250
 SESSION_KEEP_TIME = 3 * REJECT_AFTER_TIME  # whitepaper 6.3: keys erased after this
 MAX_SESSIONS_PER_PEER = 3  # previous, current, next
 

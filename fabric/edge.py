@@ -35,12 +35,10 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import curve, frames, ippacket, metrics, preflight, tun, zpoll
+from fabric import curve, frames, ippacket, metrics, preflight, sockfilter, tun, zpoll
 from fabric.clone import CloneClient
 from fabric.constants import (
     COOKIE_REPLY_SIZE,
-    HANDSHAKE_RATE_BURST,
-    HANDSHAKE_RATE_PER_SECOND,
     INITIATION_SIZE,
     KEEPALIVE_TIMEOUT,
     MAX_DATAGRAM,
@@ -53,13 +51,21 @@ from fabric.constants import (
     REKEY_TIMEOUT,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
-    UNDER_LOAD_HANDSHAKES_PER_SECOND,
-    UNDER_LOAD_HOLD,
 )
 from fabric.crypto import key_from_base64
 from fabric.datapath import CryptoEngine, CryptoPlacement, HostIdle, peer_info
 from fabric.frames import NO_ADDR, Frame, FrameError
 from fabric.gro import VNET_HDR_LEN
+from fabric.guard import (
+    COOKIE,
+    MAX_FILTER_INDEXES,
+    PASS,
+    SAMPLE,
+    SAMPLE_MALFORMED,
+    SAMPLE_UNKNOWN_INDEX,
+    HandshakeGuard,
+    filter_program,
+)
 from fabric.handshake import CookieChecker
 from fabric.log import Log
 from fabric.paths import StateDir
@@ -122,23 +128,6 @@ class EdgePeer:
     last_initiation: float = 0.0
 
 
-class TokenBucket:
-    """Per-source-IP rate limit for handshakes under load (wireguard-go ratelimiter)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self.buckets: dict[bytes, tuple[float, float]] = {}
-
-    def allow(self, key: bytes, now: float) -> bool:
-        tokens, last = self.buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        ok = tokens >= 1.0
-        self.buckets[key] = (tokens - 1.0 if ok else tokens, now)
-        if len(self.buckets) > 65536:
-            self.buckets.clear()
-        return ok
-
-
 def open_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
     """The edge's non-blocking UDP socket (preflight.bind_udp), with 4 MiB buffers."""
     sock = preflight.bind_udp(listen, port, reuseport)
@@ -187,11 +176,15 @@ class Edge:
         self.peers: dict[bytes, EdgePeer] = {}
         self.routes: ippacket.PrefixTable[bytes] = ippacket.PrefixTable()
         self.cookies: CookieChecker | None = None
+        self.guard: HandshakeGuard | None = None  # made with the cookie checker (server key)
+        # the socket filter (fabric/guard.py "the kernel's share"); FABRIC_NO_SOCKET_FILTER=1
+        # leaves every datagram to userspace (for comparisons)
+        self.filter_wanted = os.environ.get("FABRIC_NO_SOCKET_FILTER") != "1"
+        self.filter_on = False
+        self.filter_dirty = True  # sessions changed since the filter was built
+        self._reported_load = False
         self.counters: dict[str, int] = defaultdict(int)
         self.session_packets: dict[int, int] = defaultdict(int)
-        self.handshake_times: list[float] = []
-        self.under_load_until = 0.0
-        self.ratelimit = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
         # the AEAD of data frames runs here or in workers (fabric/datapath.py)
         self.engine = CryptoEngine(self._count, gro=os.environ.get("FABRIC_NO_GRO") != "1")
@@ -258,6 +251,11 @@ class Edge:
             if key == b"server":
                 if self.cookies is None or self.cookies.local_public != v["public"]:
                     self.cookies = CookieChecker(v["public"])
+                    if self.guard is None:
+                        self.guard = HandshakeGuard(self.cookies, self.table.under_load_until,
+                                                    self.table.set_under_load_until, self._count)
+                    else:
+                        self.guard.cookies = self.cookies
             elif key.startswith(b"peer/"):
                 self._set_peer(v)
                 self.engine.peers[v["public"]] = peer_info(v)
@@ -317,6 +315,7 @@ class Edge:
             return
         self.sessions[sid] = s
         self.by_index[s.local_index] = sid
+        self.filter_dirty = True
         peer = self.peers.get(s.peer)
         if peer is not None:
             peer.sessions.append(sid)
@@ -337,6 +336,7 @@ class Edge:
             return
         if self.by_index.get(s.local_index) == sid:
             del self.by_index[s.local_index]
+            self.filter_dirty = True
         peer = self.peers.get(s.peer)
         if peer is not None and sid in peer.sessions:
             peer.sessions.remove(sid)
@@ -373,17 +373,7 @@ class Edge:
     # --- receive path -----------------------------------------------------------------
 
     def under_load(self, now: float) -> bool:
-        return now < self.under_load_until
-
-    def _note_handshake(self, now: float) -> None:
-        times = self.handshake_times
-        times.append(now)
-        if len(times) > UNDER_LOAD_HANDSHAKES_PER_SECOND:
-            if now - times[0] < 1.0:
-                if not self.under_load(now):
-                    log.warning("under load: answering handshakes with cookies")
-                self.under_load_until = now + UNDER_LOAD_HOLD
-            del times[: len(times) - UNDER_LOAD_HANDSHAKES_PER_SECOND]
+        return self.guard is not None and self.guard.under_load(now)
 
     def on_udp(self, now: float) -> None:
         groups: dict[tuple[int, bytes], tuple[list[bytes], list[int]]] = {}
@@ -398,6 +388,9 @@ class Edge:
         last_pkts: list[bytes] = []
         last_ctrs: list[int] = []
         received = 0
+        guard = self.guard
+        if guard is not None:
+            guard.refresh(now)  # the host-wide under-load state, once per batch
         for _ in range(BATCH):
             try:
                 data, sa = recv(MAX_DATAGRAM)
@@ -415,7 +408,12 @@ class Edge:
                     last_ctrs.append(counter)
                     continue
             if n < 4 or data[1:4] != b"\x00\x00\x00":
-                self.drop("short" if n < 4 else "bad_type")
+                if n == SAMPLE_MALFORMED and self.filter_on:  # one in SAMPLE the filter dropped
+                    counters["drop_kernel_malformed"] += SAMPLE
+                elif n == SAMPLE_UNKNOWN_INDEX and self.filter_on:
+                    counters["drop_kernel_unknown_index"] += SAMPLE
+                else:
+                    self.drop("short" if n < 4 else "bad_type")
                 continue
             kind = data[0]
             if kind == MSG_TRANSPORT:
@@ -442,22 +440,17 @@ class Edge:
                 if n != _HS_SIZES[kind]:
                     self.drop("bad_size")
                     continue
-                if kind == MSG_COOKIE_REPLY or self.cookies is None:
-                    self.drop("unexpected_cookie" if self.cookies else "not_ready")
-                    continue
-                if not self.cookies.check_mac1(data):  # whitepaper 5.4.4: always checked
-                    self.drop("bad_mac1")
+                if kind == MSG_COOKIE_REPLY or guard is None:
+                    self.drop("unexpected_cookie" if guard else "not_ready")
                     continue
                 addr = self._addr(sa)
-                self._note_handshake(now)
-                if self.under_load(now):
-                    if not self.cookies.check_mac2(data, addr, now):
-                        self._send_cookie(data, addr, sa, now)
-                        continue
-                    if not self.ratelimit.allow(addr[:16], now):
-                        self.drop("ratelimited")
-                        continue
-                handshakes[addr].append(data)
+                verdict = guard.check(data, addr, now)  # fabric/guard.py, whitepaper 5.4.7
+                if verdict is PASS:
+                    handshakes[addr].append(data)
+                elif verdict is COOKIE:
+                    self._send_cookie(data, addr, sa, now)
+                else:
+                    self.drop(verdict)
             else:
                 self.drop("bad_type")
         counters["udp_in"] += received
@@ -787,6 +780,7 @@ class Edge:
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
             self.drop("bad_frame")
             return
+        self.sync_filter()  # the client's first transport datagram follows the response
         if frame.packets:
             self._udp_send(frame)
             self.counters["handshake_responses"] += 1
@@ -800,6 +794,18 @@ class Edge:
     # --- loop -----------------------------------------------------------------------------
 
     def report(self, now: float) -> None:
+        loaded = self.under_load(now)
+        if loaded != self._reported_load:
+            self._reported_load = loaded
+            if loaded:
+                log.warning("under load: handshakes need a cookie (mac2)", edge=self.id)
+            else:
+                log.info("no longer under load", edge=self.id)
+        if self.sock is not None:
+            # what the kernel dropped for the socket: the filter's drops and a full buffer's
+            drops = sockfilter.socket_drops(self.sock)
+            if drops is not None:
+                self.counters["udp_socket_drops"] = drops
         sessions = {}
         for sid, s in self.sessions.items():
             view = self.table.read(s.slot)
@@ -825,9 +831,32 @@ class Edge:
         except zmq.Again:
             pass
 
+    def sync_filter(self) -> None:
+        """Rebuild and swap in the socket filter if the sessions or the bans changed."""
+        guard = self.guard
+        if not self.filter_on or not (self.filter_dirty or (guard is not None and guard.dirty)):
+            return
+        assert self.sock is not None
+        indexes = list(self.by_index) if len(self.by_index) <= MAX_FILTER_INDEXES else None
+        banned = list(guard.banned) if guard is not None else []
+        try:
+            sockfilter.attach(self.sock, filter_program(indexes, banned))
+        except (OSError, sockfilter.FilterError) as exc:
+            self.filter_on = False
+            sockfilter.detach(self.sock)
+            log.warning("socket filter unavailable: every datagram reaches the edge", error=str(exc))
+            return
+        self.filter_dirty = False
+        if guard is not None:
+            guard.dirty = False
+        self.counters["filter_updates"] += 1
+
     def attach(self) -> None:
         """Join the UDP port and the TUN device (see __init__)."""
         self.sock = open_udp(self.listen, self.port, self.reuseport)
+        self.filter_on = self.filter_wanted
+        self.filter_dirty = True
+        self.sync_filter()
         self.v6 = self.sock.family == socket.AF_INET6
         self.gso = os.environ.get("FABRIC_NO_GSO") != "1"
         self.tun_fd = tun.open_queue(self.tun_name)
@@ -867,7 +896,11 @@ class Edge:
                 tun_ready = tun_ready or self.counters["tun_out"] != wrote
             if tun_ready:
                 self.on_tun(now)
+            if self.filter_dirty or (self.guard is not None and self.guard.dirty):
+                self.sync_filter()
             if now >= next_tick:
+                if self.guard is not None:
+                    self.guard.expire(now)
                 self.clone.tick(now)
                 if self.auth is not None:
                     self.auth.tick(now)

@@ -19,7 +19,10 @@ Slot layout (little-endian):
 Each slot has its own fcntl byte-range lock: taken once per batch, never per
 packet, and released by the kernel if the edge holding it dies.
 
-Slot 0 is the table header: a magic and the table's creation time. A session
+Slot 0 is the table header: a magic, the table's creation time and, at byte 16,
+the time until which the host is "under load" (fabric/guard.py: any edge that
+counts a handshake flood sets it, every edge reads it; written without a lock, an
+aligned f64, read once per batch of datagrams). A session
 created before the table existed may have used counters from an older table
 (a reboot, a restarted `fabric up`), so `claim` refuses it: the peer has to
 make a new handshake rather than risk a (key, nonce) pair twice (invariant 1).
@@ -48,6 +51,7 @@ CONFIRMED = 1
 
 _HEAD = struct.Struct("<QQI4xdd18s")
 _TABLE_HEADER = struct.Struct("<8sd")
+OFF_UNDER_LOAD = 16  # in the header (slot 0)
 MAGIC = b"fabric01"
 _SID = struct.Struct("<Q")
 _COUNTER = struct.Struct("<Q")
@@ -119,6 +123,13 @@ class SessionTable:
             yield off
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, slot)
+
+    def under_load_until(self) -> float:
+        """The host-wide "under load until" time (see the module docstring)."""
+        return float(_TIME.unpack_from(self.mm, OFF_UNDER_LOAD)[0])
+
+    def set_under_load_until(self, until: float) -> None:
+        _TIME.pack_into(self.mm, OFF_UNDER_LOAD, until)
 
     def read(self, slot: int) -> SlotView:
         """A lock-free (possibly torn) view, for display and cheap filters."""
