@@ -264,6 +264,11 @@ def edge_metrics(f: Families, edge: Any) -> None:
     f.gauge("fabric_crypto_in_workers", "1 while the edge hands the AEAD of data to workers, 0 while it runs it",
             int(edge.placement.offloading))
     f.gauge("fabric_busy_ratio", "Share of the last 0.1 s the edge spent handling traffic", edge.placement.busy)
+    gauges = edge_gauges(edge)
+    f.gauge("fabric_under_load", "1 while the host is under load: handshakes need a cookie in mac2",
+            gauges["under_load"])
+    f.gauge("fabric_banned_sources", "Source addresses whose handshakes the edge's socket filter drops",
+            gauges["banned_sources"])
 
 
 def edge_gauges(edge: Any) -> dict[str, int]:
@@ -275,6 +280,10 @@ def edge_gauges(edge: Any) -> dict[str, int]:
         "queue_staged": staged,
         # 1 while the edge hands the AEAD to workers (fabric/datapath.py CryptoPlacement)
         "crypto_in_workers": int(edge.placement.offloading), "busy_percent": round(edge.placement.busy * 100),
+        # 1 while the host is under load: handshakes need a cookie in mac2 (fabric/guard.py)
+        "under_load": int(_copy(lambda: edge.under_load(time.time()))),
+        # sources whose handshakes the socket filter drops (fabric/guard.py)
+        "banned_sources": len(edge.guard.banned) if edge.guard is not None else 0,
     }
 
 

@@ -172,6 +172,41 @@ def _drops(d: dict[str, Any]) -> float:
     return sum(v for k, v in d.items() if k.startswith("drop_"))
 
 
+# Handshakes an edge refused under a flood (fabric/guard.py), by drop reason
+REFUSED_HANDSHAKES = ("cookie_ratelimited", "cookie_budget", "ratelimited", "handshake_budget")
+
+
+def load_view(st: dict[str, Any]) -> dict[str, Any]:
+    """How the edges stand against handshake floods (whitepaper 5.4.7): which are under
+    load, how many sources their socket filters ban, and per second the cookie replies
+    sent, the handshakes refused and what the kernel dropped for them."""
+    edges = [p for p in st.get("processes", []) if p["role"] == "edge" and p.get("alive")]
+
+    def rate(*names: str) -> float:
+        return round(sum(float((p.get("rates") or {}).get(n, 0)) for p in edges for n in names), 1)
+
+    under = sorted({int(p["id"]) for p in edges if (p.get("gauges") or {}).get("under_load")})
+    return {
+        "under_load": bool(under), "edges_under_load": under,
+        "banned_sources": sum(int((p.get("gauges") or {}).get("banned_sources", 0)) for p in edges),
+        "cookie_replies_per_s": rate("cookie_replies"),
+        "handshakes_refused_per_s": rate(*(f"drop_{r}" for r in REFUSED_HANDSHAKES)),
+        "kernel_drops_per_s": rate("udp_socket_drops"),
+    }
+
+
+def load_line(load: dict[str, Any]) -> str | None:
+    """One line for `fabric status`, or None when nothing is going on."""
+    if not (load["under_load"] or load["banned_sources"] or load["kernel_drops_per_s"]):
+        return None
+    head = (f"under load (edges {', '.join(map(str, load['edges_under_load']))}): handshakes need a cookie"
+            if load["under_load"] else "handshakes: normal")
+    return (f"{head}; {load['banned_sources']} source(s) banned; per second: "
+            f"{_num(load['cookie_replies_per_s'])} cookie replies, "
+            f"{_num(load['handshakes_refused_per_s'])} handshakes refused, "
+            f"{_num(load['kernel_drops_per_s'])} dropped by the kernel")
+
+
 def status_view(st: dict[str, Any], sessions: list[dict[str, Any]] | None, now: float,
                 cpu: dict[int, float | None] | None = None) -> dict[str, Any]:
     """The whole fabric at a glance, from the broker's `status` reply (and `sessions`).
@@ -221,7 +256,7 @@ def status_view(st: dict[str, Any], sessions: list[dict[str, Any]] | None, now: 
     return {
         "health": health, "problems": problems, "summary": summary, "broker": broker,
         "processes": rows, "peer_count": int(st.get("peers", 0)), "session_count": n_sessions,
-        "sessions": sessions or [],
+        "sessions": sessions or [], "load": load_view(st),
     }
 
 
@@ -245,6 +280,9 @@ def status_tables(view: dict[str, Any], now: float) -> list[Table | str]:
         title="processes", empty="no edge or worker has reported to the broker", right={5, 6, 7, 8, 9},
     )
     out: list[Table | str] = [line, procs]
+    loaded = load_line(view["load"]) if "load" in view else None
+    if loaded:
+        out.append(loaded)
     if view["sessions"]:
         sess = sessions_table(view["sessions"], now)
         sess.title = f"sessions ({view['session_count']}, peers {view['peer_count']})"

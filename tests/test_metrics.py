@@ -63,6 +63,7 @@ def fake_edge() -> Any:
                   "initiations": 1},
         peers={b"a": peer_a, b"b": peer_b}, sessions={1: None, 2: None}, order=order, sock=object(),
         placement=SimpleNamespace(offloading=True, busy=0.25),
+        under_load=lambda now: True, guard=SimpleNamespace(banned={b"198.18.2.2": 1.0}),
     )
 
 
@@ -90,6 +91,8 @@ def test_edge_counters_become_metrics() -> None:
     assert value(got, "fabric_peers", **lab) == 2
     assert value(got, "fabric_crypto_in_workers", **lab) == 1
     assert value(got, "fabric_busy_ratio", **lab) == 0.25
+    assert value(got, "fabric_under_load", **lab) == 1
+    assert value(got, "fabric_banned_sources", **lab) == 1
     assert value(got, "fabric_process_info", pid=str(os.getpid())) == 1
     # read at scrape time: a later counter shows up in the next scrape
     edge.counters["udp_in"] += 5

@@ -56,6 +56,31 @@ def test_status_text_names_every_process_and_ends_with_the_summary() -> None:
     assert lines[-1] == v["summary"]
 
 
+def test_handshake_load_is_shown_only_when_something_goes_on() -> None:
+    quiet = render.status_view(HEALTHY, [], NOW, {})
+    assert quiet["load"] == {"under_load": False, "edges_under_load": [], "banned_sources": 0,
+                             "cookie_replies_per_s": 0.0, "handshakes_refused_per_s": 0.0,
+                             "kernel_drops_per_s": 0.0}
+    assert "under load" not in render.to_text(render.status_tables(quiet, NOW))
+    flood = reply(
+        proc("edge", 0, 201, 0.2, gauges={"under_load": 1, "banned_sources": 1},
+             rates={"cookie_replies": 20.0, "drop_cookie_ratelimited": 400.0, "drop_ratelimited": 5.0,
+                    "udp_socket_drops": 59000.0}),
+        proc("edge", 1, 202, 0.3, gauges={"under_load": 1, "banned_sources": 1},
+             rates={"cookie_replies": 19.0, "drop_cookie_budget": 1.0, "udp_socket_drops": 60000.0}),
+        proc("edge", 2, 203, 90.0, gauges={"under_load": 1, "banned_sources": 5}),  # gone: not counted
+        proc("worker", 0, 301, 0.4),
+    )
+    v = render.status_view(flood, [], NOW, {})
+    assert v["load"] == {"under_load": True, "edges_under_load": [0, 1], "banned_sources": 2,
+                         "cookie_replies_per_s": 39.0, "handshakes_refused_per_s": 406.0,
+                         "kernel_drops_per_s": 119000.0}
+    assert v["health"] == "ok"  # a flood the fabric holds off is not a fault
+    text = render.to_text(render.status_tables(v, NOW))
+    assert ("under load (edges 0, 1): handshakes need a cookie; 2 source(s) banned; per second: "
+            "39 cookie replies, 406 handshakes refused, 119,000 dropped by the kernel") in text
+
+
 def test_a_silent_process_degrades_and_is_named() -> None:
     st = reply(*HEALTHY["processes"], proc("edge", 1, 202, 12.0))
     v = render.status_view(st, [], NOW)
