@@ -4,6 +4,11 @@ Malformed datagrams of every kind reach the edges from a test namespace, and
 garbage reaches every internal ZeroMQ socket. Each must be a counted drop (or
 a clear error reply), no process may die, memory must stay bounded, and an
 established wireguard-go client keeps working throughout.
+
+The edges' socket filter (fabric/guard.py) drops malformed datagrams and unknown
+receiver indexes in the kernel: with it (the default) those are counted by the
+kernel (`udp_socket_drops`) and sampled; without it (FABRIC_NO_SOCKET_FILTER=1)
+every datagram reaches the edge's own parser, which counts each by its reason.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pytest
 import zmq
 
 from fabric import frames
+from fabric.guard import SAMPLE
 from fabric.paths import StateDir
 from fabric.testnet import FabricCluster, Topology
 
@@ -84,11 +90,9 @@ def fabric_pids(fab: FabricCluster) -> dict[str, int]:
     return {label: p.pid for label, p in fab.procs.items()}
 
 
-def test_malformed_datagrams_are_counted(topo2: Topology, fab: FabricCluster) -> None:
-    client = fab.connect_client(1, "alice")
-    index = fab.sessions()[0]["receiver_index"]
-    n = 20
-    cases: dict[str, list[bytes]] = {
+def malformed_cases(index: int, n: int = 20) -> dict[str, list[bytes]]:
+    """Datagrams by the drop counter the edge's own parser names them with."""
+    return {
         "edge.drop_short": [b"", b"\x01", b"\x04\x00\x00", b"\x04\x00\x00\x00" + bytes(20)] * (n // 4),
         "edge.drop_bad_type": [b"\x09\x00\x00\x00" + bytes(40), b"\x01\x01\x00\x00" + bytes(144)] * (n // 2),
         "edge.drop_bad_size": [b"\x01\x00\x00\x00" + bytes(100), b"\x02\x00\x00\x00" + bytes(200)] * (n // 2),
@@ -99,12 +103,56 @@ def test_malformed_datagrams_are_counted(topo2: Topology, fab: FabricCluster) ->
         "any.drop_decrypt": [struct.pack("<IIQ", 4, index, 10**9 + i) + os.urandom(48) for i in range(n - 2)]
         + [struct.pack("<IIQ", 4, index, 10**9 + 100 + i) + os.urandom(60000) for i in range(2)],
     }
+
+
+def test_malformed_datagrams_are_counted_by_the_edge_without_the_filter(topo2: Topology) -> None:
+    fab = FabricCluster(topo2, address="198.19.100.1/24", listen_port=PORT, edges=2, workers=2)
+    fab.env["FABRIC_NO_SOCKET_FILTER"] = "1"
+    fab.start()
+    try:
+        client = fab.connect_client(1, "alice")
+        cases = malformed_cases(fab.sessions()[0]["receiver_index"])
+        base = stats(fab)
+        for datagrams in cases.values():
+            send_datagrams(topo2, fab, datagrams)
+        expected = {k: len(v) for k, v in cases.items()}
+        delta = wait_counts(fab, expected, base)
+        assert delta == expected, f"drop counters {delta} != datagrams sent {expected}"
+        assert stats(fab).get("edge.drop_kernel_malformed", 0) == 0
+        assert client.ping(SERVER_IP, count=3).all_ok
+        fab.check_alive()
+    finally:
+        fab.stop()
+
+
+def test_malformed_datagrams_are_counted_with_the_filter(topo2: Topology, fab: FabricCluster) -> None:
+    """What the kernel drops is counted by the kernel; the rest by the edge as before."""
+    client = fab.connect_client(1, "alice")
+    cases = malformed_cases(fab.sessions()[0]["receiver_index"])
+    in_kernel = ("edge.drop_short", "edge.drop_bad_type", "edge.drop_bad_size", "edge.drop_unknown_index")
     base = stats(fab)
     for datagrams in cases.values():
         send_datagrams(topo2, fab, datagrams)
-    expected = {k: len(v) for k, v in cases.items()}
+    # what passes the filter is counted by the edge, exactly
+    expected = {k: len(v) for k, v in cases.items() if k not in in_kernel}
     delta = wait_counts(fab, expected, base)
     assert delta == expected, f"drop counters {delta} != datagrams sent {expected}"
+    # the rest: dropped by the kernel, or a sample of that (one in SAMPLE, counted as SAMPLE);
+    # an empty datagram's sample stays empty and is the edge's `short`
+    sent = sum(len(cases[k]) for k in in_kernel)
+    deadline = time.monotonic() + 10
+    while True:
+        now = stats(fab)
+        d = {k: now.get(k, 0) - base.get(k, 0) for k in
+             ("edge.udp_socket_drops", "edge.drop_kernel_malformed", "edge.drop_kernel_unknown_index",
+              "edge.drop_short", "edge.drop_bad_type", "edge.drop_bad_size", "edge.drop_unknown_index")}
+        samples = (d["edge.drop_kernel_malformed"] + d["edge.drop_kernel_unknown_index"]) // SAMPLE
+        seen = d["edge.udp_socket_drops"] + samples + d["edge.drop_short"]
+        if seen >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == sent, f"{d}: {sent} sent"
+    assert d["edge.drop_bad_type"] == d["edge.drop_bad_size"] == d["edge.drop_unknown_index"] == 0, d
     assert client.ping(SERVER_IP, count=3).all_ok
 
 
