@@ -14,8 +14,11 @@ in one comparison here, their timers and wakeups competing.) The systems:
 * ``ovpn``: an OpenVPN 2.6 client to an OpenVPN server (userspace, one process,
   UDP, AES-256-GCM, ``--disable-dco``; certificates made with openssl in a
   temporary directory; tunnel 198.19.150.0/24);
-* ``fabric``: a wireguard-go client to ``fabric up`` (``--edges``/``--workers``;
-  tunnel 198.19.100.0/24).
+* ``wg25``: the same pair with the current wireguard-go release (0.0.20250522,
+  with UDP GSO/GRO and TUN offloads), a static build given with ``--wg25 PATH``;
+* ``fabric``: a wireguard-go client (``--client wg25|wg22``: the current release,
+  or Debian's 0.0.20220316) to ``fabric up`` (``--edges``/``--workers``; tunnel
+  198.19.100.0/24). Every run's JSON names the client it used.
 
 For every system: the idle ping RTT (average of ``--pings`` echo requests),
 then iperf3 TCP with 1 and 4 streams in both directions (client -> server,
@@ -27,6 +30,15 @@ process of ``fabric up`` summed per role (edge, worker, broker, and ``up``, the 
 That gives server CPU seconds per GB of payload that arrived. HOST% is how busy
 the VM's CPUs were during the run, STEAL% how much of their time the hypervisor
 gave to other guests (a slow spell of the host shows there).
+
+Flood tests (``--tests flood`` or ``floods`` for all six kinds; not in the default
+set) measure an iperf3 TCP upload while one attacker process in a second client
+namespace sends ``--flood-rate`` datagrams a second of one kind from 64 ports
+(``fabric.flood``): once at a closed port of the server (the ceiling: what the
+stream keeps when the server does nothing for the flood) and once at the server's
+port; the share of the ceiling is the figure. During the second, a new client in
+a third namespace starts and must ping the server within 15 s (whitepaper 5.4.7:
+a cookie reply, then mac2). WireGuard floods: not run against OpenVPN.
 
 ``--scaling`` adds fabric runs with 1 edge / 1 worker and 2 / 2, and the fabric
 pinned to one core and to two (``taskset -c`` on ``fabric up``, inherited by
@@ -49,9 +61,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -63,7 +76,9 @@ from fabric.testnet import (
     Topology,
     TopologyError,
     WgClient,
+    WgConfig,
     client_config,
+    fabric_env,
     gen_keypair,
     iperf3,
     missing_tools,
@@ -71,13 +86,18 @@ from fabric.testnet import (
     tail,
 )
 
-SYSTEMS = ("wg", "ovpn", "fabric")
+SYSTEMS = ("wg", "wg25", "ovpn", "fabric")
+DEFAULT_SYSTEMS = ("wg", "ovpn", "fabric")  # wg25 needs a binary Debian does not ship
 _ALIASES = {
-    "wg": "wg", "wireguard": "wg", "wireguard-go": "wg",
+    "wg": "wg", "wireguard": "wg", "wireguard-go": "wg", "wg22": "wg",
+    "wg25": "wg25",
     "ovpn": "ovpn", "openvpn": "ovpn",
     "fabric": "fabric",
 }
-LABELS = {"wg": "wireguard-go", "ovpn": "OpenVPN 2.6", "fabric": "fabric up"}
+LABELS = {"wg": "wireguard-go 0.0.20220316 (Debian)", "wg25": "wireguard-go 0.0.20250522",
+          "ovpn": "OpenVPN 2.6", "fabric": "fabric up"}
+WG25_NAME = "wireguard-go-0.0.20250522"
+CLIENTS = {"wg22": "Debian's wireguard-go 0.0.20220316", "wg25": "wireguard-go 0.0.20250522"}
 
 WG_ADDRESS = "198.19.200.1/24"
 WG_CLIENT = "198.19.200.2"
@@ -91,11 +111,16 @@ IPERF_PORT = 5201
 UDP_LEN = 64
 UDP_RATE = "200M"
 SETTLE = 0.5  # seconds between two iperf3 runs (queues drain)
+CLOSED_PORT = 51999  # nothing listens there: the flood's ceiling
+FLOOD_RATE = 120000.0
+FLOOD_LEAD = 1.5  # seconds of flood before the stream starts
+NEWCOMER_TIMEOUT = 15.0  # a new client must ping within this while the flood runs
 
 # tools every system needs, and each system's own (with the package to install)
 COMMON_TOOLS = {"ip": "iproute2", "ss": "iproute2", "ping": "iputils-ping", "iperf3": "iperf3"}
 SYSTEM_TOOLS = {
     "wg": {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"},
+    "wg25": {"wg": "wireguard-tools"},
     "ovpn": {"openvpn": "openvpn", "openssl": "openssl"},
     "fabric": {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"},
 }
@@ -107,12 +132,16 @@ class TestSpec:
     parallel: int = 1
     reverse: bool = False
     udp: bool = False
+    flood: str | None = None  # a fabric.flood kind: the stream under that flood
 
     def iperf_extra(self) -> list[str]:
         return ["-u", "-l", str(UDP_LEN), "-b", UDP_RATE] if self.udp else []
 
     def describe(self) -> str:
         way = "server -> client (-R)" if self.reverse else "client -> server"
+        if self.flood:
+            return (f"TCP 1 stream, {way}, under a flood of {self.flood} datagrams (one process, "
+                    "64 ports), against the same flood at a closed port; a new client meanwhile")
         if self.udp:
             return f"UDP {UDP_LEN} B at {UDP_RATE}, {way}"
         return f"TCP {self.parallel} stream{'s' if self.parallel > 1 else ''}, {way}"
@@ -126,25 +155,37 @@ TESTS: tuple[TestSpec, ...] = (
     TestSpec("udp64-up", 1, False, udp=True),
     TestSpec("udp64-down", 1, True, udp=True),
 )
+FLOOD_TESTS: tuple[TestSpec, ...] = (
+    TestSpec("flood", flood="initiation"),  # valid mac1: the costly one
+    TestSpec("flood-bad-mac1", flood="bad-mac1"),
+    TestSpec("flood-unknown-index", flood="unknown-index"),
+    TestSpec("flood-random", flood="random"),
+    TestSpec("flood-short", flood="short"),
+    TestSpec("flood-oversized", flood="oversized"),
+)
+ALL_TESTS = TESTS + FLOOD_TESTS
 
 
 @dataclass(frozen=True)
 class SystemSpec:
     """One thing to measure: a system and, for the fabric, its shape."""
 
-    name: str  # the "system" of the JSON runs: wg, ovpn, fabric, fabric-1e1w, fabric-1cpu ...
-    kind: str  # wg | ovpn | fabric
+    name: str  # the "system" of the JSON runs: wg, wg25, ovpn, fabric, fabric-1e1w, fabric-1cpu ...
+    kind: str  # wg | wg25 | ovpn | fabric
     edges: int = 0
     workers: int = 0
     cpus: str | None = None  # taskset -c list for fabric up
     crypto: str | None = None  # fabric up --crypto (None: its default, auto)
+    client: str = "wg22"  # the wireguard-go the client runs (wg | fabric): CLIENTS
+    binary: str = "wireguard-go"  # that client's executable (and wg25's server)
 
     def describe(self) -> str:
         if self.kind != "fabric":
             return LABELS[self.kind]
         pin = f", pinned to CPU {self.cpus}" if self.cpus is not None else ""
         where = f", crypto in {self.crypto}" if self.crypto else ""
-        return f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin})"
+        return (f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin}), "
+                f"client {CLIENTS[self.client]}")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -174,10 +215,38 @@ def parse_systems(text: str) -> list[str]:
 
 
 def parse_tests(text: str) -> list[TestSpec]:
-    """``tcp1-up,tcp1-down`` -> those of TESTS, in TESTS' order, without duplicates."""
-    names = [t.name for t in TESTS]
-    want = _parse_list(text, {n: n for n in names}, "test", names, "--tests tcp1-up,tcp1-down")
-    return [t for t in TESTS if t.name in want]
+    """``tcp1-up,tcp1-down`` -> those of ALL_TESTS, in their order, without duplicates;
+    ``floods`` stands for every flood test."""
+    names = [t.name for t in ALL_TESTS]
+    spell = {n: n for n in names}
+    spell["floods"] = "floods"
+    want = _parse_list(text, spell, "test", [*names, "floods"], "--tests tcp1-up,tcp1-down")
+    if "floods" in want:
+        want |= {t.name for t in FLOOD_TESTS}
+    return [t for t in ALL_TESTS if t.name in want]
+
+
+def parse_client(text: str) -> str:
+    c = text.strip().lower()
+    if c not in CLIENTS:
+        raise argparse.ArgumentTypeError(f"unknown client {text!r}; choose from {', '.join(CLIENTS)}")
+    return c
+
+
+def find_wg25(given: str | None) -> tuple[str | None, str]:
+    """The wireguard-go 0.0.20250522 executable: ``--wg25``, $FABRIC_WG25, or
+    wireguard-go-0.0.20250522 on PATH; (path or None, where it looked)."""
+    looked = []
+    for where, cand in (("--wg25", given), ("$FABRIC_WG25", os.environ.get("FABRIC_WG25"))):
+        if cand:
+            looked.append(f"{where} {cand}")
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return str(Path(cand).resolve()), ""
+    found = shutil.which(WG25_NAME)
+    if found:
+        return found, ""
+    looked.append(f"{WG25_NAME} on PATH")
+    return None, ", ".join(looked)
 
 
 def _positive_float(text: str) -> float:
@@ -187,6 +256,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < v <= 3600:
         raise argparse.ArgumentTypeError(f"{v:g} is out of range; use (0, 3600]")
+    return v
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < v <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{v:g} is out of range; use (0, 1000000]")
     return v
 
 
@@ -203,11 +282,19 @@ def _small_count(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=_positive_float, default=8.0,
                         help="duration of each iperf3 run (default 8)")
-    parser.add_argument("--systems", type=parse_systems, default=list(SYSTEMS),
-                        help="comma-separated systems to measure: wg,ovpn,fabric (default all)")
+    parser.add_argument("--systems", type=parse_systems, default=list(DEFAULT_SYSTEMS),
+                        help="comma-separated systems to measure: wg,wg25,ovpn,fabric "
+                             "(default wg,ovpn,fabric)")
     parser.add_argument("--tests", type=parse_tests, default=list(TESTS),
-                        help="comma-separated tests to run: " + ",".join(t.name for t in TESTS)
-                             + " (default all)")
+                        help="comma-separated tests to run: " + ",".join(t.name for t in ALL_TESTS)
+                             + ", or floods for every flood test (default: every test but the floods)")
+    parser.add_argument("--client", type=parse_client, default=None,
+                        help="the fabric's client: wg25 (wireguard-go 0.0.20250522, the default when "
+                             "found) or wg22 (Debian's wireguard-go 0.0.20220316)")
+    parser.add_argument("--wg25", metavar="PATH", default=None,
+                        help=f"the {WG25_NAME} executable (default: $FABRIC_WG25, or {WG25_NAME} on PATH)")
+    parser.add_argument("--flood-rate", type=_positive_rate, default=FLOOD_RATE,
+                        help=f"datagrams per second of the flood tests (default {FLOOD_RATE:.0f})")
     parser.add_argument("--crypto", choices=CRYPTO_MODES, default=None,
                         help="fabric up --crypto for the 'fabric' system (default: fabric's own, auto)")
     parser.add_argument("--edges", type=_small_count, default=2,
@@ -229,13 +316,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
-         ncpu: int, crypto: str | None = None) -> tuple[list[SystemSpec], list[str]]:
-    """What to run, in order, and notes on what was left out."""
+         ncpu: int, crypto: str | None = None, client: str = "wg22", wg25: str | None = None,
+         ) -> tuple[list[SystemSpec], list[str]]:
+    """What to run, in order, and notes on what was left out. `client` is the
+    fabric's client (CLIENTS), `wg25` the path of wireguard-go 0.0.20250522."""
     specs: list[SystemSpec] = []
     notes: list[str] = []
     for s in systems:
         if s == "fabric":
             specs.append(SystemSpec("fabric", "fabric", edges, workers, crypto=crypto))
+        elif s == "wg25":
+            specs.append(SystemSpec(s, s, client="wg25", binary=wg25 or WG25_NAME))
         else:
             specs.append(SystemSpec(s, s))
     if scaling and "fabric" in systems:
@@ -255,6 +346,8 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
             notes.append("scaling: one CPU only, no two-core run")
     elif scaling:
         notes.append("--scaling needs the fabric in --systems")
+    binary = (wg25 or WG25_NAME) if client == "wg25" else "wireguard-go"
+    specs = [replace(sp, client=client, binary=binary) if sp.kind == "fabric" else sp for sp in specs]
     return specs, notes
 
 
@@ -457,6 +550,8 @@ def add_ratios(runs: list[dict[str, Any]], base: str = "wg") -> None:
     run of the same test (None where either side is missing or zero)."""
     ref = {r["test"]: r for r in runs if r.get("system") == base and not r.get("error")}
     for r in runs:
+        if r.get("flood"):
+            continue  # compared by their share of the ceiling instead
         b = ref.get(r["test"])
         r["mbit_ratio_wg"] = _ratio(r.get("mbit_s"), b.get("mbit_s") if b else None)
         r["cpu_ratio_wg"] = _ratio(
@@ -507,6 +602,28 @@ def format_table(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join([line(head), *(line(row) for row in rows)])
 
 
+def format_flood_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Flood tests: the stream against its ceiling, and the newcomer."""
+    head = ["SYSTEM", "TEST", "CLIENT", "CEILING", "FLOODED", "SHARE%", "ROUNDS%", "NEW CLIENT",
+            "FLOOD/S", "SERVER CPU-S"]
+    rows = []
+    for r in runs:
+        rounds = " ".join(_f(None if v is None else 100 * v, ".0f") for v in r.get("share_of_ceiling_rounds") or [])
+        new = r.get("newcomer_s")
+        share = r.get("share_of_ceiling")
+        rows.append([
+            r["system"], r["test"], r.get("client", "-"), _f(r.get("ceiling_mbit_s"), ".0f"),
+            _f(r.get("mbit_s"), ".0f"), _f(None if share is None else 100 * share, ".0f"), rounds,
+            "no" if new is None else f"{new:.1f} s", f"{r.get('flood_pps') or 0:,}",
+            _f(r.get("server_cpu_s"), ".1f"),
+        ])
+    widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i])
+              for i in range(len(head))]
+    right = {3, 4, 5, 7, 8, 9}
+    return "\n".join("  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+                               for i, c in enumerate(cells)).rstrip() for cells in [head, *rows])
+
+
 def format_rtt(systems: dict[str, dict[str, Any]]) -> str:
     base = systems.get("wg", {}).get("rtt_ms")
     lines = ["idle ping RTT (client -> server through the tunnel):"]
@@ -538,6 +655,10 @@ class Target:
     check: Callable[[], None] = lambda: None  # raises if a server process died
     info: dict[str, Any] = field(default_factory=dict)
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    # flood tests: a second client in client namespace 3, not started, and the server's
+    # WireGuard public key (base64) that forged initiations carry a valid mac1 for
+    newcomer: WgClient | None = None
+    server_public: str | None = None
 
 
 def _alive(proc: subprocess.Popen[bytes], what: str, topo: Topology) -> Callable[[], None]:
@@ -548,23 +669,32 @@ def _alive(proc: subprocess.Popen[bytes], what: str, topo: Topology) -> Callable
 
 
 def start_wg(topo: Topology, spec: SystemSpec) -> Target:
+    """A wireguard-go pair (spec.binary on both ends: Debian's, or wg25's build)."""
     cpriv, cpub = gen_keypair()
     spriv, spub = gen_keypair()
+    npriv, npub = gen_keypair()  # the newcomer of the flood tests
+    newcomer_ip = "198.19.200.3"
     server = start_wg_server(topo, address=WG_ADDRESS, listen_port=LISTEN_PORT,
-                             peers=[(cpub, f"{WG_CLIENT}/32")], private_key=spriv,
-                             ifname=topo.ifname("wgs"))
+                             peers=[(cpub, f"{WG_CLIENT}/32"), (npub, f"{newcomer_ip}/32")],
+                             private_key=spriv, ifname=topo.ifname("wgs"), binary=spec.binary)
     conf = client_config(cpriv, f"{WG_CLIENT}/24", spub,
                          f"{topo.server_underlay(1)}:{LISTEN_PORT}", "198.19.200.0/24")
-    client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf).start()
+    client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf, binary=spec.binary).start()
     server_ip = WG_ADDRESS.split("/")[0]
     first = client.wait_ping(server_ip, timeout=20)
     if not first.ok:
         raise TopologyError(f"no reply from {server_ip} through wireguard-go\n{first.output}")
     assert server.proc is not None
     pid = server.proc.pid
+    newcomer = None
+    if topo.clients >= 3:
+        nconf = client_config(npriv, f"{newcomer_ip}/24", spub,
+                              f"{topo.server_underlay(3)}:{LISTEN_PORT}", "198.19.200.0/24")
+        newcomer = WgClient(topo, topo.ns_of_client(3), topo.ifname("w3"), nconf, binary=spec.binary)
     return Target(server_ip, client.ns, lambda: {pid: "wireguard-go"},
                   _alive(server.proc, "wireguard-go server", topo),
-                  info={"server_pids": {"wireguard-go": [pid]}})
+                  info={"server_pids": {"wireguard-go": [pid]}, "client": spec.client},
+                  newcomer=newcomer, server_public=spub)
 
 
 def _openssl(topo: Topology, *args: str) -> None:
@@ -676,7 +806,7 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
                            tun=topo.ifname("t"), crypto=spec.crypto)
     cluster.cpus = spec.cpus
     cluster.start()
-    client = cluster.connect_client(1, "bench")
+    client = cluster.connect_client(1, "bench", binary=spec.binary)
     root = cluster.procs["up"].pid
     try:
         status: dict[str, Any] | None = cluster.status()
@@ -703,17 +833,23 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
     for p, r in sorted(current().items()):
         by_role.setdefault(r, []).append(p)
     info: dict[str, Any] = {"server_pids": by_role, "edges": spec.edges, "workers": spec.workers,
-                            "cpus": spec.cpus, "crypto": spec.crypto or "auto"}
+                            "cpus": spec.cpus, "crypto": spec.crypto or "auto", "client": spec.client}
     if spec.cpus is not None:
         info["cpus_allowed"] = {str(p): cpu_allowed(p) for p in current()}
     def stop() -> None:
         cluster.stop()
 
-    return Target(cluster.server_ip, client.ns, current, check, info=info, cleanup=[stop])
+    newcomer, server_public = None, None
+    if topo.clients >= 3:
+        conf = cluster.peer_add("newcomer", endpoint=f"{topo.server_underlay(3)}:{LISTEN_PORT}")
+        newcomer = WgClient(topo, topo.ns_of_client(3), topo.ifname("w3"), conf, binary=spec.binary)
+        server_public = WgConfig.parse(conf).peers[0]["publickey"]
+    return Target(cluster.server_ip, client.ns, current, check, info=info, cleanup=[stop],
+                  newcomer=newcomer, server_public=server_public)
 
 
 STARTERS: dict[str, Callable[[Topology, SystemSpec], Target]] = {
-    "wg": start_wg, "ovpn": start_ovpn, "fabric": start_fabric,
+    "wg": start_wg, "wg25": start_wg, "ovpn": start_ovpn, "fabric": start_fabric,
 }
 
 
@@ -779,7 +915,94 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
     return run
 
 
+def _flood_once(topo: Topology, target: Target, port: int, kind: str, seconds: float, rate: float,
+                newcomer: WgClient | None) -> dict[str, Any]:
+    """One stream under one flood at `port`: the stream's Mbit/s, the server's CPU, the
+    flood's own summary and, with a newcomer, how long it took to ping the server."""
+    argv = [sys.executable, "-m", "fabric.flood", topo.server_underlay(2), str(port), "--kind", kind,
+            "--rate", f"{rate:g}", "--seconds", f"{FLOOD_LEAD + seconds + 3:g}"]
+    if target.server_public:
+        argv += ["--server-key", target.server_public]
+    proc = topo.popen(topo.ns_of_client(2), argv, env=fabric_env(), label=f"flood-{kind}")
+    out: dict[str, Any] = {}
+    joined: dict[str, float | None] = {}
+
+    def join() -> None:
+        assert newcomer is not None
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        try:
+            newcomer.start()
+            ok = newcomer.wait_ping(target.server_ip, timeout=NEWCOMER_TIMEOUT).ok
+        except TopologyError:
+            ok = False
+        joined["after_s"] = time.monotonic() - t0 if ok else None
+
+    try:
+        time.sleep(FLOOD_LEAD)
+        pids0 = target.pids()
+        before = sample(pids0)
+        th = threading.Thread(target=join, daemon=True) if newcomer is not None else None
+        if th is not None:
+            th.start()
+        try:
+            res = iperf3(topo, topo.server_ns, target.client_ns, target.server_ip, seconds=seconds,
+                         port=IPERF_PORT)
+            out["mbit_s"] = res.mbps
+            out["retransmits"] = res.retransmits
+        except (IperfError, subprocess.TimeoutExpired) as e:
+            # under a flood the stream may not even connect: that is a result, 0 Mbit/s
+            out["mbit_s"] = 0.0
+            out["iperf_error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        after = sample({**pids0, **target.pids()})
+        comp, _ = cpu_delta(before, after)
+        out["server_cpu_s"] = sum(comp.values())
+        if th is not None:
+            th.join(timeout=NEWCOMER_TIMEOUT + 15)
+            out["newcomer_s"] = joined.get("after_s")
+        proc.wait(timeout=FLOOD_LEAD + seconds + 30)
+        lines = topo.log_path(proc).read_text(errors="replace").strip().splitlines()
+        try:
+            out["flood"] = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            raise TopologyError(f"the flood printed no summary:\n{tail(topo.log_path(proc))}") from None
+    finally:
+        topo.stop(proc)
+        if newcomer is not None and newcomer.running:
+            newcomer.stop()
+    return out
+
+
+def measure_flood(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
+                  seconds: float, rate: float) -> dict[str, Any]:
+    """The stream under `test.flood` at the closed port (the ceiling) and at the
+    server's port; the share of the ceiling, and the newcomer's time to a ping."""
+    assert test.flood is not None
+    ceiling = _flood_once(topo, target, CLOSED_PORT, test.flood, seconds, rate, None)
+    time.sleep(SETTLE)
+    target.check()
+    flooded = _flood_once(topo, target, LISTEN_PORT, test.flood, seconds, rate, target.newcomer)
+    share = flooded["mbit_s"] / ceiling["mbit_s"] if ceiling["mbit_s"] > 0 else None
+    return {
+        "system": spec.name, "test": test.name, "flood": test.flood, "client": spec.client,
+        "mbit_s": flooded["mbit_s"], "ceiling_mbit_s": ceiling["mbit_s"], "share_of_ceiling": share,
+        "newcomer_s": flooded.get("newcomer_s"), "newcomer_timeout_s": NEWCOMER_TIMEOUT,
+        "flood_pps": flooded["flood"].get("rate"), "ceiling_flood_pps": ceiling["flood"].get("rate"),
+        "server_cpu_s": flooded["server_cpu_s"], "ceiling_server_cpu_s": ceiling["server_cpu_s"],
+        "retransmits": flooded.get("retransmits"),
+        **({"iperf_error": flooded["iperf_error"]} if "iperf_error" in flooded else {}),
+        "direction": "up", "protocol": "tcp", "streams": 1,
+    }
+
+
 def _describe_run(r: dict[str, Any]) -> str:
+    if r.get("flood"):
+        share = r.get("share_of_ceiling")
+        new = r.get("newcomer_s")
+        return (f"{r['mbit_s']:.1f} Mbit/s under the flood ({r.get('flood_pps') or 0:,} /s), ceiling "
+                f"{r['ceiling_mbit_s']:.1f}: {_f(None if share is None else 100 * share, '.0f')}% of it; "
+                f"new client {'connected after ' + format(new, '.1f') + ' s' if new is not None else 'NOT connected'}"
+                + (f"; stream: {r['iperf_error']}" if r.get("iperf_error") else ""))
     if r.get("error"):
         return f"failed: {str(r['error']).splitlines()[0]}"
     parts = [f"{r['mbit_s']:.1f} Mbit/s"]
@@ -845,7 +1068,9 @@ def setup_system(spec: SystemSpec, args: argparse.Namespace, step: _Progress,
                  systems: dict[str, dict[str, Any]]) -> Bench:
     """Namespaces and processes of one system; raises (after logging the process
     tails) if it does not come up. The caller tears it down with `teardown`."""
-    topo = Topology(clients=1, keep_workdir=bool(args.keep_logs))
+    # flood tests: an attacker in client namespace 2, a newcomer in 3
+    clients = 3 if any(t.flood for t in args.tests) else 1
+    topo = Topology(clients=clients, keep_workdir=bool(args.keep_logs))
     b = Bench(spec, topo)
     info: dict[str, Any] = {"label": spec.describe()}
     systems[spec.name] = info
@@ -890,18 +1115,22 @@ def rotated(items: Sequence[Any], k: int) -> list[Any]:
 
 
 def median_run(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The round with the median throughput (the lower middle for an even count),
-    whole, so its fields stay consistent, plus every round's throughput and CPU per
-    GB (``*_rounds``) to show the spread."""
+    """The round with the median throughput (flood tests: the median share of the
+    ceiling; the lower middle for an even count), whole, so its fields stay
+    consistent, plus every round's figures (``*_rounds``) to show the spread."""
     ok = [r for r in samples if not r.get("error")]
     if not ok:
         return dict(samples[-1])
-    ranked = sorted(ok, key=lambda r: r.get("mbit_s") or 0.0)
+    key = "share_of_ceiling" if ok[0].get("flood") else "mbit_s"
+    ranked = sorted(ok, key=lambda r: r.get(key) or 0.0)
     out = dict(ranked[(len(ranked) - 1) // 2])
     out["rounds"] = len(samples)
     out["failed_rounds"] = len(samples) - len(ok)
     out["mbit_s_rounds"] = [r.get("mbit_s") for r in samples]
     out["server_cpu_s_per_gb_rounds"] = [r.get("server_cpu_s_per_gb") for r in samples]
+    if out.get("flood"):
+        for k in ("share_of_ceiling", "ceiling_mbit_s", "newcomer_s"):
+            out[f"{k}_rounds"] = [r.get(k) for r in samples]
     if out.get("pps") is not None:
         out["pps_rounds"] = [r.get("pps") for r in samples]
     return out
@@ -934,9 +1163,15 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
         step(f"{tag}{spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
              f"({ping.received}/{ping.transmitted} replies)")
         for test in args.tests:
+            if test.flood and spec.kind == "ovpn":
+                continue  # WireGuard floods (OpenVPN's own are its issue's)
             b.target.check()
             time.sleep(SETTLE)
-            r = measure(b.topo, b.target, spec, test, args.seconds)
+            if test.flood:
+                r = measure_flood(b.topo, b.target, spec, test, args.seconds, args.flood_rate)
+            else:
+                r = measure(b.topo, b.target, spec, test, args.seconds)
+                r["client"] = spec.client
             if spec.kind == "fabric":
                 r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus,
                           "crypto": spec.crypto or "auto"})
@@ -979,17 +1214,36 @@ def run(args: argparse.Namespace) -> int:
     step = _Progress()
     skipped: list[dict[str, str]] = []
     systems_wanted: list[str] = []
+    wg25, looked = find_wg25(args.wg25)
+    client = args.client
+    if client is None:
+        client = "wg25" if wg25 else "wg22"
+        if "fabric" in args.systems and not wg25:
+            step(f"the fabric's client: Debian's wireguard-go (wireguard-go 0.0.20250522 not found; "
+                 f"looked at {looked}; give it with --wg25 PATH)")
+    elif client == "wg25" and not wg25:
+        print(f"fabric bench: --client wg25: wireguard-go 0.0.20250522 not found (looked at {looked}); "
+              "give its path with --wg25 PATH", file=sys.stderr)
+        return 2
     for s in args.systems:
-        miss = missing_tools(tuple(SYSTEM_TOOLS[s]))
+        if s == "wg25" and not wg25:
+            msg = f"wireguard-go 0.0.20250522 not found (looked at {looked}); give it with --wg25 PATH"
+            step(f"skipping wg25: {msg}")
+            skipped.append({"system": s, "reason": msg})
+            continue
+        tools = dict(SYSTEM_TOOLS[s])
+        if s == "fabric" and client == "wg25":
+            tools.pop("wireguard-go")
+        miss = missing_tools(tuple(tools))
         if miss:
-            pkgs = sorted({SYSTEM_TOOLS[s][t] for t in miss})
+            pkgs = sorted({tools[t] for t in miss})
             msg = f"{', '.join(miss)} not installed (apt-get install {' '.join(pkgs)})"
             step(f"skipping {s}: {msg}")
             skipped.append({"system": s, "reason": msg})
         else:
             systems_wanted.append(s)
     specs, notes = plan(systems_wanted, args.edges, args.workers, args.scaling,
-                        os.cpu_count() or 1, args.crypto)
+                        os.cpu_count() or 1, args.crypto, client=client, wg25=wg25)
     if args.scaling and shutil.which("taskset") is None:
         for sp in [sp for sp in specs if sp.cpus is not None]:
             specs.remove(sp)
@@ -1050,8 +1304,17 @@ def run(args: argparse.Namespace) -> int:
           + (f"median of {args.rounds} rounds (the round with the median Mbit/s); " if args.rounds > 1 else "")
           + "CPU = server processes' utime+stime per GB that arrived; "
           "xWG = ratio to wireguard-go (same test)")
-    print(format_table(runs))
-    print()
+    plain = [r for r in runs if not r.get("flood")]
+    floods = [r for r in runs if r.get("flood")]
+    if plain:
+        print(format_table(plain))
+        print()
+    if floods:
+        print(f"under floods: iperf3 TCP upload, {args.seconds:g} s; CEILING = Mbit/s with the flood "
+              "at a closed port, FLOODED = at the server's port, SHARE = FLOODED/CEILING (median "
+              f"round); NEW CLIENT = time to its first ping (limit {NEWCOMER_TIMEOUT:g} s)")
+        print(format_flood_table(floods))
+        print()
     print(format_rtt(systems), flush=True)
     for n in notes:
         print(n)
@@ -1071,8 +1334,11 @@ def run(args: argparse.Namespace) -> int:
             "skipped": skipped,
             "errors": errors,
             "host": {"cpus": os.cpu_count(), "clk_tck": CLK_TCK},
+            "client": client,
+            "wg25": wg25,
             "versions": {
                 "wireguard-go": _version(["wireguard-go", "--version"]),
+                **({"wireguard-go-0.0.20250522": _version([wg25, "--version"])} if wg25 else {}),
                 "openvpn": _version(["openvpn", "--version"]),
                 "iperf3": _version(["iperf3", "--version"]),
             },

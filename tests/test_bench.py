@@ -413,3 +413,70 @@ def _prefixes(stdout: str) -> set[str]:
         if word.startswith("fab") and word.endswith("-srv"):
             out.add(word[: -len("-srv")])
     return out
+
+
+# --------------------------------------------------------------------------- floods, clients
+
+
+def test_flood_tests_are_opt_in_and_named() -> None:
+    assert not any(t.flood for t in _parser().parse_args([]).tests)  # the default set has none
+    assert [t.name for t in bench.parse_tests("flood")] == ["flood"]
+    assert [t.flood for t in bench.parse_tests("floods")] == [
+        "initiation", "bad-mac1", "unknown-index", "random", "short", "oversized"]
+    assert [t.name for t in bench.parse_tests("floods,tcp1-up")][0] == "tcp1-up"
+    assert "closed port" in bench.parse_tests("flood")[0].describe()
+    from fabric.flood import KINDS
+
+    assert {t.flood for t in bench.FLOOD_TESTS} == set(KINDS)
+
+
+def test_clients_and_wg25(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bench.parse_client("WG25") == "wg25"
+    with pytest.raises(argparse.ArgumentTypeError):
+        bench.parse_client("wg19")
+    monkeypatch.delenv("FABRIC_WG25", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path, looked = bench.find_wg25(str(tmp_path / "nope"))
+    assert path is None and "nope" in looked and "on PATH" in looked
+    exe = tmp_path / bench.WG25_NAME
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert bench.find_wg25(None)[0] == str(exe)  # found on PATH
+    monkeypatch.setenv("FABRIC_WG25", str(exe))
+    assert bench.find_wg25(None)[0] == str(exe.resolve())
+    specs, _ = bench.plan(["wg", "wg25", "fabric"], 2, 2, scaling=True, ncpu=2, client="wg25", wg25=str(exe))
+    by = {s.name: s for s in specs}
+    assert (by["wg"].client, by["wg"].binary) == ("wg22", "wireguard-go")
+    assert (by["wg25"].client, by["wg25"].binary) == ("wg25", str(exe))
+    assert all(s.client == "wg25" and s.binary == str(exe) for s in specs if s.kind == "fabric")
+    assert "wireguard-go 0.0.20250522" in by["fabric"].describe()
+    specs, _ = bench.plan(["fabric"], 2, 2, scaling=False, ncpu=2)
+    assert (specs[0].client, specs[0].binary) == ("wg22", "wireguard-go")
+
+
+def test_explicit_wg25_client_without_the_binary_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
+    monkeypatch.delenv("FABRIC_WG25", raising=False)
+    monkeypatch.setattr(bench, "find_wg25", lambda given: (None, "--wg25 /x, wireguard-go-0.0.20250522 on PATH"))
+    assert bench.run(_parser().parse_args(["--client", "wg25", "--systems", "fabric"])) == 2
+    assert "looked at --wg25 /x" in capsys.readouterr().err
+
+
+def test_flood_rows_median_and_table() -> None:
+    def row(share: float, new: float | None) -> dict[str, Any]:
+        return {"system": "fabric", "test": "flood", "flood": "initiation", "client": "wg25",
+                "mbit_s": 500 * share, "ceiling_mbit_s": 500.0, "share_of_ceiling": share,
+                "newcomer_s": new, "flood_pps": 118000, "server_cpu_s": 7.5}
+    m = bench.median_run([row(0.9, 5.2), row(0.5, None), row(0.95, 5.4)])
+    assert m["share_of_ceiling"] == 0.9 and m["newcomer_s"] == 5.2
+    assert m["share_of_ceiling_rounds"] == [0.9, 0.5, 0.95] and m["newcomer_s_rounds"] == [5.2, None, 5.4]
+    runs = [m, {**row(0.3, None), "system": "wg25", "share_of_ceiling_rounds": [0.3]}]
+    bench.add_ratios(runs)  # flood rows are left alone
+    assert "mbit_ratio_wg" not in runs[0]
+    lines = bench.format_flood_table(runs).splitlines()
+    assert lines[0].split()[:6] == ["SYSTEM", "TEST", "CLIENT", "CEILING", "FLOODED", "SHARE%"]
+    assert lines[1].split()[:8] == ["fabric", "flood", "wg25", "500", "450", "90", "90", "50"]
+    assert "5.2 s" in lines[1] and "118,000" in lines[1]
+    assert " no " in lines[2]
