@@ -307,3 +307,28 @@ def test_kernel_runs_the_program_as_the_interpreter_does() -> None:
     finally:
         rx.close()
         tx.close()
+
+
+def test_kernel_bans_an_ipv6_source_by_its_64() -> None:
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        rx.setblocking(False)
+        port = rx.getsockname()[1]
+        init = b"\x01\x00\x00\x00" + bytes(INITIATION_SIZE - 4)
+        bpf.attach(rx, filter_program(None, [v6_key("::1")]))
+        for _ in range(16 * SAMPLE):
+            tx.sendto(init, ("::1", port))
+        got = _drain(rx)
+        assert 2 <= len(got) <= 40, len(got)  # one in SAMPLE of a banned source's handshakes
+        bpf.attach(rx, filter_program(None, [v6_key("2001:db8::1")]))  # another /64
+        tx.sendto(init, ("::1", port))
+        tx.sendto(transport(9), ("::1", port))
+        assert _drain(rx) == [init, transport(9)]
+    finally:
+        rx.close()
+        tx.close()
