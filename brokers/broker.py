@@ -1,6 +1,6 @@
 """The session broker: authority for peers and sessions (DESIGN.md, "broker").
 
-Sockets (endpoints from fabric.paths.StateDir):
+Sockets (endpoints from fabric.ops.paths.StateDir):
   PUB     key-value updates with sequence numbers and a heartbeat (Clone pattern)
   ROUTER  snapshots on request (ICANHAZ? ... KTHXBAI)
   ROUTER  handshake commits from workers (REQ): the authority checks
@@ -27,19 +27,21 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import crypto, curve, metrics
-from fabric.config import ConfigError, PeerConfig, check_overlaps, parse_network
-from fabric.constants import (
+from fabric.control import zmqcurve as curve
+from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
+from fabric.dataplane.sessiontable import DEFAULT_SLOTS
+from fabric.ops import metrics
+from fabric.ops.config import ConfigError, PeerConfig, check_overlaps, parse_network
+from fabric.ops.log import Log
+from fabric.ops.paths import StateDir
+from fabric.ops.service import stop_on_signals
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import (
     INITIATION_FLOOD_INTERVAL,
     MAX_SESSIONS_PER_PEER,
     REKEY_TIMEOUT,
     SESSION_KEEP_TIME,
 )
-from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
-from fabric.log import Log
-from fabric.paths import StateDir
-from fabric.service import stop_on_signals
-from fabric.sessiontable import DEFAULT_SLOTS
 
 log = Log("broker")
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from fabric import __version__
-from fabric import log as logmod
-from fabric.config import DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_TUN, ConfigError
+from fabric.ops import log as logmod
+from fabric.ops.config import DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_TUN, ConfigError
 
 
 def _port(text: str) -> int:
@@ -47,7 +47,7 @@ def _id_or_auto(text: str) -> int | None:
 
 
 def _cidrs(text: str) -> list[str]:
-    from fabric.config import parse_interfaces
+    from fabric.ops.config import parse_interfaces
 
     try:
         return parse_interfaces(text, "--address")
@@ -71,7 +71,7 @@ def _endpoint(text: str) -> str:
 
 
 def _metrics_address(text: str) -> str:
-    from fabric.metrics import format_address, parse_address
+    from fabric.ops.metrics import format_address, parse_address
 
     try:
         return format_address(*parse_address(text))
@@ -84,7 +84,7 @@ def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
 
 
 def _crypto(p: argparse.ArgumentParser) -> None:
-    from fabric.constants import CRYPTO_MODES
+    from fabric.protocols.wireguard.constants import CRYPTO_MODES
 
     p.add_argument("--crypto", choices=CRYPTO_MODES,
                    help="where the AEAD of data runs: 'edge' (no hand-off: lowest latency and CPU), "
@@ -95,7 +95,7 @@ def _crypto(p: argparse.ArgumentParser) -> None:
 def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,
                  edges: int) -> str | None:
     """--metrics, else this process's place in the config's `metrics` layout (off without either)."""
-    from fabric.metrics import child_address
+    from fabric.ops.metrics import child_address
 
     if args.metrics:
         return str(args.metrics)
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client(rm)
 
     try:
-        from fabric import demo
+        from fabric.testbed import demo
     except ImportError:
         demo = None  # type: ignore[assignment]
     if demo is not None:
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("soak", "wireguard-go clients under load while processes are killed"),
                       ("bench", "measure fabric against wireguard-go and OpenVPN in one run")):
         try:
-            mod = importlib.import_module(f"fabric.{name}")
+            mod = importlib.import_module(f"fabric.testbed.{name}")
         except ImportError:
             continue
         mod.add_arguments(sub.add_parser(name, help=hlp))
@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _admin_target(args: argparse.Namespace) -> tuple[str, dict[int, object] | None]:
     """The admin endpoint and CURVE client options to reach it."""
-    from fabric import admin, curve
-    from fabric.paths import StateDir
+    from fabric.control import zmqcurve as curve
+    from fabric.ops import admin
+    from fabric.ops.paths import StateDir
 
     ep = admin.endpoint_for(args.state_dir, args.admin)
     if args.key or args.server_key:
@@ -289,8 +290,8 @@ def _admin_target(args: argparse.Namespace) -> tuple[str, dict[int, object] | No
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from fabric import curve
-    from fabric.paths import StateDir
+    from fabric.control import zmqcurve as curve
+    from fabric.ops.paths import StateDir
 
     sd = StateDir.at(args.state_dir)
     if args.keys_action == "init":
@@ -305,7 +306,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             raise ConfigError(f"no authorized client key {args.name!r}; `fabric keys list` shows them")
         print(f"revoked {args.name} (takes effect within seconds)")
     elif getattr(args, "json", False):
-        from fabric.admin import dump
+        from fabric.ops.admin import dump
 
         print(dump(curve.authorized(sd)))
     else:
@@ -316,7 +317,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_admin(args: argparse.Namespace) -> int:
     import time
 
-    from fabric import admin, render
+    from fabric.ops import admin, render
 
     ep, opts = _admin_target(args)
     reply = admin.request(ep, {"op": args.what}, timeout=args.timeout, curve=opts)
@@ -352,7 +353,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`fabric status`: 0 healthy, 1 degraded, 2 unreachable (one line on stderr)."""
     import time
 
-    from fabric import admin, render
+    from fabric.ops import admin, render
 
     try:
         ep, opts = _admin_target(args)
@@ -373,7 +374,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_peer(args: argparse.Namespace) -> int:
-    from fabric import admin, render
+    from fabric.ops import admin, render
 
     ep, opts = _admin_target(args)
     if args.action == "remove":
@@ -383,7 +384,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     if args.keepalive < 0 or args.keepalive > 65535:
         raise ConfigError("--keepalive must be 0 to 65535 seconds")
     if args.public_key:
-        from fabric.crypto import key_from_base64
+        from fabric.protocols.wireguard.crypto import key_from_base64
 
         try:
             key_from_base64(args.public_key)
@@ -417,7 +418,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from fabric import admin, config
+    from fabric.ops import admin, config
 
     try:
         cfg = config.load(args.file)
@@ -435,8 +436,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from brokers import broker
-    from fabric import config, preflight
-    from fabric.paths import StateDir
+    from fabric.ops import config, preflight
+    from fabric.ops.paths import StateDir
 
     cfg = config.load(args.config)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
@@ -447,8 +448,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
-    from fabric import config, edge, preflight
-    from fabric.paths import StateDir
+    from fabric.dataplane import edge
+    from fabric.ops import config, preflight
+    from fabric.ops.paths import StateDir
 
     cfg = config.load(args.config).server
     addresses = args.address or (cfg.addresses if args.config else None)
@@ -462,8 +464,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from fabric import config, curve
-    from fabric.paths import StateDir
+    from fabric.control import zmqcurve as curve
+    from fabric.ops import config
+    from fabric.ops.paths import StateDir
     from workers import worker
 
     cfg = config.load(args.config).server
@@ -479,7 +482,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from fabric import up
+    from fabric.ops import up
 
     return up.run(args)
 
@@ -495,13 +498,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if args.command == "demo":
-            from fabric import demo
+            from fabric.testbed import demo
 
             return demo.run(args)
         if args.command in ("soak", "bench", "cluster"):
             import importlib
 
-            return int(importlib.import_module(f"fabric.{args.command}").run(args))
+            return int(importlib.import_module(f"fabric.testbed.{args.command}").run(args))
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
@@ -511,9 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        from fabric.admin import AdminError
-        from fabric.curve import KeyError_
-        from fabric.tun import TunError
+        from fabric.control.zmqcurve import KeyError_
+        from fabric.dataplane.tun import TunError
+        from fabric.ops.admin import AdminError
 
         if isinstance(exc, ConfigError | AdminError | TunError | KeyError_ | RuntimeError | PermissionError | OSError):
             print(f"fabric: error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fabric.testnet import FabricCluster, Topology, cleanup_stale
+from fabric.testbed.testnet import FabricCluster, Topology, cleanup_stale
 
 # Callables returning log text; appended to the report of a failing test.
 LOG_SOURCES: list[Callable[[], str]] = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from brokers.broker import Reports
-from fabric import render
+from fabric.ops import render
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0

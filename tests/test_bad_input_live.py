@@ -5,7 +5,7 @@ garbage reaches every internal ZeroMQ socket. Each must be a counted drop (or
 a clear error reply), no process may die, memory must stay bounded, and an
 established wireguard-go client keeps working throughout.
 
-The edges' socket filter (fabric/guard.py) drops malformed datagrams and unknown
+The edges' socket filter (fabric/protocols/wireguard/guard.py) drops malformed datagrams and unknown
 receiver indexes in the kernel: with it (the default) those are counted by the
 kernel (`udp_socket_drops`) and sampled; without it (FABRIC_NO_SOCKET_FILTER=1)
 every datagram reaches the edge's own parser, which counts each by its reason.
@@ -24,10 +24,10 @@ import msgpack
 import pytest
 import zmq
 
-from fabric import frames
-from fabric.guard import SAMPLE
-from fabric.paths import StateDir
-from fabric.testnet import FabricCluster, Topology
+from fabric.control import frames
+from fabric.ops.paths import StateDir
+from fabric.protocols.wireguard.guard import SAMPLE
+from fabric.testbed.testnet import FabricCluster, Topology
 
 pytestmark = pytest.mark.netns
 

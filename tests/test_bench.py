@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from fabric import bench
-from fabric.testnet import fabric_env
+from fabric.testbed import bench
+from fabric.testbed.testnet import fabric_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -251,7 +251,7 @@ def test_test_matrix() -> None:
 
 def test_bench_help() -> None:
     cp = subprocess.run(
-        [sys.executable, "-m", "fabric.bench", "--help"],
+        [sys.executable, "-m", "fabric.testbed.bench", "--help"],
         capture_output=True, text=True, timeout=30, env=fabric_env(), cwd=ROOT,
     )
     assert cp.returncode == 0, cp.stderr
@@ -297,7 +297,7 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     t0 = time.monotonic()
     cp = subprocess.run(
-        [sys.executable, "-m", "fabric.bench", "--seconds", "1", "--systems", "wg,fabric",
+        [sys.executable, "-m", "fabric.testbed.bench", "--seconds", "1", "--systems", "wg,fabric",
          "--pings", "5", "--rounds", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT,
     )
@@ -425,7 +425,7 @@ def test_flood_tests_are_opt_in_and_named() -> None:
         "initiation", "bad-mac1", "unknown-index", "random", "short", "oversized"]
     assert [t.name for t in bench.parse_tests("floods,tcp1-up")][0] == "tcp1-up"
     assert "closed port" in bench.parse_tests("flood")[0].describe()
-    from fabric.flood import KINDS
+    from fabric.testbed.flood import KINDS
 
     assert {t.flood for t in bench.FLOOD_TESTS} == set(KINDS)
 

@@ -21,17 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from brokers.broker import Broker, peer_key, session_key
-from fabric import crypto
-from fabric.config import ConfigError, PeerConfig
-from fabric.constants import (
+from fabric.control.frames import pack_addr
+from fabric.control.kvmsg import HUGZ, KVMsg
+from fabric.ops.config import ConfigError, PeerConfig
+from fabric.ops.paths import StateDir
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import (
     INITIATION_FLOOD_INTERVAL,
     MAX_SESSIONS_PER_PEER,
     REKEY_TIMEOUT,
     SESSION_KEEP_TIME,
 )
-from fabric.frames import pack_addr
-from fabric.kvmsg import HUGZ, KVMsg
-from fabric.paths import StateDir
 
 ADDRESS = "198.19.100.1/24"
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,5 +1,5 @@
-"""CloneClient (fabric/clone.py) against a scripted broker over real ZeroMQ inproc
-sockets, and fuzzing of fabric.frames.decode with mangled frames.
+"""CloneClient (fabric/control/clone.py) against a scripted broker over real ZeroMQ inproc
+sockets, and fuzzing of fabric.control.frames.decode with mangled frames.
 
 The test plays the broker: an XPUB (a PUB that also tells us when the
 subscription has arrived, so no update is lost to the slow-joiner race unless a
@@ -23,9 +23,9 @@ import zmq
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fabric import frames
-from fabric.clone import CloneClient
-from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
+from fabric.control import frames
+from fabric.control.clone import CloneClient
+from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
 
 _names = itertools.count()
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fabric import cluster
-from fabric.cluster import ComposeError, load, parse
-from fabric.testnet import fabric_argv, fabric_env, new_prefix
+from fabric.testbed import cluster
+from fabric.testbed.cluster import ComposeError, load, parse
+from fabric.testbed.testnet import fabric_argv, fabric_env, new_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -189,12 +189,12 @@ def test_default_network_refused() -> None:
 
 def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
     # replicas run one command, `fabric worker --id auto`: each must get its own id
-    from fabric.paths import StateDir
+    from fabric.ops.paths import StateDir
     from workers.worker import _free_id
 
     sd = StateDir.at(tmp_path / "state").ensure()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fabric.paths import StateDir; "
+        [sys.executable, "-c", "import sys, time; from fabric.ops.paths import StateDir; "
          "sd = StateDir.at(sys.argv[1]); sd.lock('worker-0'); sd.lock('worker-1'); print('held', flush=True); "
          "time.sleep(60)", str(sd.root)], stdout=subprocess.PIPE, text=True, env=fabric_env())
     try:
@@ -216,7 +216,7 @@ def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
 def _checked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sessions: dict[str, float | None],
              status_rc: int = 0) -> tuple[bool, str]:
     """Cluster.check with the namespaces' answers faked: pings pass, each endpoint reports `sessions`."""
-    from fabric.testnet import PingResult, TopologyError
+    from fabric.testbed.testnet import PingResult, TopologyError
 
     c = cluster.Cluster(load(COMPOSE), prefix="fabunit")
     c.topo.ns_of = {inst: c.topo.ns_name(g) for g, members in c.project.groups().items() for inst in members}

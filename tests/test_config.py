@@ -1,4 +1,4 @@
-"""fabric/config.py: a valid file loads; every bad input is a ConfigError naming the key."""
+"""fabric/ops/config.py: a valid file loads; every bad input is a ConfigError naming the key."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import config
-from fabric.config import ConfigError, load, parse
+from fabric.ops import config
+from fabric.ops.config import ConfigError, load, parse
 
 KEY_A = "1+R0WJuwlF1U6GAHIq7oJMEMWXIGya5QA6EMnUvSAws="
 KEY_B = "gJL1zTb8H5Aj7QPnFXOZZ6CuYnAd3iAtf8RU58vMfxs="

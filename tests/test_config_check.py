@@ -1,4 +1,4 @@
-"""`fabric config check FILE`, the checks it adds to fabric/config.py, and the
+"""`fabric config check FILE`, the checks it adds to fabric/ops/config.py, and the
 files in contrib/ (the example config and the systemd unit)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from fabric import cli
-from fabric.config import ConfigError, check_overlaps, load, parse
-from fabric.testnet import fabric_argv, fabric_env
+from fabric.ops.config import ConfigError, check_overlaps, load, parse
+from fabric.testbed.testnet import fabric_argv, fabric_env
 
 KEY_A = "1+R0WJuwlF1U6GAHIq7oJMEMWXIGya5QA6EMnUvSAws="
 KEY_B = "gJL1zTb8H5Aj7QPnFXOZZ6CuYnAd3iAtf8RU58vMfxs="
@@ -39,7 +39,7 @@ def peer(name: str, key: str, *ips: str) -> dict[str, Any]:
     return {"name": name, "public_key": key, "allowed_ips": list(ips)}
 
 
-# --- checks in fabric/config.py -------------------------------------------------------
+# --- checks in fabric/ops/config.py -------------------------------------------------------
 
 @pytest.mark.parametrize("data, where, guess", [
     ({"server": {"listenport": 1}}, "server.listenport", "listen_port"),

@@ -9,10 +9,26 @@ import struct
 
 import pytest
 
-from fabric import crypto, handshake
-from fabric.constants import CONSTRUCTION
-from fabric.crypto import aead_decrypt, aead_encrypt, dh, hash_, hmac, kdf, mac, public_key, tai64n
-from fabric.handshake import ConsumedInitiation, StaticKeys, create_initiation, create_response
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard import noise as handshake
+from fabric.protocols.wireguard.constants import CONSTRUCTION
+from fabric.protocols.wireguard.crypto import (
+    aead_decrypt,
+    aead_encrypt,
+    dh,
+    hash_,
+    hmac,
+    kdf,
+    mac,
+    public_key,
+    tai64n,
+)
+from fabric.protocols.wireguard.noise import (
+    ConsumedInitiation,
+    StaticKeys,
+    create_initiation,
+    create_response,
+)
 
 H = bytes.fromhex
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fabric.paths import StateDir
-from fabric.testnet import FabricCluster, Topology, fabric_argv
+from fabric.ops.paths import StateDir
+from fabric.testbed.testnet import FabricCluster, Topology, fabric_argv
 
 pytestmark = pytest.mark.netns
 

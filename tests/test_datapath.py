@@ -1,4 +1,4 @@
-"""The transport-data engine (fabric/datapath.py) in memory: the engine of one side
+"""The transport-data engine (fabric/dataplane/engine.py) in memory: the engine of one side
 seals what the other side's engine opens, every bad datagram is a counted drop,
 and the placement's switch between edge and workers."""
 
@@ -13,9 +13,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import datapath, frames, gro
-from fabric.constants import REJECT_AFTER_TIME
-from fabric.datapath import (
+from fabric.control import frames
+from fabric.control.frames import Frame
+from fabric.dataplane import engine as datapath
+from fabric.dataplane import gro
+from fabric.dataplane.engine import (
     BUSY_HIGH,
     BUSY_LOW,
     BUSY_WINDOW,
@@ -26,7 +28,7 @@ from fabric.datapath import (
     CryptoPlacement,
     HostIdle,
 )
-from fabric.frames import Frame
+from fabric.protocols.wireguard.constants import REJECT_AFTER_TIME
 
 K_SERVER_SEND = bytes(range(32))
 K_SERVER_RECV = bytes(range(32, 64))

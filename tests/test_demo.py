@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fabric.testnet import _list_netns, missing_tools
+from fabric.testbed.testnet import _list_netns, missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"missing tools: {missing_tools()}")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fabric.testnet import FabricCluster, Topology, iperf3
+from fabric.testbed.testnet import FabricCluster, Topology, iperf3
 
 pytestmark = pytest.mark.netns
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fabric.testnet import FabricCluster, Topology, WgClient
+from fabric.testbed.testnet import FabricCluster, Topology, WgClient
 
 pytestmark = pytest.mark.netns
 

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fabric.testnet import FabricCluster, Topology, WgClient
+from fabric.testbed.testnet import FabricCluster, Topology, WgClient
 
 pytestmark = pytest.mark.netns
 

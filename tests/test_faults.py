@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from fabric.testnet import (
+from fabric.testbed.testnet import (
     Capture,
     FabricCluster,
     IperfResult,

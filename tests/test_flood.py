@@ -6,7 +6,7 @@ sends ~120,000 forged initiations a second (valid mac1, from 64 ports of its own
 address), against the same flood aimed at a closed port (the ceiling: what the
 stream keeps when the server does nothing for the flood), and checks that a new
 wireguard-go client connects while it runs (cookie reply, then mac2, whitepaper
-5.4.7). Before the guard and the socket filter (fabric/guard.py), six runs kept
+5.4.7). Before the guard and the socket filter (fabric/protocols/wireguard/guard.py), six runs kept
 0-51% of the ceiling and a new client connected in some runs only.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from fabric import flood as fl
-from fabric.guard import SAMPLE
-from fabric.handshake import CookieChecker, StaticKeys
-from fabric.testnet import FabricCluster, Topology, WgClient, WgConfig, fabric_env, iperf3
+from fabric.protocols.wireguard.guard import SAMPLE
+from fabric.protocols.wireguard.noise import CookieChecker, StaticKeys
+from fabric.testbed import flood as fl
+from fabric.testbed.testnet import FabricCluster, Topology, WgClient, WgConfig, fabric_env, iperf3
 
 ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"
@@ -114,7 +114,7 @@ def test_command_line_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -
 def start_flood(topo: Topology, fab: FabricCluster, port: int, kind: str, seconds: float,
                 server_pub: str) -> Any:
     return topo.popen(topo.ns_of_client(2), [
-        sys.executable, "-m", "fabric.flood", topo.server_underlay(2), str(port), "--kind", kind,
+        sys.executable, "-m", "fabric.testbed.flood", topo.server_underlay(2), str(port), "--kind", kind,
         "--rate", "120000", "--seconds", str(seconds), "--server-key", server_pub,
     ], env=fabric_env(), label=f"flood-{kind}-{port}")
 

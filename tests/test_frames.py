@@ -1,4 +1,4 @@
-"""fabric/frames.py: round trips, addresses, and fuzzing of decode() (invariant 7)."""
+"""fabric/control/frames.py: round trips, addresses, and fuzzing of decode() (invariant 7)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fabric import frames
-from fabric.constants import MAX_DATAGRAM
-from fabric.frames import (
+from fabric.control import frames
+from fabric.control.frames import (
     AUX_PER,
     HEADER,
     KINDS,
@@ -25,6 +24,7 @@ from fabric.frames import (
     pack_addr,
     unpack_addr,
 )
+from fabric.protocols.wireguard.constants import MAX_DATAGRAM
 
 FUZZ = settings(max_examples=300, deadline=None)
 

@@ -16,9 +16,18 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fabric import crypto
-from fabric.constants import MAX_DATAGRAM, MSG_TRANSPORT
-from fabric.handshake import (
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import MAX_DATAGRAM, MSG_TRANSPORT
+from fabric.protocols.wireguard.endpoint import PacketDropped, PacketReceived, WireGuardEndpoint
+from fabric.protocols.wireguard.messages import (
+    CookieReply,
+    Initiation,
+    MessageError,
+    Response,
+    message_type,
+    parse_transport_header,
+)
+from fabric.protocols.wireguard.noise import (
     CookieChecker,
     CookieJar,
     HandshakeError,
@@ -29,15 +38,6 @@ from fabric.handshake import (
     encode_source,
     mac1_key_for,
 )
-from fabric.messages import (
-    CookieReply,
-    Initiation,
-    MessageError,
-    Response,
-    message_type,
-    parse_transport_header,
-)
-from fabric.protocol import PacketDropped, PacketReceived, WireGuardEndpoint
 
 NOW = 1_700_000_000.0
 SRC = ("192.0.2.1", 4242)

@@ -1,4 +1,4 @@
-"""fabric/gro.py: TCP coalescing for TUN writes with a virtio_net_hdr.
+"""fabric/dataplane/gro.py: TCP coalescing for TUN writes with a virtio_net_hdr.
 
 The checks use an independent RFC 1071 checksum (a plain loop) and a reference
 segmenter that does what the kernel's GSO does with a super packet (split the payload
@@ -13,7 +13,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fabric import gro
+from fabric.dataplane import gro
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

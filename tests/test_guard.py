@@ -1,4 +1,4 @@
-"""The handshake guard (fabric/guard.py): verdicts, budgets, bans, whitepaper 5.4.7."""
+"""The handshake guard (fabric/protocols/wireguard/guard.py): verdicts, budgets, bans, whitepaper 5.4.7."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import frames
-from fabric.constants import (
+from fabric.control import frames
+from fabric.protocols.wireguard.constants import (
     COOKIE_REPLIES_PER_SECOND,
     COOKIE_REPLIES_PER_SOURCE_BURST,
     HANDSHAKE_RATE_BURST,
@@ -16,7 +16,7 @@ from fabric.constants import (
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
     UNDER_LOAD_HOLD,
 )
-from fabric.guard import (
+from fabric.protocols.wireguard.guard import (
     BAN_DROPS_PER_SECOND,
     BAN_TIME,
     COOKIE,
@@ -27,7 +27,7 @@ from fabric.guard import (
     TokenBucket,
     source_key,
 )
-from fabric.handshake import (
+from fabric.protocols.wireguard.noise import (
     CookieChecker,
     CookieJar,
     StaticKeys,

@@ -1,4 +1,4 @@
-"""Noise IKpsk2 handshake and cookies (fabric/handshake.py), initiator and responder in memory."""
+"""Noise IKpsk2 handshake and cookies (fabric/protocols/wireguard/noise.py), initiator and responder in memory."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import itertools
 
 import pytest
 
-from fabric import crypto
-from fabric.constants import COOKIE_REFRESH_TIME, INITIATION_SIZE, RESPONSE_SIZE
-from fabric.crypto import aead_decrypt, aead_encrypt, generate_private_key
-from fabric.handshake import (
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import COOKIE_REFRESH_TIME, INITIATION_SIZE, RESPONSE_SIZE
+from fabric.protocols.wireguard.crypto import aead_decrypt, aead_encrypt, generate_private_key
+from fabric.protocols.wireguard.messages import (
+    CookieReply,
+    MessageError,
+    Response,
+    transport_header,
+)
+from fabric.protocols.wireguard.noise import (
     ZERO_KEY,
     CookieChecker,
     CookieJar,
@@ -23,7 +29,6 @@ from fabric.handshake import (
     encode_source,
     mac1_key_for,
 )
-from fabric.messages import CookieReply, MessageError, Response, transport_header
 
 NOW = 1_700_000_000.0
 PSK = bytes(range(32))

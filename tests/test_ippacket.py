@@ -1,4 +1,4 @@
-"""fabric/ippacket.py: header lengths, addresses and longest-prefix match."""
+"""fabric/dataplane/ippacket.py: header lengths, addresses and longest-prefix match."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fabric.ippacket import PrefixTable, destination, inner_length, source
+from fabric.dataplane.ippacket import PrefixTable, destination, inner_length, source
 
 FUZZ = settings(max_examples=300, deadline=None)
 

@@ -1,4 +1,4 @@
-"""fabric/kvmsg.py: round trips and fuzzing of from_parts() (invariant 7)."""
+"""fabric/control/kvmsg.py: round trips and fuzzing of from_parts() (invariant 7)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, MAX_KEY, KVError, KVMsg
+from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, MAX_KEY, KVError, KVMsg
 
 FUZZ = settings(max_examples=300, deadline=None)
 U64 = st.integers(0, 2**64 - 1)

@@ -2,7 +2,7 @@
 
 * A flood of handshake initiations with a valid mac1 (and garbage otherwise)
   puts the edges under load: they answer with cookie replies, bounded per
-  source address (fabric/guard.py), and once the flooder echoes the cookie in
+  source address (fabric/protocols/wireguard/guard.py), and once the flooder echoes the cookie in
   mac2, rate-limit it per source IP; no process dies and an established
   wireguard-go client keeps passing traffic. (Floods fast enough to be banned
   in the kernel are tests/test_flood.py's.) A
@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from fabric.testnet import Capture, FabricCluster, Topology, WgClient, WgConfig, parse_ping
+from fabric.testbed.testnet import Capture, FabricCluster, Topology, WgClient, WgConfig, parse_ping
 
 pytestmark = pytest.mark.netns
 
@@ -50,8 +50,8 @@ PORT = 51820
 # meets its per-IP rate limit. Prints a JSON summary.
 FLOODER = r"""
 import json, os, socket, struct, sys, time
-from fabric.crypto import key_from_base64, mac
-from fabric.handshake import CookieJar, HandshakeError, compute_mac1, mac1_key_for
+from fabric.protocols.wireguard.crypto import key_from_base64, mac
+from fabric.protocols.wireguard.noise import CookieJar, HandshakeError, compute_mac1, mac1_key_for
 dst, port, pub_b64 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 total, seconds, nsocks, mac2_from = int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 pub = key_from_base64(pub_b64)

@@ -1,4 +1,4 @@
-"""Prometheus metrics (fabric/metrics.py): the collector, the endpoint, its errors, and
+"""Prometheus metrics (fabric/ops/metrics.py): the collector, the endpoint, its errors, and
 an end-to-end run that scrapes every process of a live fabric."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from brokers.broker import Broker, sanitize_report
-from fabric import frames, metrics
-from fabric.config import ConfigError, parse
-from fabric.paths import StateDir
-from fabric.reorder import ReorderBuffer
-from fabric.testnet import FabricCluster, Topology, fabric_argv, fabric_env, new_prefix
+from fabric.control import frames
+from fabric.dataplane.reorder import ReorderBuffer
+from fabric.ops import metrics
+from fabric.ops.config import ConfigError, parse
+from fabric.ops.paths import StateDir
+from fabric.testbed.testnet import FabricCluster, Topology, fabric_argv, fabric_env, new_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -143,7 +144,7 @@ def test_broker_metrics_and_reports(tmp_path: Path) -> None:
     b = Broker(sd, ["198.19.100.1/24"], 51820)
     reply = b._admin_peer_add({"name": "alice"}, time.time())
     assert reply["ok"]
-    from fabric.crypto import key_from_base64
+    from fabric.protocols.wireguard.crypto import key_from_base64
 
     pub = key_from_base64(reply["public_key"])
     now = time.time()
@@ -267,7 +268,7 @@ def test_bad_flag_is_a_usage_error(flag: str) -> None:
 
 SCRAPE = """
 import json, sys
-from fabric.metrics import scrape
+from fabric.ops.metrics import scrape
 print(json.dumps({a: [[n, dict(ls), v] for (n, ls), v in scrape(a).items()] for a in sys.argv[1:]}))
 """
 

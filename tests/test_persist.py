@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from brokers.broker import Broker
-from fabric import crypto
-from fabric.config import PeerConfig
-from fabric.paths import StateDir
-from fabric.testnet import FabricCluster, Topology, WgClient, gen_keypair
+from fabric.ops.config import PeerConfig
+from fabric.ops.paths import StateDir
+from fabric.protocols.wireguard import crypto
+from fabric.testbed.testnet import FabricCluster, Topology, WgClient, gen_keypair
 
 ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"

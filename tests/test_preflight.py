@@ -1,4 +1,4 @@
-"""Start-up preflight (fabric/preflight.py): `fabric up` that cannot succeed fails
+"""Start-up preflight (fabric/ops/preflight.py): `fabric up` that cannot succeed fails
 before it creates or starts anything, with one line naming the cause and the fix.
 
 Unit tests of each check, then `fabric up` in a test namespace for every case:
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fabric import preflight
-from fabric.paths import StateDir
-from fabric.preflight import PreflightError
-from fabric.testnet import FabricCluster, Topology, _netns_pids, fabric_argv, fabric_env
+from fabric.ops import preflight
+from fabric.ops.paths import StateDir
+from fabric.ops.preflight import PreflightError
+from fabric.testbed.testnet import FabricCluster, Topology, _netns_pids, fabric_argv, fabric_env
 
 ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"
@@ -123,7 +123,7 @@ def test_running_fabric_detected_by_its_lock(tmp_path: Path) -> None:
     preflight.check_not_running(sd)
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from fabric.paths import StateDir; StateDir.at(sys.argv[1]).lock('up'); "
+         "import sys, time; from fabric.ops.paths import StateDir; StateDir.at(sys.argv[1]).lock('up'); "
          "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env=fabric_env(),
     )

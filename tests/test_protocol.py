@@ -1,4 +1,4 @@
-"""WireGuardEndpoint (fabric/protocol.py): two endpoints wired together in memory."""
+"""WireGuardEndpoint (fabric/protocols/wireguard/endpoint.py): two endpoints wired together in memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from fabric import crypto
-from fabric.constants import (
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import (
     INITIATION_FLOOD_INTERVAL,
     KEEPALIVE_TIMEOUT,
     MSG_COOKIE_REPLY,
@@ -23,9 +23,7 @@ from fabric.constants import (
     REKEY_TIMEOUT,
     SESSION_KEEP_TIME,
 )
-from fabric.handshake import CookieJar, StaticKeys, create_initiation
-from fabric.messages import message_type, parse_transport_header
-from fabric.protocol import (
+from fabric.protocols.wireguard.endpoint import (
     MAX_STAGED_PACKETS,
     Address,
     Event,
@@ -34,6 +32,8 @@ from fabric.protocol import (
     PacketReceived,
     WireGuardEndpoint,
 )
+from fabric.protocols.wireguard.messages import message_type, parse_transport_header
+from fabric.protocols.wireguard.noise import CookieJar, StaticKeys, create_initiation
 
 T0 = 1_700_000_000.0
 ADDR_A: Address = ("198.51.100.1", 40000)
@@ -701,7 +701,7 @@ def test_add_peer_validation() -> None:
 
 
 def test_rekey_after_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabric import protocol
+    from fabric.protocols.wireguard import endpoint as protocol
 
     monkeypatch.setattr(protocol, "REKEY_AFTER_MESSAGES", 3)
     net = Net()
@@ -716,7 +716,7 @@ def test_rekey_after_messages(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_reject_after_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabric import protocol
+    from fabric.protocols.wireguard import endpoint as protocol
 
     monkeypatch.setattr(protocol, "REJECT_AFTER_MESSAGES", 3)
     net = Net()

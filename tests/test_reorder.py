@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric.reorder import SEQ_MAX, ReorderBuffer
+from fabric.dataplane.reorder import SEQ_MAX, ReorderBuffer
 
 
 def send(buf: ReorderBuffer[str], n: int, now: float = 0.0) -> list[int]:

@@ -1,4 +1,4 @@
-"""fabric/replay.py against the Linux kernel's WireGuard replay-counter self-test.
+"""fabric/dataplane/replay.py against the Linux kernel's WireGuard replay-counter self-test.
 
 Source: drivers/net/wireguard/selftest/counter.c (torvalds/linux,
 https://github.com/torvalds/linux/blob/master/drivers/net/wireguard/selftest/counter.c),
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import replay
-from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
-from fabric.replay import ReplayWindow
+from fabric.dataplane import replay
+from fabric.dataplane.replay import ReplayWindow
+from fabric.protocols.wireguard.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
 
 COUNTER_WINDOW_SIZE = 8192 - 64
 T_LIM = COUNTER_WINDOW_SIZE + 1

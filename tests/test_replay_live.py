@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import pytest
 
-from fabric.testnet import Capture, FabricCluster, Topology, UdpPacket, WgClient, WgConfig
+from fabric.testbed.testnet import Capture, FabricCluster, Topology, UdpPacket, WgClient, WgConfig
 
 pytestmark = pytest.mark.netns
 

@@ -1,4 +1,4 @@
-"""fabric/sessiontable.py: the host-shared session table (invariants 1 and 2).
+"""fabric/dataplane/sessiontable.py: the host-shared session table (invariants 1 and 2).
 
 Uses a table file under tmp_path; the cross-process tests fork real processes,
 since fcntl locks only exclude other processes.
@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import sessiontable
-from fabric.constants import REJECT_AFTER_MESSAGES
-from fabric.frames import NO_ADDR, pack_addr
-from fabric.sessiontable import SLOT_SIZE, SessionTable
+from fabric.control.frames import NO_ADDR, pack_addr
+from fabric.dataplane import sessiontable
+from fabric.dataplane.sessiontable import SLOT_SIZE, SessionTable
+from fabric.protocols.wireguard.constants import REJECT_AFTER_MESSAGES
 
 EP1 = pack_addr("192.0.2.1", 1000)
 EP2 = pack_addr("2001:db8::2", 2000)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric.soak import (
+from fabric.testbed.soak import (
     NonceCheck,
     PingTotals,
     SoakReport,
@@ -25,7 +25,7 @@ from fabric.soak import (
     check_nonces,
     pcap_transport_records,
 )
-from fabric.testnet import (
+from fabric.testbed.testnet import (
     FabricCluster,
     Topology,
     fabric_env,

@@ -1,7 +1,7 @@
 """The socket filter: the assembler, the WireGuard program, and the kernel agreeing.
 
 The program is checked two ways: by a small classic-BPF interpreter here (every
-datagram hypothesis makes, against the rules written in fabric/guard.py), and by
+datagram hypothesis makes, against the rules written in fabric/protocols/wireguard/guard.py), and by
 the kernel itself on a loopback socket (SO_ATTACH_FILTER needs no privilege).
 """
 
@@ -17,9 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric import sockfilter as bpf
-from fabric.constants import COOKIE_REPLY_SIZE, INITIATION_SIZE, RESPONSE_SIZE
-from fabric.guard import SAMPLE, SAMPLE_MALFORMED, SAMPLE_UNKNOWN_INDEX, filter_program
+from fabric.dataplane import sockfilter as bpf
+from fabric.protocols.wireguard.constants import COOKIE_REPLY_SIZE, INITIATION_SIZE, RESPONSE_SIZE
+from fabric.protocols.wireguard.guard import (
+    SAMPLE,
+    SAMPLE_MALFORMED,
+    SAMPLE_UNKNOWN_INDEX,
+    filter_program,
+)
 
 V4_MAPPED = bytes(10) + b"\xff\xff"
 
@@ -105,7 +110,7 @@ def transport(index: int, size: int = 64) -> bytes:
 
 
 def expected(payload: bytes, indexes: set[int] | None, banned_src: bool) -> str:
-    """What fabric/guard.py says the filter does with a payload: pass, malformed,
+    """What fabric/protocols/wireguard/guard.py says the filter does with a payload: pass, malformed,
     unknown or banned (the WireGuard sizes of whitepaper 5.4)."""
     n = len(payload)
     if n < 4 or payload[1:4] != b"\x00\x00\x00" or payload[0] not in (1, 2, 3, 4):
@@ -240,7 +245,7 @@ def test_program_cases() -> None:
 
 
 def test_many_sessions_fit_and_more_turn_the_index_check_off() -> None:
-    from fabric.guard import MAX_BANNED, MAX_FILTER_INDEXES
+    from fabric.protocols.wireguard.guard import MAX_BANNED, MAX_FILTER_INDEXES
 
     idx = list(range(1, MAX_FILTER_INDEXES + 1))
     banned = [v4_key(f"198.18.{i // 250}.{i % 250 + 1}") for i in range(MAX_BANNED)]

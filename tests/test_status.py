@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from fabric import render
-from fabric.testnet import FabricCluster, Topology
+from fabric.ops import render
+from fabric.testbed.testnet import FabricCluster, Topology
 
 NOW = 1_700_000_000.0
 

@@ -1,5 +1,5 @@
 """Self-test of the netns harness, independent of fabric:
-wireguard-go client <-> wireguard-go server through fabric.testnet.Topology."""
+wireguard-go client <-> wireguard-go server through fabric.testbed.testnet.Topology."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fabric.testnet import (
+from fabric.testbed.testnet import (
     Capture,
     Topology,
     WgClient,

@@ -1,4 +1,4 @@
-"""fabric/zpoll.py over real ZeroMQ sockets (inproc and ipc) and pipes: it reports
+"""fabric/control/zpoll.py over real ZeroMQ sockets (inproc and ipc) and pipes: it reports
 what zmq.Poller would, with one epoll wait per call."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from fabric import zpoll
-from fabric.zpoll import POLLIN, Poller
+from fabric.control import zpoll
+from fabric.control.zpoll import POLLIN, Poller
 
 
 @pytest.fixture()

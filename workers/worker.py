@@ -31,12 +31,19 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import curve, frames, metrics
-from fabric.clone import CloneClient
-from fabric.constants import MSG_INITIATION, MSG_RESPONSE
-from fabric.datapath import CryptoEngine, peer_info
-from fabric.frames import Frame, FrameError
-from fabric.handshake import (
+from fabric.control import frames
+from fabric.control import zmqcurve as curve
+from fabric.control.clone import CloneClient
+from fabric.control.frames import Frame, FrameError
+from fabric.control.reqclient import ReqClient, RequestTimeout
+from fabric.dataplane.engine import CryptoEngine, peer_info
+from fabric.ops import metrics
+from fabric.ops.log import Log
+from fabric.ops.paths import StateDir
+from fabric.ops.service import stop_on_signals
+from fabric.protocols.wireguard.constants import MSG_INITIATION, MSG_RESPONSE
+from fabric.protocols.wireguard.messages import MessageError, message_type
+from fabric.protocols.wireguard.noise import (
     HandshakeError,
     InitiatorState,
     StaticKeys,
@@ -46,11 +53,6 @@ from fabric.handshake import (
     create_initiation,
     create_response,
 )
-from fabric.log import Log
-from fabric.messages import MessageError, message_type
-from fabric.paths import StateDir
-from fabric.reqclient import ReqClient, RequestTimeout
-from fabric.service import stop_on_signals
 
 log = Log("worker")
 
@@ -80,7 +82,7 @@ class Worker:
         self.session_packets: dict[int, int] = {}
         self.frame_stats = metrics.FrameStats()  # time and packets per frame handled
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
-        # TCP segments bound for the TUN are coalesced (fabric/gro.py); FABRIC_NO_GRO=1
+        # TCP segments bound for the TUN are coalesced (fabric/dataplane/gro.py); FABRIC_NO_GRO=1
         # writes them one by one (for measurements)
         self.engine = CryptoEngine(self.count, gro=os.environ.get("FABRIC_NO_GRO") != "1",
                                    packets=self.session_packets)
@@ -123,7 +125,7 @@ class Worker:
 
     def on_delete(self, key: bytes) -> None:
         if key.startswith(b"peer/"):
-            from fabric.crypto import key_from_base64
+            from fabric.protocols.wireguard.crypto import key_from_base64
 
             try:
                 self.peers.pop(key_from_base64(key[5:].decode()), None)

@@ -16,7 +16,7 @@ import sys
 import time
 from types import FrameType
 
-from fabric.testnet import (
+from fabric.testbed.testnet import (
     FabricCluster,
     IperfError,
     IperfResult,

@@ -911,7 +911,7 @@ def fabric_argv(*args: str) -> list[str]:
 
 def fabric_env() -> dict[str, str]:
     """Environment that lets ``python -m fabric`` import this very package."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pp = env.get("PYTHONPATH")
     env["PYTHONPATH"] = root if not pp else f"{root}{os.pathsep}{pp}"
@@ -1006,7 +1006,7 @@ class FabricCluster:
         if role in self.extra and label not in self.args:
             args = (*args, *self.extra[role])
         self.args[label] = args
-        from fabric.paths import StateDir
+        from fabric.ops.paths import StateDir
 
         # the host-shared session table lives in /dev/shm: remove it with the topology
         table = str(StateDir.at(self.state_dir).session_table)

@@ -12,7 +12,7 @@ TUNSETPERSIST = 0x400454CB
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
-# Every packet read or written carries a struct virtio_net_hdr (fabric/gro.py): writes
+# Every packet read or written carries a struct virtio_net_hdr (fabric/dataplane/gro.py): writes
 # may then be TCP super packets. The flag is per device (the last queue attached sets
 # it), so every queue of a fabric TUN is opened with it.
 IFF_VNET_HDR = 0x4000

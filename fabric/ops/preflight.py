@@ -16,8 +16,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from fabric.paths import StateDir
-from fabric.tun import IFF_MULTI_QUEUE, TUN_DEVICE
+from fabric.dataplane.tun import IFF_MULTI_QUEUE, TUN_DEVICE
+from fabric.ops.paths import StateDir
 
 CAP_NET_ADMIN = 12
 

@@ -25,8 +25,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fabric import crypto
-from fabric.constants import (
+from fabric.dataplane.replay import ReplayWindow
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import (
     HANDSHAKE_RATE_BURST,
     HANDSHAKE_RATE_PER_SECOND,
     INITIATION_FLOOD_INTERVAL,
@@ -49,8 +50,16 @@ from fabric.constants import (
     TRANSPORT_HEADER_SIZE,
     TRANSPORT_MIN_SIZE,
 )
-from fabric.crypto import CryptoError
-from fabric.handshake import (
+from fabric.protocols.wireguard.crypto import CryptoError
+from fabric.protocols.wireguard.messages import (
+    CookieReply,
+    MessageError,
+    Response,
+    message_type,
+    parse_transport_header,
+    transport_header,
+)
+from fabric.protocols.wireguard.noise import (
     ZERO_KEY,
     CookieChecker,
     CookieJar,
@@ -64,15 +73,6 @@ from fabric.handshake import (
     create_response,
     encode_source,
 )
-from fabric.messages import (
-    CookieReply,
-    MessageError,
-    Response,
-    message_type,
-    parse_transport_header,
-    transport_header,
-)
-from fabric.replay import ReplayWindow
 
 __all__ = [
     "Address",

@@ -13,8 +13,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fabric import crypto
-from fabric.constants import (
+from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.constants import (
     CONSTRUCTION,
     COOKIE_REFRESH_TIME,
     IDENTIFIER,
@@ -24,8 +24,22 @@ from fabric.constants import (
     MSG_INITIATION,
     MSG_RESPONSE,
 )
-from fabric.crypto import CryptoError, aead_decrypt, aead_encrypt, dh, hash_, kdf, mac
-from fabric.messages import CookieReply, Initiation, MessageError, Response, message_type
+from fabric.protocols.wireguard.crypto import (
+    CryptoError,
+    aead_decrypt,
+    aead_encrypt,
+    dh,
+    hash_,
+    kdf,
+    mac,
+)
+from fabric.protocols.wireguard.messages import (
+    CookieReply,
+    Initiation,
+    MessageError,
+    Response,
+    message_type,
+)
 
 ZERO_KEY = bytes(KEY_SIZE)
 

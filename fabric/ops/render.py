@@ -172,7 +172,7 @@ def _drops(d: dict[str, Any]) -> float:
     return sum(v for k, v in d.items() if k.startswith("drop_"))
 
 
-# Handshakes an edge refused under a flood (fabric/guard.py), by drop reason
+# Handshakes an edge refused under a flood (fabric/protocols/wireguard/guard.py), by drop reason
 REFUSED_HANDSHAKES = ("cookie_ratelimited", "cookie_budget", "ratelimited", "handshake_budget")
 
 

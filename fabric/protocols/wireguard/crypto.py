@@ -21,7 +21,7 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError as _NaclCryptoError
 
-from fabric.constants import KEY_SIZE
+from fabric.protocols.wireguard.constants import KEY_SIZE
 
 __all__ = [
     "CryptoError",

@@ -42,7 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fabric.testnet import (
+from fabric.testbed.testnet import (
     Capture,
     FabricCluster,
     IperfError,
@@ -522,7 +522,7 @@ class Chaos:
         )
 
     def reported_pids(self) -> set[int]:
-        from fabric import admin
+        from fabric.ops import admin
 
         try:
             ep = admin.endpoint_for(str(self.cluster.state_dir), None)

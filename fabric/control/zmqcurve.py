@@ -22,7 +22,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from fabric.paths import StateDir
+from fabric.ops.paths import StateDir
 
 ZAP_DOMAIN = b"fabric"
 

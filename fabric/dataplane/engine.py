@@ -21,15 +21,16 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from fabric import frames, gro, ippacket
-from fabric.constants import (
+from fabric.control import frames
+from fabric.control.frames import Frame
+from fabric.dataplane import gro, ippacket
+from fabric.protocols.wireguard.constants import (
     CRYPTO_MODES,
     MSG_TRANSPORT,
     PADDING_MULTIPLE,
     REJECT_AFTER_TIME,
     TRANSPORT_HEADER_SIZE,
 )
-from fabric.frames import Frame
 
 _HDR = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<4xQ")
@@ -78,7 +79,7 @@ class CryptoEngine:
 
     `count(name, n)` receives what happened (decrypted, encrypted, drop_*);
     `packets`, if given, adds up packets per session id. `gro` coalesces the TCP
-    segments a DECRYPT frame yields (fabric/gro.py).
+    segments a DECRYPT frame yields (fabric/dataplane/gro.py).
     """
 
     def __init__(self, count: Callable[[str, int], None], gro: bool = True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from fabric.constants import (
+from fabric.protocols.wireguard.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
     MAX_DATAGRAM,

@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from fabric.crypto import key_from_base64
+from fabric.protocols.wireguard.crypto import key_from_base64
 
 DEFAULT_PORT = 51820
 DEFAULT_ADDRESS = "198.18.100.1/24"
@@ -57,10 +57,10 @@ class ServerConfig:
     tun: str = DEFAULT_TUN
     edges: int = field(default_factory=lambda: os.cpu_count() or 1)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    crypto: str = "auto"  # fabric/datapath.py CRYPTO_MODES
+    crypto: str = "auto"  # fabric/dataplane/engine.py CRYPTO_MODES
     state_dir: str | None = None
     endpoint: str | None = None
-    metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/metrics.py)
+    metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/ops/metrics.py)
 
 
 @dataclass
@@ -183,7 +183,7 @@ def parse(data: dict[str, Any]) -> Config:
     if "workers" in srv:
         s.workers = _int(srv["workers"], "server.workers", 1, 256)
     if "crypto" in srv:
-        from fabric.constants import CRYPTO_MODES
+        from fabric.protocols.wireguard.constants import CRYPTO_MODES
 
         if srv["crypto"] not in CRYPTO_MODES:
             raise ConfigError(f"server.crypto: {srv['crypto']!r} is not a placement; use one of "
@@ -197,7 +197,7 @@ def parse(data: dict[str, Any]) -> Config:
     if "endpoint" in srv:
         s.endpoint = parse_endpoint(srv["endpoint"], "server.endpoint")
     if "metrics" in srv:
-        from fabric.metrics import format_address, parse_address
+        from fabric.ops.metrics import format_address, parse_address
 
         if not isinstance(srv["metrics"], str):
             raise ConfigError(f"server.metrics: {srv['metrics']!r} must be a string \"HOST:PORT\", e.g. \"127.0.0.1:9580\"")

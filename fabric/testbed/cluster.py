@@ -43,10 +43,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fabric.config import ConfigError
-from fabric.log import Log
-from fabric.paths import DEFAULT_STATE_DIR, StateDir
-from fabric.testnet import (
+from fabric.ops.config import ConfigError
+from fabric.ops.log import Log
+from fabric.ops.paths import DEFAULT_STATE_DIR, StateDir
+from fabric.testbed.testnet import (
     Topology,
     TopologyError,
     fabric_argv,
@@ -740,7 +740,7 @@ class ClusterTopology(Topology):
         """Also ends what the user started in the client namespaces (wg-quick's wireguard-go)."""
         if self._closed:
             return
-        from fabric.testnet import WG_RUN_DIR
+        from fabric.testbed.testnet import WG_RUN_DIR
 
         ifnames: list[str] = []
         for name in self.client_groups:
@@ -862,7 +862,7 @@ class Cluster:
     def _last_line(self, inst: _Instance) -> str:
         if inst.proc is None:
             return ""
-        from fabric.testnet import tail
+        from fabric.testbed.testnet import tail
 
         lines = [ln for ln in tail(self.topo.log_path(inst.proc), 20).splitlines() if ln.strip()]
         return lines[-1].strip() if lines else "(no output)"
@@ -941,7 +941,7 @@ class Cluster:
     # what the user reaches ---------------------------------------------------
     def metrics_endpoints(self) -> list[tuple[str, str, str]]:
         """(instance, its namespace, HOST:PORT to scrape from inside it) for every `--metrics` of the file."""
-        from fabric.metrics import format_address, parse_address
+        from fabric.ops.metrics import format_address, parse_address
 
         out = []
         for name in self.project.order:

@@ -17,7 +17,11 @@ import mmap
 import struct
 from collections.abc import Iterable
 
-from fabric.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_WINDOW_BITS
+from fabric.protocols.wireguard.constants import (
+    REJECT_AFTER_MESSAGES,
+    REPLAY_BLOCK_BITS,
+    REPLAY_WINDOW_BITS,
+)
 
 BLOCK_BIT_LOG = 6
 RING_BLOCKS = REPLAY_WINDOW_BITS // REPLAY_BLOCK_BITS  # 128

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from fabric.constants import (
+from fabric.protocols.wireguard.constants import (
     COOKIE_REPLIES_PER_SECOND,
     COOKIE_REPLIES_PER_SOURCE,
     COOKIE_REPLIES_PER_SOURCE_BURST,
@@ -51,7 +51,7 @@ from fabric.constants import (
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
     UNDER_LOAD_HOLD,
 )
-from fabric.handshake import CookieChecker
+from fabric.protocols.wireguard.noise import CookieChecker
 
 PASS = "pass"  # on to a worker
 COOKIE = "cookie"  # answer with a cookie reply
@@ -236,7 +236,7 @@ class HandshakeGuard:
 # --------------------------------------------------------------------------- the kernel's share
 #
 # What the rules above would drop anyway is better dropped by the kernel, before it
-# costs a recvfrom (fabric/sockfilter.py). The edge's socket filter knows:
+# costs a recvfrom (fabric/dataplane/sockfilter.py). The edge's socket filter knows:
 #   * the sizes and types of WireGuard messages (whitepaper 5.4): anything else is
 #     malformed (short, truncated, oversized, random bytes, a reserved byte set);
 #   * the receiver indexes of this fabric's sessions: a transport datagram to any
@@ -271,7 +271,7 @@ def filter_program(indexes: Iterable[int] | None, banned: Iterable[bytes]) -> by
     """The edge's socket filter: `indexes` (receiver indexes of live sessions, or
     None to let every transport datagram through) and `banned` source keys
     (source_key(): a v4-mapped address or an IPv6 /64)."""
-    from fabric import sockfilter as bpf
+    from fabric.dataplane import sockfilter as bpf
 
     p = bpf.Program()
     p.ld_len()

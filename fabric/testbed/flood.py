@@ -1,6 +1,6 @@
 """A UDP flood for the test bed: what an attacker with an old client config sends.
 
-``python -m fabric.flood DST PORT --kind KIND --rate PPS --seconds S`` sends
+``python -m fabric.testbed.flood DST PORT --kind KIND --rate PPS --seconds S`` sends
 datagrams of one kind from ``--ports`` sockets (default 64, so SO_REUSEPORT
 spreads them over every edge) at a paced rate, then prints one JSON line:
 what it sent, at what rate, and what came back (cookie replies, other).
@@ -82,7 +82,7 @@ def make_pool(kind: str, server_public: bytes | None, n: int = POOL,
     if kind in ("initiation", "bad-mac1"):
         if server_public is None or len(server_public) != 32:
             raise FloodError(f"--kind {kind} needs the server's public key (--server-key)")
-        from fabric.handshake import compute_mac1, mac1_key_for
+        from fabric.protocols.wireguard.noise import compute_mac1, mac1_key_for
 
         key = mac1_key_for(server_public)
         for _ in range(n):
@@ -278,7 +278,7 @@ def flood(dst: str, port: int, pool: Sequence[bytes], rate: float, seconds: floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fabric.flood", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fabric.testbed.flood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", help="destination address (198.18.0.0/15 or loopback only)")
     p.add_argument("port", type=int)
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         key = None
         if args.server_key:
-            from fabric.crypto import key_from_base64
+            from fabric.protocols.wireguard.crypto import key_from_base64
 
             key = key_from_base64(args.server_key)
         pool = make_pool(args.kind, key)

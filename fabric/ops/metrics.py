@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fabric import __version__
-from fabric.config import ConfigError
-from fabric.log import Log
+from fabric.ops.config import ConfigError
+from fabric.ops.log import Log
 
 log = Log("metrics")
 
@@ -56,7 +56,7 @@ OWN_METRICS = {
     "frames_pushed": ("fabric_frames_pushed", "Frames an edge pushed to workers"),
     "packets_pushed": ("fabric_packets_pushed", "Packets in the frames an edge pushed to workers"),
 }
-# worker frame kinds (fabric/frames.py), by the header's first byte
+# worker frame kinds (fabric/control/frames.py), by the header's first byte
 FRAME_KINDS = {1: "decrypt", 2: "encrypt", 3: "handshake", 4: "initiate"}
 
 
@@ -278,11 +278,11 @@ def edge_gauges(edge: Any) -> dict[str, int]:
         "sessions": len(edge.sessions), "peers": len(edge.peers),
         "queue_reorder_inflight": len(edge.order.inflight), "queue_reorder_held": len(edge.order.held),
         "queue_staged": staged,
-        # 1 while the edge hands the AEAD to workers (fabric/datapath.py CryptoPlacement)
+        # 1 while the edge hands the AEAD to workers (fabric/dataplane/engine.py CryptoPlacement)
         "crypto_in_workers": int(edge.placement.offloading), "busy_percent": round(edge.placement.busy * 100),
-        # 1 while the host is under load: handshakes need a cookie in mac2 (fabric/guard.py)
+        # 1 while the host is under load: handshakes need a cookie in mac2 (fabric/protocols/wireguard/guard.py)
         "under_load": int(_copy(lambda: edge.under_load(time.time()))),
-        # sources whose handshakes the socket filter drops (fabric/guard.py)
+        # sources whose handshakes the socket filter drops (fabric/protocols/wireguard/guard.py)
         "banned_sources": len(edge.guard.banned) if edge.guard is not None else 0,
     }
 
@@ -310,7 +310,7 @@ def worker_gauges(worker: Any) -> dict[str, int]:
 
 
 def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
-    from fabric.crypto import key_to_base64
+    from fabric.protocols.wireguard.crypto import key_to_base64
 
     f.counters({"handshakes": 0, **_copy(lambda: dict(broker.counters))})
     f.gauge("fabric_sessions", "Sessions this process holds", len(broker.sessions))

@@ -10,12 +10,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fabric import config, curve, metrics, preflight, tun
-from fabric.admin import AdminError, request
-from fabric.crypto import key_to_base64, public_key
-from fabric.log import Log
-from fabric.paths import StateDir
-from fabric.service import stop_on_signals
+from fabric.control import zmqcurve as curve
+from fabric.dataplane import tun
+from fabric.ops import config, metrics, preflight
+from fabric.ops.admin import AdminError, request
+from fabric.ops.log import Log
+from fabric.ops.paths import StateDir
+from fabric.ops.service import stop_on_signals
+from fabric.protocols.wireguard.crypto import key_to_base64, public_key
 
 log = Log("up")
 
@@ -207,6 +209,6 @@ def _terminate(children: list[Child]) -> None:
 
 
 def server_public(sd: StateDir) -> str:
-    from fabric.crypto import key_from_base64
+    from fabric.protocols.wireguard.crypto import key_from_base64
 
     return key_to_base64(public_key(key_from_base64(sd.server_key.read_text())))

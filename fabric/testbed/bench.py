@@ -69,8 +69,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fabric.constants import CRYPTO_MODES
-from fabric.testnet import (
+from fabric.protocols.wireguard.constants import CRYPTO_MODES
+from fabric.testbed.testnet import (
     FabricCluster,
     IperfError,
     Topology,
@@ -919,7 +919,7 @@ def _flood_once(topo: Topology, target: Target, port: int, kind: str, seconds: f
                 newcomer: WgClient | None) -> dict[str, Any]:
     """One stream under one flood at `port`: the stream's Mbit/s, the server's CPU, the
     flood's own summary and, with a newcomer, how long it took to ping the server."""
-    argv = [sys.executable, "-m", "fabric.flood", topo.server_underlay(2), str(port), "--kind", kind,
+    argv = [sys.executable, "-m", "fabric.testbed.flood", topo.server_underlay(2), str(port), "--kind", kind,
             "--rate", f"{rate:g}", "--seconds", f"{FLOOD_LEAD + seconds + 3:g}"]
     if target.server_public:
         argv += ["--server-key", target.server_public]

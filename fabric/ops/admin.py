@@ -10,8 +10,8 @@ from typing import Any
 
 import zmq
 
-from fabric.paths import StateDir
-from fabric.reqclient import ReqClient, RequestTimeout
+from fabric.control.reqclient import ReqClient, RequestTimeout
+from fabric.ops.paths import StateDir
 
 
 class AdminError(RuntimeError):

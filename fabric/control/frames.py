@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from fabric.constants import MAX_DATAGRAM
+from fabric.protocols.wireguard.constants import MAX_DATAGRAM
 
 VERSION = 3
 MAX_BATCH = 4096
@@ -31,7 +31,7 @@ ENCRYPT = 2  # plaintext IP packets of one session; counters counter0, counter0+
 HANDSHAKE = 3  # handshake datagrams from one source address
 INITIATE = 4  # start a handshake to a peer (extra: {"peer": public key}) at address
 # worker -> edge
-# authenticated plaintexts, each with a virtio_net_hdr (fabric/gro.py); one packet may carry
+# authenticated plaintexts, each with a virtio_net_hdr (fabric/dataplane/gro.py); one packet may carry
 # several datagrams' segments: aux = (datagrams, their total length) per packet, and
 # `counters` lists every datagram's counter in packet order
 TUN_WRITE = 11

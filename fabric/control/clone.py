@@ -16,9 +16,9 @@ from typing import Any
 
 import zmq
 
-from fabric import zpoll
-from fabric.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVError, KVMsg
-from fabric.log import Log
+from fabric.control import zpoll
+from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVError, KVMsg
+from fabric.ops.log import Log
 
 DEAD_AFTER = 3.0  # seconds without a heartbeat
 SNAPSHOT_RETRY = 2.0

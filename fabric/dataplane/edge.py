@@ -7,7 +7,7 @@ Receive path (UDP -> TUN):
      surely seen (one read of the window per group);
      handshake: mac1 checked here, and under load mac2 or a cookie reply (5.4.7);
   3. open the AEAD of each group here, or PUSH the group as one frame to any
-     worker (the crypto placement, fabric/datapath.py; handshakes always go);
+     worker (the crypto placement, fabric/dataplane/engine.py; handshakes always go);
   4. on the result, commit the counters to the shared window under the slot
      lock (replays dropped here, after the tag verified), then write to TUN.
 Send path (TUN -> UDP):
@@ -35,9 +35,20 @@ from typing import Any
 import msgpack
 import zmq
 
-from fabric import curve, frames, ippacket, metrics, preflight, sockfilter, tun, zpoll
-from fabric.clone import CloneClient
-from fabric.constants import (
+from fabric.control import frames, zpoll
+from fabric.control import zmqcurve as curve
+from fabric.control.clone import CloneClient
+from fabric.control.frames import NO_ADDR, Frame, FrameError
+from fabric.dataplane import ippacket, sockfilter, tun
+from fabric.dataplane.engine import CryptoEngine, CryptoPlacement, HostIdle, peer_info
+from fabric.dataplane.gro import VNET_HDR_LEN
+from fabric.dataplane.reorder import ReorderBuffer
+from fabric.dataplane.sessiontable import SessionTable
+from fabric.ops import metrics, preflight
+from fabric.ops.log import Log
+from fabric.ops.paths import StateDir
+from fabric.ops.service import stop_on_signals
+from fabric.protocols.wireguard.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
     KEEPALIVE_TIMEOUT,
@@ -52,11 +63,8 @@ from fabric.constants import (
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
 )
-from fabric.crypto import key_from_base64
-from fabric.datapath import CryptoEngine, CryptoPlacement, HostIdle, peer_info
-from fabric.frames import NO_ADDR, Frame, FrameError
-from fabric.gro import VNET_HDR_LEN
-from fabric.guard import (
+from fabric.protocols.wireguard.crypto import key_from_base64
+from fabric.protocols.wireguard.guard import (
     COOKIE,
     MAX_FILTER_INDEXES,
     PASS,
@@ -66,12 +74,7 @@ from fabric.guard import (
     HandshakeGuard,
     filter_program,
 )
-from fabric.handshake import CookieChecker
-from fabric.log import Log
-from fabric.paths import StateDir
-from fabric.reorder import ReorderBuffer
-from fabric.service import stop_on_signals
-from fabric.sessiontable import SessionTable
+from fabric.protocols.wireguard.noise import CookieChecker
 
 log = Log("edge")
 
@@ -177,7 +180,7 @@ class Edge:
         self.routes: ippacket.PrefixTable[bytes] = ippacket.PrefixTable()
         self.cookies: CookieChecker | None = None
         self.guard: HandshakeGuard | None = None  # made with the cookie checker (server key)
-        # the socket filter (fabric/guard.py "the kernel's share"); FABRIC_NO_SOCKET_FILTER=1
+        # the socket filter (fabric/protocols/wireguard/guard.py "the kernel's share"); FABRIC_NO_SOCKET_FILTER=1
         # leaves every datagram to userspace (for comparisons)
         self.filter_wanted = os.environ.get("FABRIC_NO_SOCKET_FILTER") != "1"
         self.filter_on = False
@@ -186,7 +189,7 @@ class Edge:
         self.counters: dict[str, int] = defaultdict(int)
         self.session_packets: dict[int, int] = defaultdict(int)
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
-        # the AEAD of data frames runs here or in workers (fabric/datapath.py)
+        # the AEAD of data frames runs here or in workers (fabric/dataplane/engine.py)
         self.engine = CryptoEngine(self._count, gro=os.environ.get("FABRIC_NO_GRO") != "1")
         self.placement = CryptoPlacement(crypto, HostIdle(_usable_cpus()))
         self._addr_cache: dict[Any, bytes] = {}
@@ -444,7 +447,7 @@ class Edge:
                     self.drop("unexpected_cookie" if guard else "not_ready")
                     continue
                 addr = self._addr(sa)
-                verdict = guard.check(data, addr, now)  # fabric/guard.py, whitepaper 5.4.7
+                verdict = guard.check(data, addr, now)  # fabric/protocols/wireguard/guard.py, whitepaper 5.4.7
                 if verdict is PASS:
                     handshakes[addr].append(data)
                 elif verdict is COOKIE:
@@ -478,7 +481,7 @@ class Edge:
 
     def _crypt(self, frame: Frame, now: float) -> None:
         """Run a DECRYPT/ENCRYPT frame here (inline) or push it to a worker, as the
-        placement says (fabric/datapath.py); inline also when no worker takes it."""
+        placement says (fabric/dataplane/engine.py); inline also when no worker takes it."""
         here = frame.session_id in self.engine.sessions  # the keys came with the session
         if not here or not self.placement.inline:
             if self._push(frame, fallback=here) or not here:

@@ -20,7 +20,7 @@ Each slot has its own fcntl byte-range lock: taken once per batch, never per
 packet, and released by the kernel if the edge holding it dies.
 
 Slot 0 is the table header: a magic, the table's creation time and, at byte 16,
-the time until which the host is "under load" (fabric/guard.py: any edge that
+the time until which the host is "under load" (fabric/protocols/wireguard/guard.py: any edge that
 counts a handshake flood sets it, every edge reads it; written without a lock, an
 aligned f64, read once per batch of datagrams). A session
 created before the table existed may have used counters from an older table
@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from fcntl import LOCK_EX, LOCK_UN, lockf
 from pathlib import Path
 
-from fabric import replay
-from fabric.constants import REJECT_AFTER_MESSAGES
-from fabric.frames import ADDR_SIZE, NO_ADDR
+from fabric.control.frames import ADDR_SIZE, NO_ADDR
+from fabric.dataplane import replay
+from fabric.protocols.wireguard.constants import REJECT_AFTER_MESSAGES
 
 SLOT_SIZE = 1152
 DEFAULT_SLOTS = 4096

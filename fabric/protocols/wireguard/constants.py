@@ -74,7 +74,7 @@ HANDSHAKE_RATE_PER_SECOND = 20  # wireguard-go ratelimiter: per source IP
 HANDSHAKE_RATE_BURST = 5
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64  # above this (per host) edges answer bad-mac2 with cookies
 UNDER_LOAD_HOLD = 1.0  # stay "under load" this long after the rate drops
-# Under load, cookie replies are bounded (fabric/guard.py): a client waiting for one
+# Under load, cookie replies are bounded (fabric/protocols/wireguard/guard.py): a client waiting for one
 # sends an initiation every REKEY_TIMEOUT, so 20 a second per source address serves a
 # NAT of a hundred clients; an edge makes at most COOKIE_REPLIES_PER_SECOND in all.
 COOKIE_REPLIES_PER_SOURCE = 20
@@ -87,6 +87,6 @@ HANDSHAKES_PER_SECOND = 250
 SESSION_KEEP_TIME = 3 * REJECT_AFTER_TIME  # whitepaper 6.3: keys erased after this
 MAX_SESSIONS_PER_PEER = 3  # previous, current, next
 
-# Where an edge runs the AEAD of its data frames (`--crypto`, fabric/datapath.py):
+# Where an edge runs the AEAD of its data frames (`--crypto`, fabric/dataplane/engine.py):
 # in the edge, in workers, or in the edge unless it is saturated and other cores idle.
 CRYPTO_MODES = ("auto", "edge", "workers")

@@ -1,0 +1,1 @@
+"""Wire protocols, one package each, behind fabric.protocols.base."""
