@@ -3,14 +3,12 @@
 Sockets (endpoints from fabric.ops.paths.StateDir):
   PUB     key-value updates with sequence numbers and a heartbeat (Clone pattern)
   ROUTER  snapshots on request (ICANHAZ? ... KTHXBAI)
-  ROUTER  handshake commits from workers (REQ): the authority checks
-          - the receiver index is unused,
-          - the TAI64N timestamp is newer than the peer's last (whitepaper 5.1),
-          - the previous initiation from the peer is INITIATION_FLOOD_INTERVAL old,
-          then assigns a session id (monotonic, persisted) and a session-table slot.
-          When the fabric initiates (it has traffic for a peer without a session),
-          a worker first registers the initiator's pending state here, published
-          as `pending/<index>` so whichever worker gets the response can finish it.
+  ROUTER  handshake commits from workers (REQ): the commit's protocol checks it
+          (its Authority, fabric/protocols/base.py; WireGuard: a unique receiver
+          index, a TAI64N newer than the peer's last, the flood interval:
+          fabric/protocols/wireguard/authority.py), then the broker assigns a
+          session id (monotonic, persisted) and a session-table slot, keeps at most
+          the protocol's number of sessions per peer, publishes and persists.
   PULL    counters from edges and workers, once a second (also announces edges)
   REP     admin requests (`fabric admin`, `fabric peer`)
 """
@@ -29,24 +27,29 @@ import zmq
 
 from fabric.control import zmqcurve as curve
 from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
+from fabric.control.records import (
+    DEFAULT_PROTOCOL,
+    PeerRecord,
+    SessionRecord,
+    edge_key,
+    peer_key,
+    session_key,
+)
 from fabric.dataplane.sessiontable import DEFAULT_SLOTS
 from fabric.ops import metrics
 from fabric.ops.config import ConfigError, PeerConfig, check_overlaps, parse_network
 from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
+from fabric.protocols import registry
+from fabric.protocols.base import Authority, NewSession, Publish
 from fabric.protocols.wireguard import crypto
-from fabric.protocols.wireguard.constants import (
-    INITIATION_FLOOD_INTERVAL,
-    MAX_SESSIONS_PER_PEER,
-    REKEY_TIMEOUT,
-    SESSION_KEEP_TIME,
-)
 
 log = Log("broker")
 
 EDGE_GONE_AFTER = 5.0
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: sessions and peers as WireGuard's maps, TAI64N kept with each peer
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -56,30 +59,23 @@ class Peer:
     allowed_ips: list[str]
     psk: bytes | None = None
     keepalive: int = 0
-    last_timestamp: bytes = bytes(12)
-    last_initiation: float = 0.0
     source: str = "runtime"  # "config": from the TOML file (re-read at every start); "runtime": `fabric peer add`
+    protocol: str = DEFAULT_PROTOCOL
+
+    def record(self) -> PeerRecord:
+        return PeerRecord(self.name, self.public, tuple(self.allowed_ips), self.protocol, self.psk, self.keepalive)
 
     def value(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "public": self.public,
-            "psk": self.psk,
-            "allowed_ips": self.allowed_ips,
-            "keepalive": self.keepalive,
-        }
+        return self.record().to_wire()
 
     def to_state(self) -> dict[str, Any]:
-        return {**self.value(), "last_timestamp": self.last_timestamp, "last_initiation": self.last_initiation,
-                "source": self.source}
+        return {**self.value(), "source": self.source}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Peer:
-        return cls(
-            d["name"], d["public"], list(d["allowed_ips"]), d.get("psk"), d.get("keepalive", 0),
-            d.get("last_timestamp", bytes(12)), d.get("last_initiation", 0.0),
-            "config" if d.get("source") == "config" else "runtime",
-        )
+        r = PeerRecord.from_wire(d)
+        return cls(r.name, r.public, list(r.allowed_ips), r.psk, r.keepalive,
+                   "config" if d.get("source") == "config" else "runtime", r.protocol)
 
 
 def _small_int(v: Any, hi: int = 2**63) -> bool:
@@ -122,14 +118,6 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
                 return None
             out[key] = r[key]
     return out
-
-
-def peer_key(public: bytes) -> bytes:
-    return b"peer/" + crypto.key_to_base64(public).encode()
-
-
-def session_key(sid: int) -> bytes:
-    return b"session/%d" % sid
 
 
 @dataclass
@@ -183,8 +171,9 @@ class Broker:
         self.seq = 0
         self.kv: dict[bytes, dict[str, Any]] = {}
         self.peers: dict[bytes, Peer] = {}
-        self.sessions: dict[int, dict[str, Any]] = {}
-        self.pending: dict[int, dict[str, Any]] = {}
+        self.sessions: dict[int, SessionRecord] = {}
+        self.protocols = registry()
+        self.authorities: dict[str, Authority] = {n: p.authority() for n, p in self.protocols.items()}
         self.next_sid = 1
         self.edges: dict[int, dict[str, Any]] = {}
         self.reports = Reports()
@@ -224,20 +213,30 @@ class Broker:
             return
         try:
             data = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
-            if data.get("version") != STATE_VERSION:
+            if data.get("version") not in READS_VERSIONS:
                 raise ValueError(f"state version {data.get('version')}")
             peers: dict[bytes, Peer] = {}
-            sessions: dict[int, dict[str, Any]] = {}
+            sessions: dict[int, SessionRecord] = {}
             for d in data["peers"]:
                 p = Peer.from_state(d)
                 peers[p.public] = p
-            for s in data["sessions"]:
-                if s["peer"] in peers:
-                    sessions[int(s["id"])] = s
+            for d in data["sessions"]:
+                rec = SessionRecord.from_wire(d)
+                if rec.peer in peers and rec.protocol in self.protocols:
+                    sessions[rec.id] = rec
+            protocols = data.get("protocols") or {}
+            if data.get("version") == 1:  # WireGuard's TAI64N lived with each peer
+                protocols = {DEFAULT_PROTOCOL: {"peers": {
+                    d["public"]: {"last_timestamp": d.get("last_timestamp"),
+                                  "last_initiation": d.get("last_initiation", 0.0)} for d in data["peers"]}}}
             next_sid = int(data["next_sid"])
             # all or nothing: a half-read state would be published half
             self.peers, self.sessions = peers, sessions
             self.next_sid = max(next_sid, self._sid_floor())
+            for name, authority in self.authorities.items():
+                state = protocols.get(name)
+                if isinstance(state, dict):
+                    authority.load(state)
         except Exception as exc:
             # Never reuse session ids (and so slot generations): start above any past id.
             bad = path.with_suffix(".corrupt")
@@ -248,7 +247,7 @@ class Broker:
         for p in self.peers.values():
             self._publish(peer_key(p.public), p.value())
         for sid, s in self.sessions.items():
-            self._publish(session_key(sid), s)
+            self._publish(session_key(sid), s.to_wire())
         log.info("resumed state", peers=len(self.peers), sessions=len(self.sessions))
 
     def _merge_config_peers(self, config_peers: list[PeerConfig]) -> None:
@@ -294,8 +293,9 @@ class Broker:
         data = {
             "version": STATE_VERSION,
             "peers": [p.to_state() for p in self.peers.values()],
-            "sessions": list(self.sessions.values()),
+            "sessions": [s.to_wire() for s in self.sessions.values()],
             "next_sid": self.next_sid,
+            "protocols": {name: a.state() for name, a in self.authorities.items()},
         }
         path = self.sd.broker_state
         tmp = path.with_suffix(".tmp")
@@ -322,9 +322,8 @@ class Broker:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def _put_peer(self, peer: Peer, persist: bool = True) -> None:
-        old = self.peers.get(peer.public)
-        if old is not None:
-            peer.last_timestamp, peer.last_initiation = old.last_timestamp, old.last_initiation
+        if peer.protocol not in self.protocols:
+            raise ConfigError(f"peer {peer.name}: unknown protocol {peer.protocol!r}")
         self.peers[peer.public] = peer
         self._publish(peer_key(peer.public), peer.value())
         if persist:
@@ -332,11 +331,11 @@ class Broker:
 
     def _drop_peer(self, peer: Peer) -> None:
         """Forget a peer with its sessions and pending handshakes (published)."""
-        for sid in [sid for sid, s in self.sessions.items() if s["peer"] == peer.public]:
+        for sid in [sid for sid, s in self.sessions.items() if s.peer == peer.public]:
             self._delete_session(sid)
-        for index in [i for i, p in self.pending.items() if p["peer"] == peer.public]:
-            del self.pending[index]
-            self._publish(b"pending/%d" % index, None)
+        for authority in self.authorities.values():
+            for key, value in authority.forget_peer(peer.public):
+                self._publish(key, value)
         del self.peers[peer.public]
         self._publish(peer_key(peer.public), None)
 
@@ -344,105 +343,61 @@ class Broker:
         if self.sessions.pop(sid, None) is not None:
             self._publish(session_key(sid), None)
 
+    def pending_count(self) -> int:
+        return sum(a.pending_count() for a in self.authorities.values())
+
     # --- handshake commits --------------------------------------------------
 
     def commit(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        role = req.get("role", "responder")
+        """A worker's commit, checked by its protocol's Authority."""
+        name = req.get("protocol", DEFAULT_PROTOCOL)
+        authority = self.authorities.get(name) if isinstance(name, str) else None
+        if authority is None:
+            return {"ok": False, "reason": "unknown_protocol"}
         pub = req.get("peer")
         peer = self.peers.get(pub) if isinstance(pub, bytes) else None
-        if peer is None:
+        if peer is None or peer.protocol != name:
             return {"ok": False, "reason": "unknown_peer"}
-        local_index = req.get("local_index")
-        if role == "initiator":
-            return self._commit_initiator(peer, req, now)
-        if not isinstance(local_index, int) or not 0 <= local_index < 2**32 or self._index_used(local_index):
-            return {"ok": False, "reason": "index_in_use"}
-        if role == "pending":
-            return self._commit_pending(peer, local_index, req, now)
-        if role != "responder":
-            return {"ok": False, "reason": "bad_request"}
-        ts = req.get("timestamp")
-        if not isinstance(ts, bytes) or len(ts) != 12:
-            return {"ok": False, "reason": "bad_request"}
-        if ts <= peer.last_timestamp:  # TAI64N is big-endian: byte order is time order
-            return {"ok": False, "reason": "stale_timestamp"}
-        if now - peer.last_initiation < INITIATION_FLOOD_INTERVAL:
-            return {"ok": False, "reason": "flood"}
-        reply = self._new_session(peer, local_index, req, now, initiator=False)
+        verdict = authority.commit(req, peer.record(), self.sessions.values(), now)
+        if isinstance(verdict, str):
+            return {"ok": False, "reason": verdict}
+        if isinstance(verdict, Publish):
+            self._publish(verdict.key, verdict.value)
+            if verdict.event:
+                self.count(verdict.event)
+            return {"ok": True}
+        if verdict.unpublish is not None:
+            self._publish(verdict.unpublish, None)
+        reply = self._new_session(peer, verdict, now)
         if reply.get("ok"):
-            peer.last_timestamp = ts
-            peer.last_initiation = now
+            if verdict.on_commit is not None:
+                verdict.on_commit()
             self._persist()
         return reply
 
-    def _index_used(self, index: int) -> bool:
-        return index in self.pending or any(s["local_index"] == index for s in self.sessions.values())
-
-    def _commit_pending(self, peer: Peer, local_index: int, req: dict[str, Any], now: float) -> dict[str, Any]:
-        state = req.get("state")
-        if not isinstance(state, dict):
-            return {"ok": False, "reason": "bad_request"}
-        if sum(1 for p in self.pending.values() if p["peer"] == peer.public) >= MAX_SESSIONS_PER_PEER:
-            return {"ok": False, "reason": "handshake_pending"}
-        value = {"peer": peer.public, "local_index": local_index, "state": state, "created": now}
-        self.pending[local_index] = value
-        self._publish(b"pending/%d" % local_index, value)
-        self.count("initiations")
-        return {"ok": True}
-
-    def _commit_initiator(self, peer: Peer, req: dict[str, Any], now: float) -> dict[str, Any]:
-        index = req.get("local_index")
-        pending = self.pending.get(index) if isinstance(index, int) else None
-        if pending is None or not isinstance(index, int) or pending["peer"] != peer.public:
-            return {"ok": False, "reason": "no_pending_handshake"}
-        # one response per initiation: the pending state is used up either way
-        del self.pending[index]
-        self._publish(b"pending/%d" % index, None)
-        reply = self._new_session(peer, index, req, now, initiator=True)
-        if reply.get("ok"):
-            self._persist()
-        return reply
-
-    def _new_session(self, peer: Peer, local_index: int, req: dict[str, Any], now: float,
-                     initiator: bool) -> dict[str, Any]:
-        remote_index = req.get("remote_index")
-        send_key, recv_key = req.get("send_key"), req.get("recv_key")
-        if (
-            not isinstance(remote_index, int) or isinstance(remote_index, bool)
-            or not 0 <= remote_index < 2**32
-            or not isinstance(send_key, bytes) or len(send_key) != 32
-            or not isinstance(recv_key, bytes) or len(recv_key) != 32
-        ):
-            return {"ok": False, "reason": "bad_request"}
-        used = {s["slot"] for s in self.sessions.values()}
-        mine = sorted((s["created"], sid) for sid, s in self.sessions.items() if s["peer"] == peer.public)
-        while len(mine) >= MAX_SESSIONS_PER_PEER:
+    def _new_session(self, peer: Peer, new: NewSession, now: float) -> dict[str, Any]:
+        proto = self.protocols[peer.protocol]
+        used = {s.slot for s in self.sessions.values()}
+        mine = sorted((s.created, sid) for sid, s in self.sessions.items() if s.peer == peer.public)
+        while len(mine) >= proto.max_sessions_per_peer:
             _, old = mine.pop(0)
-            used.discard(self.sessions[old]["slot"])
+            used.discard(self.sessions[old].slot)
             self._delete_session(old)
         slot = next((i for i in range(1, self.slots) if i not in used), None)
         if slot is None:
             return {"ok": False, "reason": "table_full"}
         sid = self.next_sid
         self.next_sid += 1
-        endpoint = req.get("endpoint", b"")
-        session = {
-            "id": sid,
-            "slot": slot,
-            "peer": peer.public,
-            "local_index": local_index,
-            "remote_index": remote_index,
-            "send_key": send_key,
-            "recv_key": recv_key,
-            "created": now,
-            "initiator": initiator,
-            "endpoint": bytes(endpoint) if isinstance(endpoint, bytes) else b"",
-        }
+        endpoint = new.endpoint if len(new.endpoint) == 18 else bytes(18)
+        session = SessionRecord(sid, slot, peer.public, peer.protocol, new.data_key, now, new.initiator,
+                                endpoint, new.params, new.keys)
         self.sessions[sid] = session
-        self._publish(session_key(sid), session)
+        wire = session.to_wire()
+        self._publish(session_key(sid), wire)
         self.count("handshakes")
-        log.info("session committed", peer=peer.name, session=sid, slot=slot, initiator=initiator)
-        return {"ok": True, "session": session}
+        log.info("session committed", peer=peer.name, session=sid, slot=slot, initiator=new.initiator,
+                 protocol=peer.protocol)
+        return {"ok": True, "session": wire}
 
     # --- admin ----------------------------------------------------------------
 
@@ -497,7 +452,7 @@ class Broker:
         totals = self._peer_totals()
         rows = []
         for sid, s in sorted(self.sessions.items()):
-            p = self.peers.get(s["peer"])
+            p = self.peers.get(s.peer)
             if p is None:
                 continue
             t = totals.get(p.public, [0, 0, 0, 0])
@@ -507,13 +462,14 @@ class Broker:
                 "public_key": crypto.key_to_base64(p.public),
                 "endpoint": endpoints.get(sid, (0, ""))[1],
                 "allowed_ips": p.allowed_ips,
-                "latest_handshake": s["created"],
-                "age": round(now - s["created"], 1),
+                "protocol": s.protocol,
+                "latest_handshake": s.created,
+                "age": round(now - s.created, 1),
                 "rx_bytes": t[0],
                 "tx_bytes": t[1],
-                "slot": s["slot"],
-                "receiver_index": s["local_index"],
-                "initiator": bool(s.get("initiator")),
+                "slot": s.slot,
+                "receiver_index": s.data_key,  # the key its data datagrams carry (WireGuard's receiver index)
+                "initiator": s.initiator,
                 "packets_per_edge": per_edge.get(sid, {}),
                 "packets_per_worker": per_worker.get(sid, {}),
             })
@@ -532,6 +488,7 @@ class Broker:
             t = totals.get(p.public, [0, 0, 0, 0])
             rows.append({
                 "name": p.name,
+                "protocol": p.protocol,
                 "public_key": crypto.key_to_base64(p.public),
                 "allowed_ips": p.allowed_ips,
                 "endpoint": newest["endpoint"] if newest else "",
@@ -623,7 +580,7 @@ class Broker:
             "ok": True, "broker": {"pid": os.getpid(), "seq": self.seq, "epoch": self.epoch,
                                    "counters": self.counters, "metrics": self.metrics_addr,
                                    "gauges": {"sessions": len(self.sessions), "peers": len(self.peers),
-                                              "queue_pending_handshakes": len(self.pending)}},
+                                              "queue_pending_handshakes": self.pending_count()}},
             "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
         }
 
@@ -644,7 +601,7 @@ class Broker:
                 totals[key] = totals.get(key, 0) + int(v)
         # point-in-time figures: the broker's and the live processes' only
         gauges = {"broker.sessions": len(self.sessions), "broker.peers": len(self.peers),
-                  "broker.queue_pending_handshakes": len(self.pending)}
+                  "broker.queue_pending_handshakes": self.pending_count()}
         for seen, r in self.reports.latest.values():
             if now - seen < EDGE_GONE_AFTER:
                 for k, v in r.get("gauges", {}).items():
@@ -666,25 +623,24 @@ class Broker:
             value = {"id": rid, "work": report.get("work", ""), "result": report.get("result", ""),
                      **{k: report[k] for k in ("work_tcp", "result_tcp") if report.get(k)}}
             self.edges[rid] = {"seen": now, **value}
-            if self.kv.get(b"edge/%d" % rid) != value:
-                self._publish(b"edge/%d" % rid, value)
+            if self.kv.get(edge_key(rid)) != value:
+                self._publish(edge_key(rid), value)
 
     def tick(self, now: float) -> None:
         changed = False
         for sid, s in list(self.sessions.items()):
-            if now - s["created"] > SESSION_KEEP_TIME:
+            if now - s.created > self.protocols[s.protocol].keep_time:  # WireGuard 6.3: keys erased
                 self._delete_session(sid)
                 changed = True
         if changed:
             self._persist()
-        for index, p in list(self.pending.items()):
-            if now - p["created"] > 3 * REKEY_TIMEOUT:
-                del self.pending[index]
-                self._publish(b"pending/%d" % index, None)
+        for authority in self.authorities.values():
+            for key, value in authority.tick(now):
+                self._publish(key, value)
         for rid, e in list(self.edges.items()):
             if now - e["seen"] > EDGE_GONE_AFTER:
                 del self.edges[rid]
-                self._publish(b"edge/%d" % rid, None)
+                self._publish(edge_key(rid), None)
                 log.info("edge gone", edge=rid)
         try:
             KVMsg(HUGZ, self.seq, self.epoch).send(self.pub)

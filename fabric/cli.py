@@ -84,7 +84,7 @@ def _metrics(p: argparse.ArgumentParser, hlp: str) -> None:
 
 
 def _crypto(p: argparse.ArgumentParser) -> None:
-    from fabric.protocols.wireguard.constants import CRYPTO_MODES
+    from fabric.dataplane.placement import CRYPTO_MODES
 
     p.add_argument("--crypto", choices=CRYPTO_MODES,
                    help="where the AEAD of data runs: 'edge' (no hand-off: lowest latency and CPU), "

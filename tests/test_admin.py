@@ -29,7 +29,7 @@ PEERS = [
     {"name": "alice", "public_key": "A" * 43 + "=", "allowed_ips": ["198.19.100.2/32"],
      "endpoint": "198.18.1.2:40000", "latest_handshake": NOW - 30, "rx_bytes": 2048, "tx_bytes": 100,
      "sessions": 1},
-    {"name": "bob", "public_key": "B" * 43 + "=", "allowed_ips": ["198.19.100.3/32", "fd00::3/128"],
+    {"name": "bob", "protocol": "toy", "public_key": "B" * 43 + "=", "allowed_ips": ["198.19.100.3/32", "fd00::3/128"],
      "endpoint": "", "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "sessions": 0},
 ]
 
@@ -38,21 +38,22 @@ PEERS = [
 
 def test_peer_rows_from_a_fixed_reply() -> None:
     t = render.peers_table(PEERS, NOW)
-    assert t.header[:4] == ["PEER", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE"]
-    assert t.rows[0] == ["alice", "198.19.100.2/32", "198.18.1.2:40000", "30s ago", "2.0 KiB", "100 B", "1",
-                         "AAAAAAAAAA…"]
-    assert t.rows[1][:4] == ["bob", "198.19.100.3/32, fd00::3/128", "-", "never"]
+    assert t.header[:5] == ["PEER", "PROTO", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE"]
+    assert t.rows[0] == ["alice", "wg", "198.19.100.2/32", "198.18.1.2:40000", "30s ago", "2.0 KiB",
+                         "100 B", "1"]
+    assert t.rows[1][:5] == ["bob", "toy", "198.19.100.3/32, fd00::3/128", "-", "never"]
 
 
 def test_tables_are_plain_and_whole_when_not_a_terminal() -> None:
     text = render.to_text([render.peers_table(PEERS, NOW)], width=80)
     assert "\x1b[" not in text  # no colour codes in a pipe
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["PEER", "ALLOWED", "IPS"]
+    assert lines[0].split()[:4] == ["PEER", "PROTO", "ALLOWED", "IPS"]
     assert any(line.startswith("alice ") for line in lines) and any(line.startswith("bob ") for line in lines)
     assert all(line == line.rstrip() for line in lines)
     # nothing is cut off at 80 columns: long cells fold onto the next line
-    assert text.count("…") == 2  # only the two shortened keys
+    assert lines[0].split()[-1] == "SESSIONS" and all(len(line) <= 80 for line in lines)
+    assert "fd00::3/128" in text and "…" not in text
 
 
 def test_empty_tables_say_what_to_do() -> None:

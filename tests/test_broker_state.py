@@ -20,12 +20,14 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from brokers.broker import Broker, peer_key, session_key
+from brokers.broker import Broker
 from fabric.control.frames import pack_addr
 from fabric.control.kvmsg import HUGZ, KVMsg
+from fabric.control.records import peer_key, session_key
 from fabric.ops.config import ConfigError, PeerConfig
 from fabric.ops.paths import StateDir
 from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard.authority import WgAuthority
 from fabric.protocols.wireguard.constants import (
     INITIATION_FLOOD_INTERVAL,
     MAX_SESSIONS_PER_PEER,
@@ -67,7 +69,14 @@ def assert_published(b: Broker) -> None:
     assert {k for k in b.kv if k.startswith(b"peer/")} == {peer_key(p) for p in b.peers}
     assert {k for k in b.kv if k.startswith(b"session/")} == {session_key(s) for s in b.sessions}
     for sid, s in b.sessions.items():
-        assert b.kv[session_key(sid)] == s
+        assert b.kv[session_key(sid)] == s.to_wire()
+
+
+def wg(b: Broker) -> WgAuthority:
+    """The broker's WireGuard rules and their state (timestamps, pending initiations)."""
+    a = b.authorities["wireguard"]
+    assert isinstance(a, WgAuthority)
+    return a
 
 
 @pytest.fixture
@@ -84,12 +93,13 @@ def test_fresh_handshake_is_committed(broker: Broker) -> None:
     reply = broker.commit(r, 100.0)
     assert reply["ok"], reply
     s = reply["session"]
-    assert s["peer"] == pub and s["local_index"] == 7 and s["remote_index"] == 1007
-    assert s["send_key"] == r["send_key"] and s["recv_key"] == r["recv_key"]
+    assert s["peer"] == pub and s["protocol"] == "wireguard"
+    assert s["data_key"] == 7 and s["params"] == {"remote_index": 1007}
+    assert s["keys"] == {"send_key": r["send_key"], "recv_key": r["recv_key"]}
     assert 1 <= s["slot"] < broker.slots
-    assert broker.sessions[s["id"]] == s
+    assert broker.sessions[s["id"]].to_wire() == s
     assert_published(broker)
-    assert broker.peers[pub].last_timestamp == r["timestamp"]
+    assert wg(broker).last_timestamp[pub] == r["timestamp"]
 
 
 def test_stale_and_equal_timestamps_are_refused(broker: Broker) -> None:
@@ -150,11 +160,11 @@ def test_at_most_three_sessions_per_peer(broker: Broker) -> None:
     a, b = add(broker, "a"), add(broker, "b")
     other = ok_commit(broker, b, 1.0, 1000)
     sids = [ok_commit(broker, a, 10.0 + i, i)["id"] for i in range(6)]
-    mine = sorted(sid for sid, s in broker.sessions.items() if s["peer"] == a)
+    mine = sorted(sid for sid, s in broker.sessions.items() if s.peer == a)
     assert len(mine) == MAX_SESSIONS_PER_PEER
     assert mine == sids[-MAX_SESSIONS_PER_PEER:]  # the newest are kept
     assert other["id"] in broker.sessions  # another peer's session is untouched
-    slots = [s["slot"] for s in broker.sessions.values()]
+    slots = [s.slot for s in broker.sessions.values()]
     assert len(set(slots)) == len(slots)
     assert_published(broker)
 
@@ -176,7 +186,7 @@ def test_pending_and_initiator_commit(broker: Broker) -> None:
     assert broker.commit({"role": "pending", "peer": pub, "local_index": 6, "state": 5}, 1.0)["ok"] is False
     r = req(pub, 0, 5, role="initiator")
     s = broker.commit(r, 2.0)["session"]
-    assert s["initiator"] is True and s["local_index"] == 5
+    assert s["initiator"] is True and s["data_key"] == 5
     assert b"pending/5" not in broker.kv
     assert broker.commit(req(pub, 0, 5, role="initiator"), 3.0) == {"ok": False, "reason": "no_pending_handshake"}
 
@@ -192,14 +202,14 @@ def test_restart_keeps_peers_sessions_and_ids(tmp_path: Path) -> None:
     assert b2.public == b1.public
     assert {p: (x.name, x.allowed_ips, x.psk, x.keepalive) for p, x in b2.peers.items()} == \
            {p: (x.name, x.allowed_ips, x.psk, x.keepalive) for p, x in b1.peers.items()}
-    assert b2.sessions == {s["id"]: s for s in sessions}
+    assert {sid: r.to_wire() for sid, r in b2.sessions.items()} == {s["id"]: s for s in sessions}
     assert_published(b2)
     # the newest timestamp survives: a replayed initiation stays refused (whitepaper 5.1)
     assert b2.commit(req(a, 101.0, 9), 200.0) == {"ok": False, "reason": "stale_timestamp"}
     assert b2.commit(req(a, 200.0, 1), 200.0) == {"ok": False, "reason": "index_in_use"}
     new = ok_commit(b2, a, 200.0, 10)
     assert new["id"] > max(s["id"] for s in sessions)
-    assert new["slot"] not in {s["slot"] for s in b2.sessions.values() if s["id"] != new["id"]}
+    assert new["slot"] not in {s.slot for s in b2.sessions.values() if s.id != new["id"]}
 
 
 def test_ids_grow_after_state_file_is_lost(tmp_path: Path) -> None:
@@ -330,7 +340,7 @@ def test_peer_remove_deletes_pending_handshakes(broker: Broker) -> None:
     pub = add(broker, "a")
     assert broker.commit({"role": "pending", "peer": pub, "local_index": 5, "state": {"k": b"x"}}, 1.0)["ok"]
     assert broker.admin({"op": "peer_remove", "name": "a"}, 2.0)["ok"]
-    assert broker.pending == {}
+    assert wg(broker).pending == {}
     assert not [k for k in broker.kv if k.startswith(b"pending/")]
 
 
@@ -435,7 +445,7 @@ def test_serve_commit_answers_garbage(broker: Broker) -> None:
     assert serve_commit(broker, [b"id", b"x", b""], 1.0) is None  # not a REQ envelope: dropped, counted
     assert broker.counters["bad_commit_frame"] == 1
     reply = serve_commit(broker, [b"id", b"", msgpack.packb(req(pub, 5.0, 1), use_bin_type=True)], 5.0)
-    assert reply["ok"] and reply["session"]["local_index"] == 1
+    assert reply["ok"] and reply["session"]["data_key"] == 1
 
 
 @pytest.mark.parametrize("field, value", [("remote_index", math.inf), ("remote_index", 1e30), ("send_key", 2**63)])
@@ -545,9 +555,9 @@ def test_tick_expires_sessions_and_pending(pub_broker: Broker) -> None:
     new = ok_commit(b, pub, 2.0, 2, now=1000.0 + SESSION_KEEP_TIME / 2)
     assert b.commit({"role": "pending", "peer": pub, "local_index": 7, "state": {}}, 1000.0 + SESSION_KEEP_TIME)["ok"]
     b.tick(1000.0 + SESSION_KEEP_TIME + 1)
-    assert set(b.sessions) == {new["id"]} and 7 in b.pending
+    assert set(b.sessions) == {new["id"]} and 7 in wg(b).pending
     b.tick(1000.0 + SESSION_KEEP_TIME + 3 * REKEY_TIMEOUT + 1)
-    assert b.pending == {}
+    assert wg(b).pending == {}
     assert_published(b)
     assert not [k for k in b.kv if k.startswith(b"pending/")]
     assert set(make(b.sd.root).sessions) == {new["id"]}  # the expiry was persisted
@@ -686,13 +696,13 @@ def test_commit_fuzz_never_raises(fuzz_broker: Broker, request_: dict[str, Any],
         s = reply["session"]
         assert s["id"] > max(before, default=0) and s["id"] > _newest_id[0]
         _newest_id[0] = s["id"]
-        assert len(s["send_key"]) == len(s["recv_key"]) == 32
+        assert len(s["keys"]["send_key"]) == len(s["keys"]["recv_key"]) == 32
     elif not reply["ok"]:
         assert set(b.sessions) == before  # a refused commit evicts nothing
     msgpack.packb(reply, use_bin_type=True)
     b._persist()
     assert_published(b)
     for pub in b.peers:
-        assert sum(1 for s in b.sessions.values() if s["peer"] == pub) <= MAX_SESSIONS_PER_PEER
-    indexes = [s["local_index"] for s in b.sessions.values()]
+        assert sum(1 for s in b.sessions.values() if s.peer == pub) <= MAX_SESSIONS_PER_PEER
+    indexes = [s.data_key for s in b.sessions.values()]
     assert len(set(indexes)) == len(indexes)

@@ -15,19 +15,20 @@ from hypothesis import strategies as st
 
 from fabric.control import frames
 from fabric.control.frames import Frame
-from fabric.dataplane import engine as datapath
+from fabric.control.records import PeerRecord, SessionRecord
 from fabric.dataplane import gro
-from fabric.dataplane.engine import (
+from fabric.dataplane.engine import CryptoEngine
+from fabric.dataplane.placement import (
     BUSY_HIGH,
     BUSY_LOW,
     BUSY_WINDOW,
     IDLE_TO_KEEP,
     IDLE_TO_OFFLOAD,
     RETRY_AFTER,
-    CryptoEngine,
     CryptoPlacement,
     HostIdle,
 )
+from fabric.protocols import registry
 from fabric.protocols.wireguard.constants import REJECT_AFTER_TIME
 
 K_SERVER_SEND = bytes(range(32))
@@ -46,18 +47,22 @@ def ipv4(src: str, dst: str, payload: bytes, proto: int = 17) -> bytes:
     return hdr + payload
 
 
+def wg_session(sid: int, peer: bytes, local: int, remote: int, send: bytes | None, recv: bytes | None
+               ) -> SessionRecord:
+    keys = {"send_key": send, "recv_key": recv} if send and recv else None
+    return SessionRecord(sid, 1, peer, "wireguard", local, NOW, params={"remote_index": remote}, keys=keys)
+
+
 def engines() -> tuple[CryptoEngine, CryptoEngine, Counter[str], Counter[str]]:
     """The server's engine and a client's mirror image (keys and indices swapped)."""
     server_counts: Counter[str] = Counter()
     client_counts: Counter[str] = Counter()
-    server = CryptoEngine(lambda n, k: server_counts.update({n: k}), gro=False)
-    client = CryptoEngine(lambda n, k: client_counts.update({n: k}), gro=False)
-    server.install({"id": 1, "peer": b"C" * 32, "local_index": SERVER_INDEX, "remote_index": CLIENT_INDEX,
-                    "created": NOW, "send_key": K_SERVER_SEND, "recv_key": K_SERVER_RECV})
-    client.install({"id": 9, "peer": b"S" * 32, "local_index": CLIENT_INDEX, "remote_index": SERVER_INDEX,
-                    "created": NOW, "send_key": K_SERVER_RECV, "recv_key": K_SERVER_SEND})
-    server.peers[b"C" * 32] = datapath.peer_info({"allowed_ips": ["198.18.0.2/32"]})
-    client.peers[b"S" * 32] = datapath.peer_info({"allowed_ips": ["0.0.0.0/0"]})
+    server = CryptoEngine(lambda n, k: server_counts.update({n: k}), registry(), gro=False)
+    client = CryptoEngine(lambda n, k: client_counts.update({n: k}), registry(), gro=False)
+    server.install(wg_session(1, b"C" * 32, SERVER_INDEX, CLIENT_INDEX, K_SERVER_SEND, K_SERVER_RECV))
+    client.install(wg_session(9, b"S" * 32, CLIENT_INDEX, SERVER_INDEX, K_SERVER_RECV, K_SERVER_SEND))
+    server.set_peer(PeerRecord("client", b"C" * 32, ("198.18.0.2/32",)))
+    client.set_peer(PeerRecord("server", b"S" * 32, ("0.0.0.0/0",)))
     return server, client, server_counts, client_counts
 
 
@@ -123,7 +128,7 @@ def test_source_check_holds_for_every_packet_of_a_frame() -> None:
     # the engine remembers the last source it checked: alternating and repeated
     # sources, IPv4 and IPv6, must each get their own verdict
     server, client, counts, _ = engines()
-    server.peers[b"C" * 32] = datapath.peer_info({"allowed_ips": ["198.18.0.2/32", "2001:db8::2/128"]})
+    server.set_peer(PeerRecord("client", b"C" * 32, ("198.18.0.2/32", "2001:db8::2/128")))
     ok4, bad4 = ipv4("198.18.0.2", "198.18.0.1", b"a"), ipv4("198.18.0.3", "198.18.0.1", b"b")
     ok6, bad6 = ipv6("2001:db8::2", "2001:db8::1", b"c"), ipv6("2001:db8::3", "2001:db8::1", b"d")
     pkts = [ok4, bad4, bad4, ok4, ok4, ok6, bad6, ok6, bad4, ok4]
@@ -164,7 +169,7 @@ def test_unknown_or_expired_session_answers_ordered_frames_empty() -> None:
 
 def test_public_session_record_has_no_keys_and_remove_forgets() -> None:
     server, _, _, _ = engines()
-    assert not server.install({"id": 5, "peer": b"C" * 32, "local_index": 1, "remote_index": 2, "created": NOW})
+    assert not server.install(wg_session(5, b"C" * 32, 1, 2, None, None))
     assert 5 not in server.sessions
     server.remove(1)
     assert 1 not in server.sessions

@@ -89,8 +89,8 @@ def header_fields(head: bytes) -> list:
 
 
 def with_header(parts: list[bytes], **changes: int) -> list[bytes]:
-    """parts with header fields replaced (kind, version, aux_per, edge, n, ...)."""
-    names = ["kind", "version", "aux_per", "edge", "n", "sid", "counter0", "ip", "port", "seq"]
+    """parts with header fields replaced (kind, version, aux_per, proto, edge, n, ...)."""
+    names = ["kind", "version", "aux_per", "proto", "edge", "n", "sid", "counter0", "ip", "port", "seq"]
     fields = header_fields(parts[0])
     for k, v in changes.items():
         fields[names.index(k)] = v
@@ -241,7 +241,7 @@ def test_malformed_frames(mutate, match: str) -> None:
 
 
 def test_packet_over_max_datagram() -> None:
-    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 1, 0, 0, bytes(16), 0, 0)
+    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 0, 1, 0, 0, bytes(16), 0, 0)
     parts = [head + struct.pack("<I", MAX_DATAGRAM + 1), bytes(MAX_DATAGRAM + 1)]
     with pytest.raises(FrameError, match="packet"):
         decode(parts)
@@ -254,7 +254,7 @@ def test_max_batch_accepted() -> None:
 
 def test_huge_lengths_do_not_overflow() -> None:
     # lengths that sum to the body size only modulo 2**32 must not pass
-    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 2, 0, 0, bytes(16), 0, 0)
+    head = HEADER.pack(frames.UDP_SEND, VERSION, 0, 0, 0, 2, 0, 0, bytes(16), 0, 0)
     parts = [head + struct.pack("<2I", 2**32 - 1, 5), b"abcd"]
     with pytest.raises(FrameError):
         decode(parts)
@@ -265,8 +265,8 @@ def test_huge_lengths_do_not_overflow() -> None:
 
 @FUZZ
 @given(st.lists(st.binary(max_size=120), max_size=5))
-@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 0, 0, 0, bytes(16), 0, 0), b""])
-@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 1, 0, 0, bytes(16), 0, 0) + b"\5\0\0\0", b"hello"])
+@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 0, 0, 0, 0, bytes(16), 0, 0), b""])
+@example([HEADER.pack(frames.DECRYPT, VERSION, 0, 0, 0, 1, 0, 0, bytes(16), 0, 0) + b"\5\0\0\0", b"hello"])
 def test_decode_arbitrary_parts(parts: list[bytes]) -> None:
     check_decoded(parts)
 
@@ -278,7 +278,7 @@ def header_bytes(draw: st.DrawFn) -> bytes:
     version = draw(st.sampled_from([VERSION, VERSION, 0, 1, VERSION + 1]))
     aux_per = draw(st.sampled_from([AUX_PER.get(kind, 0), 0, 1, 2, 255]))
     n = draw(st.integers(0, 6) | st.sampled_from([MAX_BATCH, MAX_BATCH + 1, 2**32 - 1]))
-    head = HEADER.pack(kind, version, aux_per, draw(st.integers(0, 0xFFFF)), n, draw(U64), draw(U64),
+    head = HEADER.pack(kind, version, aux_per, draw(st.integers(0, 255)), draw(st.integers(0, 0xFFFF)), n, draw(U64), draw(U64),
                        draw(st.binary(min_size=16, max_size=16)), draw(st.integers(0, 0xFFFF)),
                        draw(st.integers(0, 2**32 - 1)))
     m = draw(st.integers(0, 6))

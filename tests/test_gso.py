@@ -1,11 +1,11 @@
-"""fabric.dataplane.edge.gso_runs: which datagrams one UDP GSO send may carry."""
+"""fabric.dataplane.udp.gso_runs: which datagrams one UDP GSO send may carry."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fabric.dataplane.edge import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_runs
+from fabric.dataplane.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, gso_runs
 
 
 def test_equal_sizes_with_a_shorter_tail() -> None:

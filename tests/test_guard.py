@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric.control import frames
+from fabric.dataplane.ratelimit import TokenBucket
 from fabric.protocols.wireguard.constants import (
     COOKIE_REPLIES_PER_SECOND,
     COOKIE_REPLIES_PER_SOURCE_BURST,
@@ -24,7 +25,6 @@ from fabric.protocols.wireguard.guard import (
     PASS,
     SAMPLE,
     HandshakeGuard,
-    TokenBucket,
     source_key,
 )
 from fabric.protocols.wireguard.noise import (

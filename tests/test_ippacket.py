@@ -207,3 +207,17 @@ def test_lookup_matches_reference(nets: list, addrs: list, data: st.DataObject) 
         entries = [e for e in entries if e[1] != gone]
         for addr in probes:
             assert t.lookup(addr.packed) == reference(entries, addr)
+
+
+def test_a_network_routed_again_moves_to_its_new_value() -> None:
+    """Cryptokey routing (whitepaper 2): an allowed IP belongs to one peer only."""
+    from fabric.dataplane.ippacket import PrefixTable
+
+    t: PrefixTable[str] = PrefixTable()
+    t.add("198.18.0.0/16", "a")
+    t.add("198.18.5.0/24", "b")
+    assert t.lookup(bytes([198, 18, 5, 1])) == "b"
+    t.add("198.18.5.0/24", "a")
+    assert t.lookup(bytes([198, 18, 5, 1])) == "a"
+    t.remove_value("a")
+    assert t.lookup(bytes([198, 18, 5, 1])) is None and t.lookup(bytes([198, 18, 6, 1])) is None

@@ -64,7 +64,7 @@ def fake_edge() -> Any:
                   "initiations": 1},
         peers={b"a": peer_a, b"b": peer_b}, sessions={1: None, 2: None}, order=order, sock=object(),
         placement=SimpleNamespace(offloading=True, busy=0.25),
-        under_load=lambda now: True, guard=SimpleNamespace(banned={b"198.18.2.2": 1.0}),
+        gauges=lambda now: {"under_load": 1, "banned_sources": 1},
     )
 
 
@@ -118,7 +118,8 @@ def test_worker_frame_stats_by_kind() -> None:
     fs.observe(dec, 0.0004)
     fs.observe(b"\x01", 0.00001)  # too short to be a header
     worker = SimpleNamespace(counters={"encrypted": 10, "decrypted": 64, "drop_decrypt": 1, "handshakes": 2},
-                             frame_stats=fs, sessions={7: None}, peers={}, pending={1: None}, edges={0: {}})
+                             frame_stats=fs, sessions={7: None}, peers={}, edges={0: {}},
+                             sides={0: SimpleNamespace(pending_count=lambda: 1)})
     exp = metrics.Exporter("worker", 1, "127.0.0.1:1")
     exp.source = lambda f: metrics.worker_metrics(f, worker)
     got = exposition(exp)
@@ -164,7 +165,7 @@ def test_broker_metrics_and_reports(tmp_path: Path) -> None:
     exp.source = lambda f: metrics.broker_metrics(f, b, 5.0)
     got = exposition(exp)
     assert value(got, "fabric_peers", role="broker") == 1
-    assert value(got, "fabric_peer_bytes_total", peer="alice", direction="rx") == 100
+    assert value(got, "fabric_peer_bytes_total", peer="alice", protocol="wireguard", direction="rx") == 100
     assert value(got, "fabric_peer_packets_total", peer="alice", direction="tx") == 2
     assert value(got, "fabric_processes", process_role="edge", state="alive") == 1
     assert value(got, "fabric_processes", process_role="worker", state="gone") == 1

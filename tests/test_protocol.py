@@ -701,9 +701,9 @@ def test_add_peer_validation() -> None:
 
 
 def test_rekey_after_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabric.protocols.wireguard import endpoint as protocol
+    from fabric.protocols.wireguard import timers
 
-    monkeypatch.setattr(protocol, "REKEY_AFTER_MESSAGES", 3)
+    monkeypatch.setattr(timers, "REKEY_AFTER_MESSAGES", 3)
     net = Net()
     net.connect()  # counter 0 used by the first packet
     sent = []

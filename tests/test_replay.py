@@ -69,7 +69,7 @@ class Checker:
     OFF = 24
 
     def __init__(self) -> None:
-        self.window = ReplayWindow()
+        self.window = ReplayWindow(R)
         self.buf = bytearray(self.OFF + replay.STATE_SIZE + 8)
         self.buf[:] = b"\xaa" * len(self.buf)
         replay.reset(self.buf, self.OFF)
@@ -80,9 +80,9 @@ class Checker:
         self.step += 1
         assert self.window.seen(n) is (not v), f"seen() at step {self.step}"
         assert self.window.accept(n) is v, f"step {self.step}: T({n}, {v})"
-        assert replay.accept(self.buf, self.OFF, n) is v, f"buffer step {self.step}"
-        assert replay.seen_many(self.many, self.OFF, [n, n]) == [not v] * 2, f"seen_many step {self.step}"
-        assert replay.accept_many(self.many, self.OFF, [n]) == [v], f"accept_many step {self.step}"
+        assert replay.accept(self.buf, self.OFF, n, R) is v, f"buffer step {self.step}"
+        assert replay.seen_many(self.many, self.OFF, [n, n], R) == [not v] * 2, f"seen_many step {self.step}"
+        assert replay.accept_many(self.many, self.OFF, [n], R) == [v], f"accept_many step {self.step}"
         assert self.many == self.buf, f"accept_many state at step {self.step}"
         assert self.buf[: self.OFF] == b"\xaa" * self.OFF
         assert self.buf[self.OFF + replay.STATE_SIZE :] == b"\xaa" * 8
@@ -101,7 +101,7 @@ def test_kernel_sequence() -> None:
 
 def test_kernel_sequence_as_one_batch() -> None:
     buf = bytearray(replay.STATE_SIZE)
-    assert replay.accept_many(buf, 0, [n for n, _ in KERNEL_SEQUENCE]) == [v for _, v in KERNEL_SEQUENCE]
+    assert replay.accept_many(buf, 0, [n for n, _ in KERNEL_SEQUENCE], R) == [v for _, v in KERNEL_SEQUENCE]
 
 
 def test_kernel_ascending_then_zero() -> None:
@@ -151,7 +151,7 @@ def test_kernel_descending_then_zero_then_top() -> None:
 
 @pytest.mark.parametrize("jump", [1, 63, 64, 65, 8128, 8192, 10**6])
 def test_jump_forward_forgets_old_bits(jump: int) -> None:
-    w = ReplayWindow()
+    w = ReplayWindow(R)
     assert w.accept(5)
     assert w.accept(5 + jump)
     assert not w.accept(5 + jump)
@@ -160,7 +160,7 @@ def test_jump_forward_forgets_old_bits(jump: int) -> None:
 
 
 def test_reset_forgets_everything() -> None:
-    w = ReplayWindow()
+    w = ReplayWindow(R)
     for n in (0, 1, 100):
         assert w.accept(n)
     w.reset()
@@ -176,14 +176,14 @@ def test_accept_many_and_seen_many_equal_one_at_a_time(counters: list[int], cuts
     """Any counters, cut into any batches: accept_many gives what accept() gives one
     by one, and leaves the same window behind (so the edge may commit a batch)."""
     one, many = bytearray(replay.STATE_SIZE + 16), bytearray(replay.STATE_SIZE + 16)
-    assert replay.seen_many(one, 8, counters) == [replay.seen(one, 8, c) for c in counters]
-    expected = [replay.accept(one, 8, c) for c in counters]
-    assert replay.seen_many(one, 8, counters) == [replay.seen(one, 8, c) for c in counters]
+    assert replay.seen_many(one, 8, counters, R) == [replay.seen(one, 8, c, R) for c in counters]
+    expected = [replay.accept(one, 8, c, R) for c in counters]
+    assert replay.seen_many(one, 8, counters, R) == [replay.seen(one, 8, c, R) for c in counters]
     got: list[bool] = []
     i = k = 0
     while i < len(counters):
         n = cuts[k % len(cuts)]
-        got += replay.accept_many(many, 8, counters[i : i + n])
+        got += replay.accept_many(many, 8, counters[i : i + n], R)
         i, k = i + n, k + 1
     assert got == expected
     assert many == one

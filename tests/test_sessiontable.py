@@ -115,13 +115,21 @@ def test_reserve_hands_out_consecutive_runs(table: SessionTable) -> None:
 
 
 def test_reserve_stops_at_reject_after_messages(table: SessionTable) -> None:
+    """The protocol's limit (WireGuard: REJECT_AFTER_MESSAGES, whitepaper 6.1)."""
+    R = REJECT_AFTER_MESSAGES
     table.claim(1, 1, time.time(), EP1)
-    set_counter(table, 1, REJECT_AFTER_MESSAGES - 3)
-    assert table.reserve(1, 1, 4, 1.0) is None
-    assert table.read(1).send_counter == REJECT_AFTER_MESSAGES - 3  # nothing taken
-    assert table.reserve(1, 1, 3, 1.0) == (REJECT_AFTER_MESSAGES - 3, EP1)
-    assert table.reserve(1, 1, 1, 1.0) is None
-    assert table.keepalive_due(1, 1, 100.0, 0.0, 1.0) is None
+    set_counter(table, 1, R - 3)
+    assert table.reserve(1, 1, 4, 1.0, limit=R) is None
+    assert table.read(1).send_counter == R - 3  # nothing taken
+    assert table.reserve(1, 1, 3, 1.0, limit=R) == (R - 3, EP1)
+    assert table.reserve(1, 1, 1, 1.0, limit=R) is None
+    assert table.keepalive_due(1, 1, 100.0, 0.0, 1.0, limit=R) is None
+    # OpenVPN's 32-bit packet ids: the same slot, another limit
+    table.claim(2, 2, time.time(), EP1)
+    set_counter(table, 2, 2**32 - 2)
+    assert table.reserve(2, 2, 3, 1.0, limit=2**32) is None
+    assert table.reserve(2, 2, 2, 1.0, limit=2**32) == (2**32 - 2, EP1)
+    assert table.reserve(2, 2, 1, 1.0, limit=2**32) is None
 
 
 # --- receive ------------------------------------------------------------------------------
@@ -150,7 +158,10 @@ def test_commit_rx_window_edges(table: SessionTable) -> None:
     assert table.commit_rx(1, 1, [top], EP1, 1.0) == [True]
     window = sessiontable.replay.WINDOW_SIZE
     assert table.commit_rx(1, 1, [top - window - 1, top - window], EP1, 1.0) == [False, True]
-    assert table.commit_rx(1, 1, [REJECT_AFTER_MESSAGES, 2**64 - 1], EP1, 1.0) == [False, False]
+    assert table.commit_rx(1, 1, [REJECT_AFTER_MESSAGES, 2**64 - 1], EP1, 1.0,
+                           limit=REJECT_AFTER_MESSAGES) == [False, False]
+    # a narrower window (OpenVPN's backtrack of 64)
+    assert table.commit_rx(1, 1, [top - 65, top - 64], EP1, 1.0, window=64) == [False, True]
 
 
 def test_seen_is_a_read_only_filter(table: SessionTable) -> None:
@@ -159,7 +170,7 @@ def test_seen_is_a_read_only_filter(table: SessionTable) -> None:
     assert not table.seen(1, 1, 4)  # did not record it
     table.commit_rx(1, 1, [4], EP1, 1.0)
     assert table.seen(1, 1, 4) and not table.seen(1, 1, 5)
-    assert table.seen(1, 1, REJECT_AFTER_MESSAGES)
+    assert table.seen(1, 1, REJECT_AFTER_MESSAGES, limit=REJECT_AFTER_MESSAGES)
     # the slot moved on: the filter lets it through, the authoritative commit refuses it
     table.claim(1, 2, time.time())
     assert not table.seen(1, 1, 4)
@@ -175,13 +186,13 @@ def test_commit_rx_matches_seen(tmp_path_factory: pytest.TempPathFactory, counte
         t.claim(1, 1, time.time())
         accepted = set()
         for c in counters:
-            expect_new = not t.seen(1, 1, c)
-            got = t.commit_rx(1, 1, [c], EP1, 1.0)
+            expect_new = not t.seen(1, 1, c, REJECT_AFTER_MESSAGES)
+            got = t.commit_rx(1, 1, [c], EP1, 1.0, limit=REJECT_AFTER_MESSAGES)
             assert got == [expect_new]
             if got[0]:
                 assert c not in accepted
                 accepted.add(c)
-            assert t.seen(1, 1, c)
+            assert t.seen(1, 1, c, REJECT_AFTER_MESSAGES)
     finally:
         t.close()
 

@@ -1,4 +1,4 @@
-"""The crypto worker (DESIGN.md, "worker"): AEAD over batches and the handshake.
+"""The crypto worker (DESIGN.md, "worker"): AEAD over batches, and the protocols' handshakes.
 
 A worker holds keys it received from the broker and nothing that must outlive
 it: kill one and only its in-flight frames are lost; start one and it takes
@@ -6,62 +6,62 @@ work as soon as it has connected to the edges (invariant 3).
 
 Pipeline per frame (like wireguard-go send.go / receive.go, minus the ordering
 stages, which the edges own through the session table):
-  DECRYPT    check receiver index, open the AEAD with the packet's counter as
-             nonce, trim padding by the inner IP length, check the inner source
-             against the peer's allowed IPs, return plaintexts and counters to
-             the edge, which commits them to the replay window.
-  ENCRYPT    pad to 16 bytes, seal with the counters the edge reserved, return
-             transport datagrams for the edge to send.
-  HANDSHAKE  consume an initiation, build the response, commit the session to
-             the broker, return the response (and the session) to the edge;
-             or consume the response to one of the fabric's own initiations.
-  INITIATE   build an initiation to a peer (the fabric has traffic for it and
-             no session), register its pending state with the broker, return
-             the datagram to the edge.
+  DECRYPT    open the AEAD of one session's datagrams with the counters they
+             carry (the session's protocol: fabric/protocols/base.py SessionKeys),
+             check the inner packets (length, source against the peer's allowed
+             IPs), return plaintexts and counters to the edge, which commits them
+             to the replay window.
+  ENCRYPT    seal with the counters the edge reserved, return datagrams for the
+             edge to send.
+  HANDSHAKE  control datagrams of the frame's protocol (WireGuard: an initiation
+             or a response): the protocol's WorkerSide runs them, committing new
+             sessions to the broker; the result (datagrams and the session) goes
+             back to the edge that sent them.
+  INITIATE   start a handshake to a peer (the fabric has traffic for it and no
+             session): the protocol builds it, the edge sends it.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import struct
 import time
 from typing import Any
 
 import msgpack
 import zmq
 
-from fabric.control import frames
-from fabric.control import zmqcurve as curve
+from fabric.control import frames, zmqcurve
 from fabric.control.clone import CloneClient
 from fabric.control.frames import Frame, FrameError
+from fabric.control.records import (
+    EDGE,
+    PEER,
+    SESSION,
+    EdgeRecord,
+    PeerRecord,
+    RecordError,
+    SessionRecord,
+    key_id,
+    key_public,
+)
 from fabric.control.reqclient import ReqClient, RequestTimeout
-from fabric.dataplane.engine import CryptoEngine, peer_info
+from fabric.dataplane.engine import CryptoEngine
 from fabric.ops import metrics
 from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
-from fabric.protocols.wireguard.constants import MSG_INITIATION, MSG_RESPONSE
-from fabric.protocols.wireguard.messages import MessageError, message_type
-from fabric.protocols.wireguard.noise import (
-    HandshakeError,
-    InitiatorState,
-    StaticKeys,
-    check_mac1,
-    consume_initiation,
-    consume_response,
-    create_initiation,
-    create_response,
-)
+from fabric.protocols import registry
+from fabric.protocols.base import ControlResult, WorkerSide
 
 log = Log("worker")
+
 
 class Worker:
     """One crypto worker. `broker` (HOST:PORT of a broker's --tcp) makes it a remote
     worker: it reaches the broker and the edges over tcp with `keys` (CURVE)."""
 
     def __init__(self, sd: StateDir, wid: int, ctx: zmq.Context | None = None,
-                 broker: str | None = None, keys: curve.Curve | None = None) -> None:
+                 broker: str | None = None, keys: zmqcurve.Curve | None = None) -> None:
         self.sd = sd
         self.id = wid
         self.ctx = ctx or zmq.Context()
@@ -69,29 +69,29 @@ class Worker:
         if broker is not None:
             if keys is None:
                 raise RuntimeError("a remote worker needs --key and --server-key (CURVE)")
-            pub, snap, commit, stats, _ = curve.tcp_endpoints(broker.removeprefix("tcp://"), 5)
+            pub, snap, commit, stats, _ = zmqcurve.tcp_endpoints(broker.removeprefix("tcp://"), 5)
         else:
-            keys = curve.local(sd)
+            keys = zmqcurve.local(sd)
             pub, snap, commit, stats = sd.broker_pub, sd.broker_snapshot, sd.broker_commit, sd.broker_stats
         self.client_opts = keys.client if keys else None
-        self.static: StaticKeys | None = None
-        self.pending: dict[int, InitiatorState] = {}
-        self.edges: dict[int, dict[str, Any]] = {}
+        self.edges: dict[int, EdgeRecord] = {}
         self.results: dict[int, zmq.Socket] = {}
         self.counters: dict[str, int] = {}
         self.session_packets: dict[int, int] = {}
         self.frame_stats = metrics.FrameStats()  # time and packets per frame handled
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
+        self.peers: dict[bytes, PeerRecord] = {}
+        self.protocols = registry()
         # TCP segments bound for the TUN are coalesced (fabric/dataplane/gro.py); FABRIC_NO_GRO=1
         # writes them one by one (for measurements)
-        self.engine = CryptoEngine(self.count, gro=os.environ.get("FABRIC_NO_GRO") != "1",
+        self.engine = CryptoEngine(self.count, self.protocols, gro=os.environ.get("FABRIC_NO_GRO") != "1",
                                    packets=self.session_packets)
         self.sessions = self.engine.sessions  # session id -> keys
-        self.peers = self.engine.peers  # public key -> psk, allowed IPs
-        self.pull = curve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
+        self.sides: dict[int, WorkerSide] = {p.number: p.worker(self) for p in self.protocols.values()}
+        self.pull = zmqcurve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.stats = curve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
+        self.stats = zmqcurve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         self.stats.setsockopt(zmq.SNDHWM, 10)
         self.stats.setsockopt(zmq.LINGER, 0)
         self.stats.connect(stats)
@@ -105,52 +105,48 @@ class Worker:
 
     def on_set(self, key: bytes, v: dict[str, Any]) -> None:
         try:
-            if key == b"server":
-                self.static = StaticKeys.from_private(v["private"])
-            elif key.startswith(b"peer/"):
-                self.peers[v["public"]] = peer_info(v)
-            elif key.startswith(b"session/"):
-                self.engine.install(v)
-            elif key.startswith(b"edge/"):
-                self._connect_edge(v)
-            elif key.startswith(b"pending/"):
-                st = v["state"]
-                self.pending[int(v["local_index"])] = InitiatorState(
-                    v["peer"], st["psk"], int(v["local_index"]), st["ephemeral"], st["chain_key"],
-                    st["hash"], float(st["sent_at"]), st["mac1"],
-                )
-        except (KeyError, TypeError, ValueError) as exc:
+            if key.startswith(PEER):
+                peer = PeerRecord.from_wire(v)
+                self.peers[peer.public] = peer
+                self.engine.set_peer(peer)
+            elif key.startswith(SESSION):
+                self.engine.install(SessionRecord.from_wire(v))
+            elif key.startswith(EDGE):
+                self._connect_edge(EdgeRecord.from_wire(v))
+            else:
+                for side in self.sides.values():
+                    side.on_record(key, v)
+        except (RecordError, KeyError, TypeError, ValueError) as exc:
             self.count("bad_update")
             log.warning("ignored malformed update", key=key, error=str(exc))
 
     def on_delete(self, key: bytes) -> None:
-        if key.startswith(b"peer/"):
-            from fabric.protocols.wireguard.crypto import key_from_base64
+        pub = key_public(key)
+        sid = key_id(key, SESSION)
+        eid = key_id(key, EDGE)
+        if pub is not None:
+            self.peers.pop(pub, None)
+            self.engine.remove_peer(pub)
+        elif sid is not None:
+            self.engine.remove(sid)
+        elif eid is not None:
+            self._disconnect_edge(eid)
+        else:
+            for side in self.sides.values():
+                side.on_record(key, None)
 
-            try:
-                self.peers.pop(key_from_base64(key[5:].decode()), None)
-            except ValueError:
-                pass
-        elif key.startswith(b"session/") and key[8:].isdigit():
-            self.engine.remove(int(key[8:]))
-        elif key.startswith(b"edge/") and key[5:].isdigit():
-            self._disconnect_edge(int(key[5:]))
-        elif key.startswith(b"pending/") and key[8:].isdigit():
-            self.pending.pop(int(key[8:]), None)
-
-    def _connect_edge(self, v: dict[str, Any]) -> None:
-        eid = int(v["id"])
+    def _connect_edge(self, v: EdgeRecord) -> None:
+        eid = v.id
         old = self.edges.get(eid)
         if old == v:
             return
         if old is not None:
             self._disconnect_edge(eid)
-        work, result = (v.get("work_tcp"), v.get("result_tcp")) if self.remote else (v["work"], v["result"])
+        work, result = (v.work_tcp, v.result_tcp) if self.remote else (v.work, v.result)
         if not work or not result:
             return  # a remote worker can only serve edges that listen on tcp
-        v = {**v, "work": work, "result": result}
         self.pull.connect(work)
-        push = curve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
+        push = zmqcurve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         push.setsockopt(zmq.SNDHWM, 1000)
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.IMMEDIATE, 1)
@@ -164,7 +160,7 @@ class Worker:
         if v is None:
             return
         try:
-            self.pull.disconnect(v["work"])
+            self.pull.disconnect(v.work_tcp if self.remote and v.work_tcp else v.work)
         except zmq.ZMQError:
             pass
         sock = self.results.pop(eid, None)
@@ -196,8 +192,12 @@ class Worker:
         elif frame.kind == frames.ENCRYPT:
             self.encrypt(frame, now)
         elif frame.kind == frames.HANDSHAKE:
+            side = self.sides.get(frame.proto)
+            if side is None:
+                self.count("drop_unknown_protocol", len(frame.packets))
+                return
             for pkt in frame.packets:
-                self.handshake(frame, bytes(pkt), now)
+                self._result(frame, side.control(bytes(pkt), frame.addr, now))
         elif frame.kind == frames.INITIATE:
             self.initiate(frame, now)
         else:
@@ -213,53 +213,32 @@ class Worker:
         if result is not None:
             self._send(frame.edge, result)
 
-    def handshake(self, frame: Frame, pkt: bytes, now: float) -> None:
-        if self.static is None:
-            self.count("drop_not_ready")
-            return
+    def initiate(self, frame: Frame, now: float) -> None:
+        side = self.sides.get(frame.proto)
         try:
-            kind = message_type(pkt)
-        except MessageError as exc:
-            self.count("drop_" + exc.reason)
+            peer = msgpack.unpackb(frame.extra or b"", raw=False)["peer"]
+            if side is None or not isinstance(peer, bytes):
+                raise ValueError("no such protocol or peer")
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException):
+            self.count("drop_unknown_peer")
             return
-        if kind not in (MSG_INITIATION, MSG_RESPONSE):
-            self.count("drop_unexpected_handshake")
-            return
-        if not check_mac1(self.static.mac1_key, pkt):
-            self.count("drop_bad_mac1")
-            return
-        if kind == MSG_RESPONSE:
-            self.handshake_response(frame, pkt, now)
-            return
-        try:
-            init = consume_initiation(self.static, pkt, lambda pub: pub in self.peers)
-        except (HandshakeError, MessageError) as exc:
-            self.count("drop_" + exc.reason)
-            return
-        peer = self.peers[init.peer_public]
-        for _ in range(3):
-            local_index = secrets.randbits(32)
-            try:
-                response, keys = create_response(self.static, init, peer.psk, local_index, now)
-            except HandshakeError as exc:
-                self.count("drop_" + exc.reason)
-                return
-            reply = self._commit({
-                "peer": init.peer_public, "timestamp": init.timestamp,
-                "local_index": local_index, "remote_index": init.sender_index,
-                "send_key": keys.send_key, "recv_key": keys.recv_key, "endpoint": frame.addr,
-            })
-            if reply is None:
-                return
-            if reply.get("ok"):
-                self._handshake_done(frame, reply["session"], [response])
-                return
-            if reply.get("reason") != "index_in_use":
-                self.count("drop_" + str(reply.get("reason", "refused")))
-                return
-        self.count("drop_index_in_use")
+        self._result(frame, side.initiate(peer, frame.addr, now))
 
-    def _commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+    def _result(self, frame: Frame, result: ControlResult) -> None:
+        """Hand a control step's datagrams (and its new session) to the edge."""
+        if result.session is not None:
+            self.engine.install(result.session)
+            self.count("handshakes")
+            self._send(frame.edge, Frame(
+                frames.HANDSHAKE_OUT, frame.edge, result.session.id, 0, frame.addr, result.datagrams,
+                extra=msgpack.packb(result.session.public().to_wire(), use_bin_type=True), proto=frame.proto,
+            ))
+        elif result.datagrams:
+            self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, 0, 0, frame.addr, result.datagrams,
+                                         proto=frame.proto))
+
+    def commit(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """Ask the broker to commit (WorkerHost.commit); None if it is unavailable."""
         if not self.clone.alive:
             # no heartbeat from the broker: do not stall the data path waiting for it
             self.count("drop_broker_unavailable")
@@ -270,72 +249,6 @@ class Worker:
             self.count("drop_broker_unavailable")
             log.warning("handshake not committed: broker unavailable")
             return None
-
-    def initiate(self, frame: Frame, now: float) -> None:
-        """Start a handshake to a peer (whitepaper 5.4.2); the fabric is the initiator."""
-        try:
-            peer_public = msgpack.unpackb(frame.extra or b"", raw=False)["peer"]
-            peer = self.peers[peer_public]
-        except (KeyError, TypeError, ValueError, msgpack.UnpackException):
-            self.count("drop_unknown_peer")
-            return
-        if self.static is None:
-            self.count("drop_not_ready")
-            return
-        for _ in range(3):
-            local_index = secrets.randbits(32)
-            msg, st = create_initiation(self.static, peer_public, peer.psk, local_index, now)
-            reply = self._commit({
-                "role": "pending", "peer": peer_public, "local_index": local_index,
-                "state": {"psk": st.preshared_key, "ephemeral": st.ephemeral_private,
-                          "chain_key": st.chain_key, "hash": st.hash, "sent_at": st.sent_at,
-                          "mac1": st.mac1},
-            })
-            if reply is None:
-                return
-            if reply.get("ok"):
-                self.pending[local_index] = st
-                self.count("initiations")
-                self._send(frame.edge, Frame(frames.UDP_SEND, frame.edge, 0, 0, frame.addr, [msg]))
-                return
-            if reply.get("reason") != "index_in_use":
-                self.count("drop_" + str(reply.get("reason", "refused")))
-                return
-
-    def handshake_response(self, frame: Frame, pkt: bytes, now: float) -> None:
-        """Finish one of the fabric's own initiations (whitepaper 5.4.3)."""
-        assert self.static is not None
-        (receiver,) = struct.unpack_from("<I", pkt, 8)
-        st = self.pending.get(receiver)
-        if st is None:
-            self.count("drop_unknown_index")
-            return
-        try:
-            keys = consume_response(self.static, st, pkt, now)
-        except (HandshakeError, MessageError) as exc:
-            self.count("drop_" + exc.reason)
-            return
-        reply = self._commit({
-            "role": "initiator", "peer": st.peer_public, "local_index": keys.local_index,
-            "remote_index": keys.remote_index, "send_key": keys.send_key, "recv_key": keys.recv_key,
-            "endpoint": frame.addr,
-        })
-        if reply is None:
-            return
-        if not reply.get("ok"):
-            self.count("drop_" + str(reply.get("reason", "refused")))
-            return
-        self.pending.pop(receiver, None)
-        self._handshake_done(frame, reply["session"], [])
-
-    def _handshake_done(self, frame: Frame, session: dict[str, Any], out: list[bytes]) -> None:
-        self.engine.install(session)
-        public = {k: v for k, v in session.items() if k not in ("send_key", "recv_key")}
-        self.count("handshakes")
-        self._send(frame.edge, Frame(
-            frames.HANDSHAKE_OUT, frame.edge, int(session["id"]), 0, frame.addr, out,
-            extra=msgpack.packb(public, use_bin_type=True),
-        ))
 
     # --- loop -----------------------------------------------------------------------
 
@@ -375,7 +288,7 @@ class Worker:
                 next_tick = now + 1.0
 
 
-def run(sd: StateDir, wid: int | None, broker: str | None = None, keys: curve.Curve | None = None,
+def run(sd: StateDir, wid: int | None, broker: str | None = None, keys: zmqcurve.Curve | None = None,
         metrics_addr: str | None = None) -> int:
     sd.ensure()  # the broker may start later; ZeroMQ connects when it appears
     if wid is None:  # --id auto (compose replicas run one command): the first free id

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import zmq
 
-from fabric.protocols.wireguard.constants import MAX_DATAGRAM
+from fabric.control import records
 
-VERSION = 3
+MAX_DATAGRAM = 65535  # largest UDP payload / TUN packet a frame carries
+
+VERSION = 4
 MAX_BATCH = 4096
 
 # edge -> worker
@@ -41,12 +43,12 @@ HANDSHAKE_OUT = 13  # datagrams to send (maybe none) and (extra) the session com
 KINDS = {DECRYPT, ENCRYPT, HANDSHAKE, INITIATE, TUN_WRITE, UDP_SEND, HANDSHAKE_OUT}
 AUX_PER = {TUN_WRITE: 2}
 
-# kind, version, aux_per, edge, n, session_id, counter0, address (16 bytes), port, seq
+# kind, version, aux_per, protocol, edge, n, session_id, counter0, address (16 bytes), port, seq
+# protocol: the protocol's number (fabric.protocols) of HANDSHAKE, INITIATE and their results
 # seq: the edge's order of data frames (0: unordered); workers echo it in the result
-HEADER = struct.Struct("<BBBxHxxIQQ16sHI")
+HEADER = struct.Struct("<BBBBHxxIQQ16sHI")
 
-ADDR_SIZE = 18
-NO_ADDR = bytes(ADDR_SIZE)
+ADDR_SIZE, NO_ADDR = records.ADDR_SIZE, records.NO_ADDR  # packed addresses: pack_addr below
 
 
 # libzmq's ZMQ_DONTWAIT and ZMQ_SNDMORE as plain ints: pyzmq's send_multipart and
@@ -126,6 +128,7 @@ class Frame:
     extra: bytes | None = None
     seq: int = 0
     counters: Sequence[int] = ()
+    proto: int = 0  # the protocol (its number) of a control frame
 
     def encode(self) -> list[bytes]:
         """The ZeroMQ parts of this frame."""
@@ -138,6 +141,7 @@ class Frame:
             self.kind,
             VERSION,
             aux_per,
+            self.proto,
             self.edge,
             n,
             self.session_id,
@@ -166,7 +170,7 @@ def decode(parts: Sequence[bytes | memoryview]) -> Frame:
     head = parts[0]
     if len(head) < HEADER.size:
         raise FrameError("short header")
-    kind, version, aux_per, edge, n, sid, counter0, ip, port, seq = HEADER.unpack_from(head, 0)
+    kind, version, aux_per, proto, edge, n, sid, counter0, ip, port, seq = HEADER.unpack_from(head, 0)
     if version != VERSION:
         raise FrameError(f"frame version {version}, expected {VERSION}")
     if kind not in KINDS:
@@ -197,4 +201,5 @@ def decode(parts: Sequence[bytes | memoryview]) -> Frame:
             raise FrameError("TUN_WRITE: counters do not match the datagram counts")
         counters = struct.unpack(f"<{k}Q", extra)
         extra = None
-    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra, seq, counters)
+    return Frame(kind, edge, sid, counter0, ip + struct.pack(">H", port), packets, aux, extra, seq, counters,
+                 proto)

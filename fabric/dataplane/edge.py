@@ -1,24 +1,32 @@
-"""The edge (DESIGN.md, "edge"): one SO_REUSEPORT UDP socket and one TUN queue.
+"""The edge (DESIGN.md, "edge"): a UDP socket per wire protocol and one TUN queue.
 
-Receive path (UDP -> TUN):
-  1. read a batch of datagrams; classify by type (whitepaper 5.4);
-  2. transport: receiver index -> session; drop expired sessions; group by
-     (session, source), then drop the counters the shared replay window has
-     surely seen (one read of the window per group);
-     handshake: mac1 checked here, and under load mac2 or a cookie reply (5.4.7);
+Every edge of a host binds the same ports with SO_REUSEPORT and opens a queue of
+the same multiqueue TUN device; what is protocol-specific it asks the socket's
+protocol (fabric/protocols/base.py). The pipeline, in the order of this file:
+
+Receive path (UDP -> TUN), per socket:
+  1. read a batch of datagrams; the protocol splits them by header
+     (EdgeSide.split): data grouped by (session key, source) with their counters,
+     control datagrams set aside, the rest counted as drops;
+  2. data: session key -> session; drop expired sessions; drop the counters the
+     shared replay window has surely seen (one read of the window per group);
   3. open the AEAD of each group here, or PUSH the group as one frame to any
-     worker (the crypto placement, fabric/dataplane/engine.py; handshakes always go);
+     worker (the crypto placement, fabric/dataplane/placement.py); control
+     datagrams, after the data: the protocol's verdict on each (EdgeSide.control),
+     to a worker (one frame per source), a reply from this socket, or a drop;
   4. on the result, commit the counters to the shared window under the slot
      lock (replays dropped here, after the tag verified), then write to TUN.
 Send path (TUN -> UDP):
   1. read a batch of IP packets; route by allowed IPs to a peer and its newest
-     confirmed session; with none, stage a few packets and ask a worker to
-     initiate a handshake to the peer's last endpoint (at most once per
-     REKEY_TIMEOUT), and send the staged packets when the session arrives;
+     confirmed, unexpired session; with none, stage a few packets and ask a
+     worker to initiate a handshake to the peer's last endpoint (at most once per
+     the protocol's retry interval), and send them when the session arrives;
   2. reserve a run of send counters per session under the slot lock (one lock
      per session per batch);
   3. seal here or PUSH to any worker (as in 3. above); on the result, send the
-     datagrams to the peer's current endpoint.
+     datagrams to the peer's current endpoint from its protocol's socket.
+Timers, once a second: keepalives and handshakes for data gone unanswered, as
+each protocol's policy says (EdgeSide.keepalive, unanswered_after).
 """
 
 from __future__ import annotations
@@ -31,82 +39,77 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import msgpack
 import zmq
 
-from fabric.control import frames, zpoll
-from fabric.control import zmqcurve as curve
+from fabric.control import frames, zmqcurve, zpoll
 from fabric.control.clone import CloneClient
-from fabric.control.frames import NO_ADDR, Frame, FrameError
-from fabric.dataplane import ippacket, sockfilter, tun
-from fabric.dataplane.engine import CryptoEngine, CryptoPlacement, HostIdle, peer_info
+from fabric.control.frames import MAX_DATAGRAM, NO_ADDR, Frame, FrameError
+from fabric.control.records import (
+    EDGE,
+    PEER,
+    SESSION,
+    PeerRecord,
+    RecordError,
+    SessionRecord,
+    key_id,
+    key_public,
+)
+from fabric.dataplane import ippacket, sockfilter, tun, udp
+from fabric.dataplane.engine import CryptoEngine
 from fabric.dataplane.gro import VNET_HDR_LEN
+from fabric.dataplane.placement import CryptoPlacement, HostIdle
 from fabric.dataplane.reorder import ReorderBuffer
 from fabric.dataplane.sessiontable import SessionTable
-from fabric.ops import metrics, preflight
+from fabric.ops import metrics
 from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
-from fabric.protocols.wireguard.constants import (
-    COOKIE_REPLY_SIZE,
-    INITIATION_SIZE,
-    KEEPALIVE_TIMEOUT,
-    MAX_DATAGRAM,
-    MSG_COOKIE_REPLY,
-    MSG_INITIATION,
-    MSG_RESPONSE,
-    MSG_TRANSPORT,
-    REJECT_AFTER_TIME,
-    REKEY_AFTER_TIME,
-    REKEY_TIMEOUT,
-    RESPONSE_SIZE,
-    TRANSPORT_MIN_SIZE,
-)
-from fabric.protocols.wireguard.crypto import key_from_base64
-from fabric.protocols.wireguard.guard import (
-    COOKIE,
-    MAX_FILTER_INDEXES,
-    PASS,
-    SAMPLE,
-    SAMPLE_MALFORMED,
-    SAMPLE_UNKNOWN_INDEX,
-    HandshakeGuard,
-    filter_program,
-)
-from fabric.protocols.wireguard.noise import CookieChecker
+from fabric.protocols import registry
+from fabric.protocols.base import FORWARD, EdgeSide, Protocol, Reply
 
 log = Log("edge")
 
 BATCH = 64
 VNET_MAX = MAX_DATAGRAM + VNET_HDR_LEN
-STAGED_MAX = 16  # packets kept per peer while its handshake runs
 REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
-# UDP GSO (Linux 4.18+, as wireguard-go conn/bind_std.go): one sendmsg carries a run
-# of equal-size datagrams (the last may be shorter) that the kernel splits.
-UDP_SEGMENT = 103
-GSO_MAX_SEGMENTS = 64
-GSO_MAX_BYTES = 65000
 
 
-def gso_runs(sizes: list[int]) -> list[tuple[int, int]]:
-    """Split datagram sizes into [start, end) runs one GSO send can carry:
-    all of one size, except that the last may be shorter."""
-    runs = []
-    i, n = 0, len(sizes)
-    while i < n:
-        size = sizes[i]
-        j, total = i + 1, size
-        while j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] == size and total + size <= GSO_MAX_BYTES:
-            total += size
-            j += 1
-        if j < n and j - i < GSO_MAX_SEGMENTS and sizes[j] < size and total + sizes[j] <= GSO_MAX_BYTES:
-            j += 1
-        runs.append((i, j))
-        i = j
-    return runs
-_RX_HEAD = struct.Struct("<IIQ")
-_HS_SIZES = {MSG_INITIATION: INITIATION_SIZE, MSG_RESPONSE: RESPONSE_SIZE, MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE}
+class EdgeIO(TypingProtocol):
+    """Where an edge's sockets and TUN queue come from: the kernel (KernelIO), or
+    in-memory fakes in tests (fabric/testbed/fakes.py)."""
+
+    def ensure_tun(self, name: str, address: list[str] | None) -> None: ...
+
+    def open_tun_queue(self, name: str) -> int: ...
+
+    def open_udp(self, listen: str, port: int, reuseport: bool) -> Any: ...
+
+
+class KernelIO:
+    """A multiqueue TUN device and SO_REUSEPORT UDP sockets."""
+
+    def ensure_tun(self, name: str, address: list[str] | None) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            exists = bool(ipr.link_lookup(ifname=name))
+        try:
+            if not exists:
+                tun.create(name, address)
+            elif address:
+                tun.configure(name, address)
+        except Exception as exc:  # another edge raced us to the same address: fine
+            if "exists" not in str(exc).lower():
+                raise
+
+    def open_tun_queue(self, name: str) -> int:
+        return tun.open_queue(name)
+
+    def open_udp(self, listen: str, port: int, reuseport: bool) -> Any:
+        return udp.open_udp(listen, port, reuseport)
 
 
 @dataclass
@@ -114,33 +117,41 @@ class EdgeSession:
     sid: int
     slot: int
     peer: bytes
-    local_index: int
-    created: float
-    initiator: bool = False
+    record: SessionRecord  # the public copy
+    listener: Listener
+    expires: float  # the protocol's end of its life: it neither sends nor receives after
 
 
 @dataclass
 class EdgePeer:
-    public: bytes
-    name: str
-    keepalive: int
+    record: PeerRecord
     sessions: list[int] = field(default_factory=list)  # newest first
     stats: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # rx/tx bytes, rx/tx packets
     endpoint: bytes = NO_ADDR  # last known, to initiate handshakes to
     staged: list[bytes] = field(default_factory=list)
     last_initiation: float = 0.0
 
+    @property
+    def public(self) -> bytes:
+        return self.record.public
 
-def open_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
-    """The edge's non-blocking UDP socket (preflight.bind_udp), with 4 MiB buffers."""
-    sock = preflight.bind_udp(listen, port, reuseport)
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
-    sock.setblocking(False)
-    return sock
+
+@dataclass
+class Listener:
+    """One protocol's UDP socket at this edge, and what its datagrams name."""
+
+    protocol: Protocol
+    side: EdgeSide
+    port: int
+    sock: Any = None
+    v6: bool = False
+    gso: bool = False
+    filter_on: bool = False
+    filter_dirty: bool = True  # sessions changed since the filter was built
+    by_key: dict[int, int] = field(default_factory=dict)  # data key -> session id
+
+    def fileno(self) -> int:
+        return int(self.sock.fileno())
 
 
 class Edge:
@@ -157,59 +168,66 @@ class Edge:
         ctx: zmq.Context | None = None,
         tcp: str | None = None,
         crypto: str = "auto",
+        protocols: dict[str, Protocol] | None = None,
+        ports: dict[str, int] | None = None,
+        io: EdgeIO | None = None,
     ) -> None:
+        """`protocols` (default: every protocol fabric speaks) by name, each on
+        `ports[name]` (default: WireGuard on `port`); `io`: the kernel by default."""
         self.sd = sd
         self.id = eid
         self.ctx = ctx or zmq.Context()
-        self.port = port if reuseport else port + eid
-        # The UDP socket and the TUN queue are opened by attach(), once the first
+        self.io: EdgeIO = io or KernelIO()
+        self.protocols = protocols or registry()
+        ports = ports or {"wireguard": port}
+        # The UDP sockets and the TUN queue are opened by attach(), once the first
         # snapshot is installed: a socket joining the SO_REUSEPORT group (and a
         # queue joining the TUN) takes its share of flows at once, and without
-        # sessions it could only drop them (unknown_index, no_route).
+        # sessions it could only drop them (unknown index, no route).
         self.listen, self.reuseport = listen, reuseport
-        self.sock: socket.socket | None = None
-        self.gso = False
-        self.v6 = False
-        self.tun_name = tun_name
-        self._ensure_tun(tun_name, address)
-        self.tun_fd = -1
         self.table = SessionTable(sd.session_table)
+        self.counters: dict[str, int] = defaultdict(int)
+        shared = (self.table.under_load_until, self.table.set_under_load_until)
+        self.listeners: dict[str, Listener] = {}
+        for name, proto in self.protocols.items():
+            if name in ports:
+                p = ports[name] if reuseport else ports[name] + eid
+                self.listeners[name] = Listener(proto, proto.edge(self._count, shared), p)
+        self.port = next(iter(self.listeners.values())).port if self.listeners else port
+        self.tun_name = tun_name
+        self.io.ensure_tun(tun_name, address)
+        self.tun_fd = -1
+        self.attached = False
         self.sessions: dict[int, EdgeSession] = {}
-        self.by_index: dict[int, int] = {}
         self.peers: dict[bytes, EdgePeer] = {}
         self.routes: ippacket.PrefixTable[bytes] = ippacket.PrefixTable()
-        self.cookies: CookieChecker | None = None
-        self.guard: HandshakeGuard | None = None  # made with the cookie checker (server key)
-        # the socket filter (fabric/protocols/wireguard/guard.py "the kernel's share"); FABRIC_NO_SOCKET_FILTER=1
-        # leaves every datagram to userspace (for comparisons)
+        # the socket filter (e.g. fabric/protocols/wireguard/guard.py, "the kernel's share");
+        # FABRIC_NO_SOCKET_FILTER=1 leaves every datagram to userspace (for comparisons)
         self.filter_wanted = os.environ.get("FABRIC_NO_SOCKET_FILTER") != "1"
-        self.filter_on = False
-        self.filter_dirty = True  # sessions changed since the filter was built
         self._reported_load = False
-        self.counters: dict[str, int] = defaultdict(int)
         self.session_packets: dict[int, int] = defaultdict(int)
         self.order: ReorderBuffer[Frame] = ReorderBuffer(REORDER_TIMEOUT)
         # the AEAD of data frames runs here or in workers (fabric/dataplane/engine.py)
-        self.engine = CryptoEngine(self._count, gro=os.environ.get("FABRIC_NO_GRO") != "1")
+        self.engine = CryptoEngine(self._count, self.protocols, gro=os.environ.get("FABRIC_NO_GRO") != "1")
         self.placement = CryptoPlacement(crypto, HostIdle(_usable_cpus()))
         self._addr_cache: dict[Any, bytes] = {}
-        self._sa_cache: dict[bytes, Any] = {}
+        self._sa_cache: dict[tuple[bool, bytes], Any] = {}
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
-        self.curve = curve.local(sd)
+        self.curve = zmqcurve.local(sd)
         if tcp and self.curve is None:
             raise RuntimeError(f"tcp endpoints need CURVE: run `fabric keys init --state-dir {sd.root}` first")
-        self.auth = curve.Authenticator(self.ctx, sd) if self.curve else None
+        self.auth = zmqcurve.Authenticator(self.ctx, sd) if self.curve else None
         server_opts = self.curve.server if self.curve else None
         client_opts = self.curve.client if self.curve else None
-        self.tcp = curve.tcp_endpoints(tcp, 2) if tcp else []
+        self.tcp = zmqcurve.tcp_endpoints(tcp, 2) if tcp else []
         self.work = self.ctx.socket(zmq.PUSH)
-        curve.apply(self.work, server_opts)
+        zmqcurve.apply(self.work, server_opts)
         self.work.setsockopt(zmq.SNDHWM, 1000)
         self.work.setsockopt(zmq.LINGER, 0)
         self.work.setsockopt(zmq.IMMEDIATE, 1)
         self.work.bind(sd.edge_work(eid))
         self.result = self.ctx.socket(zmq.PULL)
-        curve.apply(self.result, server_opts)
+        zmqcurve.apply(self.result, server_opts)
         self.result.setsockopt(zmq.RCVHWM, 1000)
         self.result.setsockopt(zmq.LINGER, 0)
         self.result.bind(sd.edge_result(eid))
@@ -219,27 +237,12 @@ class Edge:
             except zmq.ZMQError as exc:
                 raise RuntimeError(f"cannot bind {ep}: {exc} (pick another --tcp port)") from None
         self.stats = self.ctx.socket(zmq.PUSH)
-        curve.apply(self.stats, client_opts)
+        zmqcurve.apply(self.stats, client_opts)
         self.stats.setsockopt(zmq.SNDHWM, 10)
         self.stats.setsockopt(zmq.LINGER, 0)
         self.stats.connect(sd.broker_stats)
         self.clone = CloneClient(self.ctx, sd.broker_pub, sd.broker_snapshot, self.on_set, self.on_delete,
                                  curve=client_opts)
-
-    @staticmethod
-    def _ensure_tun(name: str, address: list[str] | None) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            exists = bool(ipr.link_lookup(ifname=name))
-        try:
-            if not exists:
-                tun.create(name, address)
-            elif address:
-                tun.configure(name, address)
-        except Exception as exc:  # another edge raced us to the same address: fine
-            if "exists" not in str(exc).lower():
-                raise
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.counters["drop_" + reason] += n
@@ -247,82 +250,84 @@ class Edge:
     def _count(self, name: str, n: int) -> None:
         self.counters[name] += n
 
+    @property
+    def sock(self) -> Any:
+        """The first protocol's socket (WireGuard's), None until attached."""
+        first = next(iter(self.listeners.values()), None)
+        return first.sock if first is not None else None
+
     # --- state from the broker --------------------------------------------------
 
     def on_set(self, key: bytes, v: dict[str, Any]) -> None:
         try:
-            if key == b"server":
-                if self.cookies is None or self.cookies.local_public != v["public"]:
-                    self.cookies = CookieChecker(v["public"])
-                    if self.guard is None:
-                        self.guard = HandshakeGuard(self.cookies, self.table.under_load_until,
-                                                    self.table.set_under_load_until, self._count)
-                    else:
-                        self.guard.cookies = self.cookies
-            elif key.startswith(b"peer/"):
-                self._set_peer(v)
-                self.engine.peers[v["public"]] = peer_info(v)
-            elif key.startswith(b"session/"):
+            if key.startswith(PEER):
+                self._set_peer(PeerRecord.from_wire(v))
+            elif key.startswith(SESSION):
+                record = SessionRecord.from_wire(v)
                 # keys for inline crypto (the public copy has none) before install_session
                 # sends the packets staged for this session
-                self.engine.install(v)
-                self.install_session(v)
-                if int(v["id"]) not in self.sessions:  # refused (stale): keep no keys
-                    self.engine.remove(int(v["id"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                self.engine.install(record)
+                self.install_session(record)
+                if record.id not in self.sessions:  # refused (stale): keep no keys
+                    self.engine.remove(record.id)
+            elif not key.startswith(EDGE):
+                for lst in self.listeners.values():
+                    lst.side.on_record(key, v)
+        except (RecordError, KeyError, TypeError, ValueError) as exc:
             self.counters["bad_update"] += 1
             log.warning("ignored malformed update", key=key, error=str(exc))
 
-    def _set_peer(self, v: dict[str, Any]) -> None:
-        pub = v["public"]
+    def _set_peer(self, record: PeerRecord) -> None:
+        pub = record.public
         old = self.peers.get(pub)
-        peer = EdgePeer(pub, str(v["name"]), int(v.get("keepalive") or 0))
+        peer = EdgePeer(record)
         if old is not None:
             peer.stats, peer.endpoint, peer.staged = old.stats, old.endpoint, old.staged
         self.peers[pub] = peer
         peer.sessions = sorted(
             (sid for sid, s in self.sessions.items() if s.peer == pub),
-            key=lambda i: -self.sessions[i].created,
+            key=lambda i: -self.sessions[i].record.created,
         )
+        self.engine.set_peer(record)
         self.routes.remove_value(pub)
-        for net in v["allowed_ips"]:
+        for net in record.allowed_ips:
             self.routes.add(net, pub)
 
     def on_delete(self, key: bytes) -> None:
-        if key.startswith(b"session/") and key[8:].isdigit():
-            self._remove_session(int(key[8:]))
-
-        elif key.startswith(b"peer/"):
-            try:
-                pub = key_from_base64(key[5:].decode())
-            except ValueError:
-                return
+        sid = key_id(key, SESSION)
+        if sid is not None:
+            self._remove_session(sid)
+            return
+        pub = key_public(key)
+        if pub is not None:
             peer = self.peers.pop(pub, None)
-            self.engine.peers.pop(pub, None)
+            self.engine.remove_peer(pub)
             self.routes.remove_value(pub)
             if peer:
-                for sid in list(peer.sessions):
-                    self._remove_session(sid)
+                for s in list(peer.sessions):
+                    self._remove_session(s)
 
-    def install_session(self, v: dict[str, Any]) -> None:
-        sid = int(v["id"])
+    def install_session(self, record: SessionRecord) -> None:
+        sid = record.id
         if sid in self.sessions:
             return
-        s = EdgeSession(sid, int(v["slot"]), v["peer"], int(v["local_index"]), float(v["created"]),
-                        bool(v.get("initiator")))
-        endpoint = v.get("endpoint") or NO_ADDR
-        if len(endpoint) != frames.ADDR_SIZE:
-            endpoint = NO_ADDR
-        if not self.table.claim(s.slot, sid, s.created, endpoint, confirmed=s.initiator):
+        lst = self.listeners.get(record.protocol)
+        if lst is None:
+            self.counters["drop_unknown_protocol"] += 1
+            return
+        endpoint = record.endpoint
+        if not self.table.claim(record.slot, sid, record.created, endpoint, confirmed=record.initiator):
             self.counters["stale_session"] += 1
             return
+        s = EdgeSession(sid, record.slot, record.peer, record.public(), lst,
+                        record.created + lst.protocol.lifetime)
         self.sessions[sid] = s
-        self.by_index[s.local_index] = sid
-        self.filter_dirty = True
+        lst.by_key[record.data_key] = sid
+        lst.filter_dirty = True
         peer = self.peers.get(s.peer)
         if peer is not None:
             peer.sessions.append(sid)
-            peer.sessions.sort(key=lambda i: -self.sessions[i].created)
+            peer.sessions.sort(key=lambda i: -self.sessions[i].record.created)
             if endpoint != NO_ADDR:
                 peer.endpoint = endpoint
             if peer.staged:
@@ -337,9 +342,10 @@ class Edge:
         s = self.sessions.pop(sid, None)
         if s is None:
             return
-        if self.by_index.get(s.local_index) == sid:
-            del self.by_index[s.local_index]
-            self.filter_dirty = True
+        by_key = s.listener.by_key
+        if by_key.get(s.record.data_key) == sid:
+            del by_key[s.record.data_key]
+            s.listener.filter_dirty = True
         peer = self.peers.get(s.peer)
         if peer is not None and sid in peer.sessions:
             peer.sessions.remove(sid)
@@ -356,11 +362,11 @@ class Edge:
             self._addr_cache[sa] = a
         return a
 
-    def _sockaddr(self, addr: bytes) -> Any:
-        sa = self._sa_cache.get(addr)
+    def _sockaddr(self, v6: bool, addr: bytes) -> Any:
+        sa = self._sa_cache.get((v6, addr))
         if sa is None:
             host, port = frames.unpack_addr(addr)
-            if self.v6:
+            if v6:
                 if ":" not in host:
                     host = "::ffff:" + host
                 sa = (host, port, 0, 0)
@@ -370,118 +376,78 @@ class Edge:
                 sa = (host, port)
             if len(self._sa_cache) > 65536:
                 self._sa_cache.clear()
-            self._sa_cache[addr] = sa
+            self._sa_cache[(v6, addr)] = sa
         return sa
 
     # --- receive path -----------------------------------------------------------------
 
     def under_load(self, now: float) -> bool:
-        return self.guard is not None and self.guard.under_load(now)
+        return any(lst.side.under_load(now) for lst in self.listeners.values())
 
-    def on_udp(self, now: float) -> None:
-        groups: dict[tuple[int, bytes], tuple[list[bytes], list[int]]] = {}
-        handshakes: dict[bytes, list[bytes]] = defaultdict(list)
-        assert self.sock is not None  # on_udp runs once attached
-        recv = self.sock.recvfrom
-        counters = self.counters
-        unpack = _RX_HEAD.unpack_from
-        # the group of the last transport datagram: the next from the same source
-        # address to the same receiver index joins it without another look-up
-        last_receiver, last_sa = -1, None
-        last_pkts: list[bytes] = []
-        last_ctrs: list[int] = []
-        received = 0
-        guard = self.guard
-        if guard is not None:
-            guard.refresh(now)  # the host-wide under-load state, once per batch
+    def on_udp(self, lst: Listener, now: float) -> None:
+        recv = lst.sock.recvfrom
+        datagrams: list[bytes] = []
+        sources: list[Any] = []
         for _ in range(BATCH):
             try:
                 data, sa = recv(MAX_DATAGRAM)
             except BlockingIOError:
                 break
             except OSError:
-                counters["udp_errors"] += 1
+                self.counters["udp_errors"] += 1
                 break
-            received += 1
-            n = len(data)
-            if n >= TRANSPORT_MIN_SIZE:
-                head, receiver, counter = unpack(data, 0)
-                if head == MSG_TRANSPORT and receiver == last_receiver and sa == last_sa:
-                    last_pkts.append(data)  # type 4 with zero reserved bytes (whitepaper 5.4.6)
-                    last_ctrs.append(counter)
-                    continue
-            if n < 4 or data[1:4] != b"\x00\x00\x00":
-                if n == SAMPLE_MALFORMED and self.filter_on:  # one in SAMPLE the filter dropped
-                    counters["drop_kernel_malformed"] += SAMPLE
-                elif n == SAMPLE_UNKNOWN_INDEX and self.filter_on:
-                    counters["drop_kernel_unknown_index"] += SAMPLE
-                else:
-                    self.drop("short" if n < 4 else "bad_type")
+            datagrams.append(data)
+            sources.append(sa)
+        if not datagrams:
+            return
+        self.counters["udp_in"] += len(datagrams)
+        side = lst.side
+        split = side.split(datagrams, sources, lst.filter_on)  # 1.
+        counters = self.counters
+        for reason, n in split.drops.items():
+            counters["drop_" + reason] += n
+        by_key, sessions, table = lst.by_key, self.sessions, self.table
+        limit, window = lst.protocol.counters.limit, lst.protocol.counters.window
+        for (key, sa), (pkts, ctrs) in split.groups.items():  # 2.
+            sid = by_key.get(key)
+            if sid is None:
+                counters["drop_unknown_index"] += len(pkts)
                 continue
-            kind = data[0]
-            if kind == MSG_TRANSPORT:
-                if n < TRANSPORT_MIN_SIZE:
-                    self.drop("short")
-                    continue
-                sid = self.by_index.get(receiver)
-                if sid is None:
-                    self.drop("unknown_index")
-                    continue
-                s = self.sessions[sid]
-                if now - s.created > REJECT_AFTER_TIME:  # whitepaper 6.1
-                    self.drop("expired")
-                    continue
-                key = (sid, self._addr(sa))
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = ([], [])
-                group[0].append(data)
-                group[1].append(counter)
-                last_receiver, last_sa = receiver, sa
-                last_pkts, last_ctrs = group
-            elif kind in _HS_SIZES:
-                if n != _HS_SIZES[kind]:
-                    self.drop("bad_size")
-                    continue
-                if kind == MSG_COOKIE_REPLY or guard is None:
-                    self.drop("unexpected_cookie" if guard else "not_ready")
-                    continue
-                addr = self._addr(sa)
-                verdict = guard.check(data, addr, now)  # fabric/protocols/wireguard/guard.py, whitepaper 5.4.7
-                if verdict is PASS:
-                    handshakes[addr].append(data)
-                elif verdict is COOKIE:
-                    self._send_cookie(data, addr, sa, now)
-                else:
-                    self.drop(verdict)
-            else:
-                self.drop("bad_type")
-        counters["udp_in"] += received
-        for (sid, addr), (pkts, ctrs) in groups.items():
+            s = sessions[sid]
+            if now > s.expires:  # WireGuard: REJECT_AFTER_TIME (whitepaper 6.1)
+                counters["drop_expired"] += len(pkts)
+                continue
             # a cheap filter before the AEAD: counters the shared window surely saw
             # (the window itself is updated after the tag verified: commit_rx)
-            old = self.table.seen_many(self.sessions[sid].slot, sid, ctrs)
+            old = table.seen_many(s.slot, sid, ctrs, limit, window)
             if any(old):
                 pkts = [p for p, replayed in zip(pkts, old, strict=True) if not replayed]
-                self.drop("replay", len(ctrs) - len(pkts))
+                counters["drop_replay"] += len(ctrs) - len(pkts)
                 if not pkts:
                     continue
-            self._crypt(Frame(frames.DECRYPT, self.id, sid, 0, addr, pkts), now)
-        for addr, pkts in handshakes.items():
-            self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts))
-
-    def _send_cookie(self, data: bytes, addr: bytes, sa: Any, now: float) -> None:
-        assert self.cookies is not None and self.sock is not None
-        reply = self.cookies.create_reply(data, addr, now)
-        try:
-            self.sock.sendto(reply, sa)
-            self.counters["cookie_replies"] += 1
-        except OSError:
-            self.drop("udp_send")
+            self._crypt(Frame(frames.DECRYPT, self.id, sid, 0, self._addr(sa), pkts), now)  # 3.
+        if split.control:
+            side.begin(now)
+            forward: dict[bytes, list[bytes]] = defaultdict(list)
+            for data, sa in split.control:
+                addr = self._addr(sa)
+                verdict = side.control(data, addr, now)
+                if verdict is FORWARD:
+                    forward[addr].append(data)
+                elif isinstance(verdict, Reply):
+                    try:
+                        lst.sock.sendto(verdict.datagram, sa)
+                        counters[verdict.event] += 1
+                    except OSError:
+                        self.drop("udp_send")
+                else:
+                    counters["drop_" + verdict] += 1
+            for addr, pkts in forward.items():
+                self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts, proto=lst.protocol.number))
 
     def _crypt(self, frame: Frame, now: float) -> None:
         """Run a DECRYPT/ENCRYPT frame here (inline) or push it to a worker, as the
-        placement says (fabric/dataplane/engine.py); inline also when no worker takes it."""
+        placement says (fabric/dataplane/placement.py); inline also when no worker takes it."""
         here = frame.session_id in self.engine.sessions  # the keys came with the session
         if not here or not self.placement.inline:
             if self._push(frame, fallback=here) or not here:
@@ -522,27 +488,29 @@ class Edge:
     # --- send path ------------------------------------------------------------------
 
     def sending_session(self, pub: bytes, now: float, sending: bool = True) -> EdgeSession | None:
-        """The newest confirmed, unexpired session of a peer (whitepaper 5.4.5, 6.1).
-
-        When `sending` and we initiated that session, start a new handshake once
-        it is REKEY_AFTER_TIME old (whitepaper 6.2: upon sending, not on a timer).
-        """
+        """The newest confirmed, unexpired session of a peer (WireGuard: whitepaper
+        5.4.5, 6.1). When `sending`, the protocol may ask for a new handshake
+        (WireGuard 6.2: the initiator, REKEY_AFTER_TIME after the session began)."""
         peer = self.peers.get(pub)
         if peer is None:
             return None
         for sid in peer.sessions:
             s = self.sessions[sid]
-            if now - s.created >= REJECT_AFTER_TIME:
+            if now > s.expires:
                 continue
             if self.table.read(s.slot).confirmed:
-                if sending and s.initiator and now - s.created >= REKEY_AFTER_TIME:
+                if sending and s.listener.side.rekey_on_send(s.record, now):
                     self.request_handshake(peer, now)
                 return s
         return None
 
     def request_handshake(self, peer: EdgePeer, now: float) -> bool:
-        """Ask a worker to initiate a handshake to `peer` (at most once per REKEY_TIMEOUT)."""
-        if now - peer.last_initiation < REKEY_TIMEOUT:
+        """Ask a worker to initiate a handshake to `peer` (at most once per the
+        protocol's retry interval); False if there is nowhere to send it."""
+        lst = self.listeners.get(peer.record.protocol)
+        if lst is None:
+            return False
+        if now - peer.last_initiation < lst.side.handshake_retry:
             return True
         endpoint = peer.endpoint
         for sid in peer.sessions:
@@ -555,7 +523,7 @@ class Edge:
         peer.last_initiation = now
         self.counters["initiations"] += 1
         extra = msgpack.packb({"peer": peer.public}, use_bin_type=True)
-        self._push(Frame(frames.INITIATE, self.id, 0, 0, endpoint, [], extra=extra))
+        self._push(Frame(frames.INITIATE, self.id, 0, 0, endpoint, [], extra=extra, proto=lst.protocol.number))
         return True
 
     def on_tun(self, now: float) -> None:
@@ -598,7 +566,9 @@ class Edge:
             s = chosen[pub]
             if s is None:
                 peer = self.peers[pub]
-                if self.request_handshake(peer, now) and len(peer.staged) < STAGED_MAX:
+                lst = self.listeners.get(peer.record.protocol)
+                staged_max = lst.side.staged_max if lst is not None else 0
+                if self.request_handshake(peer, now) and len(peer.staged) < staged_max:
                     peer.staged.append(pkt)
                     self.counters["staged"] += 1
                 else:
@@ -612,7 +582,7 @@ class Edge:
             self._encrypt(self.sessions[sid], pkts, now)
 
     def _encrypt(self, s: EdgeSession, pkts: list[bytes], now: float) -> None:
-        got = self.table.reserve(s.slot, s.sid, len(pkts), now)
+        got = self.table.reserve(s.slot, s.sid, len(pkts), now, limit=s.listener.protocol.counters.limit)
         if got is None:
             self.drop("stale_session", len(pkts))
             return
@@ -623,22 +593,27 @@ class Edge:
         self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, first, endpoint, pkts), now)
 
     def keepalives(self, now: float) -> None:
-        """Once a second: passive and persistent keepalives (whitepaper 6.5), and a new
-        handshake when data we sent got no answer for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
-        (whitepaper 6.4: the peer may have lost the session, e.g. it restarted)."""
+        """Once a second, per peer with a sending session, as its protocol says
+        (WireGuard: passive and persistent keepalives, whitepaper 6.5, and a new
+        handshake when data we sent got no answer for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+        6.4: the peer may have lost the session, e.g. it restarted)."""
         for peer in self.peers.values():
             s = self.sending_session(peer.public, now, sending=False)
             if s is None:
                 continue
-            if self.table.unanswered(s.slot, s.sid, now, KEEPALIVE_TIMEOUT + REKEY_TIMEOUT):
+            side = s.listener.side
+            after = side.unanswered_after
+            if after is not None and self.table.unanswered(s.slot, s.sid, now, after):
                 self.request_handshake(peer, now)
-            due = self.table.keepalive_due(s.slot, s.sid, now, KEEPALIVE_TIMEOUT, peer.keepalive)
+            policy = side.keepalive(peer.record)
+            due = self.table.keepalive_due(s.slot, s.sid, now, policy.passive, policy.persistent,
+                                           limit=s.listener.protocol.counters.limit)
             if due is not None:
                 counter, endpoint = due
-                if s.initiator and now - s.created >= REKEY_AFTER_TIME:  # a keepalive is a send
+                if side.rekey_on_send(s.record, now):  # a keepalive is a send
                     self.request_handshake(peer, now)
                 self.counters["keepalives"] += 1
-                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [b""]), now)
+                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, counter, endpoint, [policy.payload]), now)
 
     # --- results -----------------------------------------------------------------------
 
@@ -683,7 +658,8 @@ class Edge:
         if s is None:
             self.drop("unknown_session", len(frame.packets))
             return
-        accepted = self.table.commit_rx(s.slot, s.sid, frame.counters, frame.addr, now)
+        space = s.listener.protocol.counters
+        accepted = self.table.commit_rx(s.slot, s.sid, frame.counters, frame.addr, now, space.limit, space.window)
         if accepted is None:
             self.drop("stale_session", len(frame.counters))
             return
@@ -721,38 +697,52 @@ class Edge:
             peer.stats[2] += n_ok
         self.session_packets[s.sid] += n_ok
 
+    def _listener_of(self, frame: Frame) -> Listener | None:
+        s = self.sessions.get(frame.session_id)
+        if s is not None:
+            return s.listener
+        for lst in self.listeners.values():
+            if lst.protocol.number == frame.proto:
+                return lst
+        return None
+
     def _udp_send(self, frame: Frame) -> None:
-        sa = self._sockaddr(frame.addr)
-        if sa is None or self.sock is None:
-            self.drop("no_route_v6" if self.sock else "not_attached", len(frame.packets))
+        lst = self._listener_of(frame)
+        if lst is None or lst.sock is None:
+            self.drop("not_attached", len(frame.packets))
+            return
+        sa = self._sockaddr(lst.v6, frame.addr)
+        if sa is None:
+            self.drop("no_route_v6", len(frame.packets))
             return
         s = self.sessions.get(frame.session_id)
         peer = self.peers.get(s.peer) if s else None
         pkts = frame.packets
         sizes = [len(d) for d in pkts]
         sent = sent_bytes = 0
-        if self.gso and len(pkts) > 1:
-            sendmsg = self.sock.sendmsg
-            for i, j in gso_runs(sizes):
+        sock = lst.sock
+        if lst.gso and len(pkts) > 1:
+            sendmsg = sock.sendmsg
+            for i, j in udp.gso_runs(sizes):
                 try:
                     if j - i == 1:
-                        self.sock.sendto(pkts[i], sa)
+                        sock.sendto(pkts[i], sa)
                     else:
-                        seg = [(17, UDP_SEGMENT, struct.pack("=H", sizes[i]))]  # SOL_UDP
+                        seg = [(17, udp.UDP_SEGMENT, struct.pack("=H", sizes[i]))]  # SOL_UDP
                         sendmsg([b"".join(pkts[i:j])], seg, 0, sa)
                         self.counters["gso_sends"] += 1
                 except OSError as exc:
                     if exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP) and j - i > 1:
-                        self.gso = False  # the kernel or device refuses: plain sends from now on
+                        lst.gso = False  # the kernel or device refuses: plain sends from now on
                         log.warning("UDP GSO unavailable, sending datagrams one by one", error=str(exc))
-                        sent, sent_bytes = self._send_each(pkts[i:], sa, sent, sent_bytes)
+                        sent, sent_bytes = self._send_each(sock, pkts[i:], sa, sent, sent_bytes)
                         break
                     self.drop("udp_send", j - i)
                     continue
                 sent += j - i
                 sent_bytes += sum(sizes[i:j])
         else:
-            sent, sent_bytes = self._send_each(pkts, sa, 0, 0)
+            sent, sent_bytes = self._send_each(sock, pkts, sa, 0, 0)
         if peer is not None:
             peer.stats[1] += sent_bytes
             peer.stats[3] += sent
@@ -760,9 +750,8 @@ class Edge:
         if s is not None:
             self.session_packets[s.sid] += sent
 
-    def _send_each(self, pkts: Any, sa: Any, sent: int, sent_bytes: int) -> tuple[int, int]:
-        assert self.sock is not None
-        sendto = self.sock.sendto
+    def _send_each(self, sock: Any, pkts: Any, sa: Any, sent: int, sent_bytes: int) -> tuple[int, int]:
+        sendto = sock.sendto
         for d in pkts:
             try:
                 sendto(d, sa)
@@ -775,26 +764,63 @@ class Edge:
 
     def _handshake_out(self, frame: Frame) -> None:
         try:
-            session = msgpack.unpackb(frame.extra or b"", raw=False, strict_map_key=False)
-            if not isinstance(session, dict):
-                raise ValueError("not a map")
-            session["endpoint"] = frame.addr
-            self.install_session(session)
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            record = SessionRecord.from_wire(msgpack.unpackb(frame.extra or b"", raw=False,
+                                                            strict_map_key=False))
+        except (RecordError, ValueError, msgpack.UnpackException):
             self.drop("bad_frame")
             return
-        self.sync_filter()  # the client's first transport datagram follows the response
+        from dataclasses import replace
+
+        record = replace(record, endpoint=frame.addr)
+        self.install_session(record)
+        s = self.sessions.get(record.id)
+        if s is not None:
+            self.sync_filter(s.listener)  # the client's first data datagram follows the response
         if frame.packets:
             self._udp_send(frame)
             self.counters["handshake_responses"] += 1
-        s = self.sessions.get(frame.session_id)
-        if s is not None and s.initiator:
-            # the responder may not send until it hears from us: confirm at once
-            got = self.table.reserve(s.slot, s.sid, 1, time.time(), data=False)
+        if s is None:
+            return
+        payload = s.listener.side.confirm_payload(s.record)
+        if payload is not None:
+            # the peer may not send until it hears from us: confirm at once
+            got = self.table.reserve(s.slot, s.sid, 1, time.time(), data=False,
+                                     limit=s.listener.protocol.counters.limit)
             if got is not None and got[1] != NO_ADDR:
-                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, got[0], got[1], [b""]), time.time())
+                self._crypt(Frame(frames.ENCRYPT, self.id, s.sid, got[0], got[1], [payload]), time.time())
+
+    # --- the socket filter ----------------------------------------------------------------
+
+    def sync_filter(self, lst: Listener) -> None:
+        """Rebuild and swap in a socket's filter if its sessions or its protocol's
+        state (bans) changed."""
+        if not lst.filter_on or not (lst.filter_dirty or lst.side.filter_dirty):
+            return
+        try:
+            program = lst.side.filter_program(lst.by_key.keys())
+            if program is None:
+                sockfilter.detach(lst.sock)
+            else:
+                sockfilter.attach(lst.sock, program)
+        except (OSError, sockfilter.FilterError) as exc:
+            lst.filter_on = False
+            sockfilter.detach(lst.sock)
+            log.warning("socket filter unavailable: every datagram reaches the edge",
+                        protocol=lst.protocol.name, error=str(exc))
+            return
+        lst.filter_dirty = False
+        lst.side.filter_built()
+        self.counters["filter_updates"] += 1
 
     # --- loop -----------------------------------------------------------------------------
+
+    def gauges(self, now: float) -> dict[str, int]:
+        """The protocols' own gauges, summed (e.g. under_load, banned_sources)."""
+        out: dict[str, int] = {}
+        for lst in self.listeners.values():
+            for k, v in lst.side.gauges(now).items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     def report(self, now: float) -> None:
         loaded = self.under_load(now)
@@ -804,11 +830,14 @@ class Edge:
                 log.warning("under load: handshakes need a cookie (mac2)", edge=self.id)
             else:
                 log.info("no longer under load", edge=self.id)
-        if self.sock is not None:
-            # what the kernel dropped for the socket: the filter's drops and a full buffer's
-            drops = sockfilter.socket_drops(self.sock)
-            if drops is not None:
-                self.counters["udp_socket_drops"] = drops
+        drops_total = 0
+        for lst in self.listeners.values():
+            if lst.sock is not None:
+                # what the kernel dropped for the socket: the filter's drops and a full buffer's
+                drops = sockfilter.socket_drops(lst.sock) if isinstance(lst.sock, socket.socket) else None
+                drops_total += drops or 0
+        if self.attached:
+            self.counters["udp_socket_drops"] = drops_total
         sessions = {}
         for sid, s in self.sessions.items():
             view = self.table.read(s.slot)
@@ -834,35 +863,18 @@ class Edge:
         except zmq.Again:
             pass
 
-    def sync_filter(self) -> None:
-        """Rebuild and swap in the socket filter if the sessions or the bans changed."""
-        guard = self.guard
-        if not self.filter_on or not (self.filter_dirty or (guard is not None and guard.dirty)):
-            return
-        assert self.sock is not None
-        indexes = list(self.by_index) if len(self.by_index) <= MAX_FILTER_INDEXES else None
-        banned = list(guard.banned) if guard is not None else []
-        try:
-            sockfilter.attach(self.sock, filter_program(indexes, banned))
-        except (OSError, sockfilter.FilterError) as exc:
-            self.filter_on = False
-            sockfilter.detach(self.sock)
-            log.warning("socket filter unavailable: every datagram reaches the edge", error=str(exc))
-            return
-        self.filter_dirty = False
-        if guard is not None:
-            guard.dirty = False
-        self.counters["filter_updates"] += 1
-
     def attach(self) -> None:
-        """Join the UDP port and the TUN device (see __init__)."""
-        self.sock = open_udp(self.listen, self.port, self.reuseport)
-        self.filter_on = self.filter_wanted
-        self.filter_dirty = True
-        self.sync_filter()
-        self.v6 = self.sock.family == socket.AF_INET6
-        self.gso = os.environ.get("FABRIC_NO_GSO") != "1"
-        self.tun_fd = tun.open_queue(self.tun_name)
+        """Join the UDP ports and the TUN device (see __init__)."""
+        gso = os.environ.get("FABRIC_NO_GSO") != "1"
+        for lst in self.listeners.values():
+            lst.sock = self.io.open_udp(self.listen, lst.port, self.reuseport)
+            lst.v6 = lst.sock.family == socket.AF_INET6
+            lst.gso = gso and isinstance(lst.sock, socket.socket)
+            lst.filter_on = self.filter_wanted and isinstance(lst.sock, socket.socket)
+            lst.filter_dirty = True
+            self.sync_filter(lst)
+        self.tun_fd = self.io.open_tun_queue(self.tun_name)
+        self.attached = True
 
     def serve(self, stop: list[bool]) -> None:
         now = time.time()
@@ -871,7 +883,7 @@ class Edge:
         poller = zpoll.Poller()  # one system call per pass (zmq.Poller: six)
         poller.register(self.result, zmq.POLLIN)
         next_tick = now + 1.0
-        udp_fd = -1
+        by_fd: dict[int, Listener] = {}
         clock = time.perf_counter
         placement = self.placement
         while not stop[0]:
@@ -880,34 +892,36 @@ class Edge:
             t0 = clock()
             now = time.time()
             self.clone.handle_ready(ready, now)
-            if self.sock is None and self.clone.synced:
+            if not self.attached and self.clone.synced:
                 self.attach()
-                assert self.sock is not None
-                udp_fd = self.sock.fileno()
-                poller.register(udp_fd, zmq.POLLIN)
+                for lst in self.listeners.values():
+                    by_fd[lst.fileno()] = lst
+                    poller.register(lst.fileno(), zmq.POLLIN)
                 poller.register(self.tun_fd, zmq.POLLIN)
             if self.result in ready:
                 self.on_result(now)
             elif self.order.waiting:
                 self._release(now)  # a result may be lost: time it out
             tun_ready = self.tun_fd in ready
-            if udp_fd in ready:
-                wrote = self.counters["tun_out"]
-                self.on_udp(now)
-                # what we wrote to the TUN is often answered at once (an echo reply, a TCP
-                # ACK the kernel sent while we wrote): read it now, without another poll
-                tun_ready = tun_ready or self.counters["tun_out"] != wrote
+            for fd, lst in by_fd.items():
+                if fd in ready:
+                    wrote = self.counters["tun_out"]
+                    self.on_udp(lst, now)
+                    # what we wrote to the TUN is often answered at once (an echo reply, a TCP
+                    # ACK the kernel sent while we wrote): read it now, without another poll
+                    tun_ready = tun_ready or self.counters["tun_out"] != wrote
             if tun_ready:
                 self.on_tun(now)
-            if self.filter_dirty or (self.guard is not None and self.guard.dirty):
-                self.sync_filter()
+            for lst in by_fd.values():
+                if lst.filter_dirty or lst.side.filter_dirty:
+                    self.sync_filter(lst)
             if now >= next_tick:
-                if self.guard is not None:
-                    self.guard.expire(now)
+                for lst in self.listeners.values():
+                    lst.side.tick(now)
                 self.clone.tick(now)
                 if self.auth is not None:
                     self.auth.tick(now)
-                if self.sock is not None:
+                if self.attached:
                     self.keepalives(now)
                 self.report(now)
                 next_tick = now + 1.0
@@ -919,8 +933,10 @@ class Edge:
         self.clone.close()
         for s in (self.work, self.result, self.stats):
             s.close(0)
-        if self.sock is not None:
-            self.sock.close()
+        for lst in self.listeners.values():
+            if lst.sock is not None:
+                lst.sock.close()
+        if self.tun_fd >= 0:
             os.close(self.tun_fd)
         self.table.close()
 
@@ -954,3 +970,4 @@ def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: 
         edge.ctx.destroy(0)
         os.close(lock)
     return 0
+

@@ -52,11 +52,15 @@ class PrefixTable(Generic[T]):
         self._cache.clear()
 
     def add(self, network: str, value: T) -> None:
+        """Route `network` to `value`; a network routed elsewhere moves (cryptokey routing:
+        an allowed IP belongs to one peer, whitepaper 2)."""
         net = ipaddress.ip_network(network, strict=False)
         bits = net.max_prefixlen
         mask = ((1 << bits) - 1) ^ ((1 << (bits - net.prefixlen)) - 1)
-        lst = self._entries[net.version]
-        lst.append((net.prefixlen, int(net.network_address) & mask, value))
+        key = (net.prefixlen, int(net.network_address) & mask)
+        lst = [e for e in self._entries[net.version] if (e[0], e[1]) != key]
+        self._entries[net.version] = lst
+        lst.append((*key, value))
         lst.sort(key=lambda e: -e[0])
         self._cache.clear()
 

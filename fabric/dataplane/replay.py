@@ -1,7 +1,11 @@
-"""RFC 6479 anti-replay window over a caller-supplied buffer.
+"""RFC 6479 anti-replay window over a caller-supplied buffer, protocol-neutral.
 
 The same algorithm as wireguard-go `replay/replay.go`: a ring of 128 blocks of
-64 bits, so 8128 counters behind the newest are still accepted. The state lives
+64 bits, so up to 8128 counters behind the newest are still accepted. As there,
+the caller gives the limit (`ValidateCounter(counter, limit)`): a counter at or
+above it is refused (WireGuard: REJECT_AFTER_MESSAGES; OpenVPN: 2^32, its packet
+ids never wrap); `window` may narrow how far behind the newest a counter may be
+(OpenVPN's backtrack). The state lives
 in any writable buffer (a bytearray for one process, an mmap'd slot of the
 host-shared session table for many), laid out as:
 
@@ -17,17 +21,13 @@ import mmap
 import struct
 from collections.abc import Iterable
 
-from fabric.protocols.wireguard.constants import (
-    REJECT_AFTER_MESSAGES,
-    REPLAY_BLOCK_BITS,
-    REPLAY_WINDOW_BITS,
-)
-
+BLOCK_BITS = 64
 BLOCK_BIT_LOG = 6
-RING_BLOCKS = REPLAY_WINDOW_BITS // REPLAY_BLOCK_BITS  # 128
+RING_BLOCKS = 128  # 8192 bits
 BLOCK_MASK = RING_BLOCKS - 1
-BIT_MASK = REPLAY_BLOCK_BITS - 1
-WINDOW_SIZE = (RING_BLOCKS - 1) * REPLAY_BLOCK_BITS  # 8128
+BIT_MASK = BLOCK_BITS - 1
+WINDOW_SIZE = (RING_BLOCKS - 1) * BLOCK_BITS  # 8128: one block is always being recycled
+NO_LIMIT = 2**64
 STATE_SIZE = 8 + RING_BLOCKS * 8
 
 _U64 = struct.Struct("<Q")
@@ -39,29 +39,29 @@ def reset(buf: Buffer, off: int = 0) -> None:
     buf[off : off + STATE_SIZE] = bytes(STATE_SIZE)
 
 
-def seen(buf: Buffer, off: int, counter: int) -> bool:
+def seen(buf: Buffer, off: int, counter: int, limit: int = NO_LIMIT, window: int = WINDOW_SIZE) -> bool:
     """True if `counter` would be refused now (already seen, too old, or over the limit).
 
     Changes nothing: used as a cheap filter before the AEAD tag is checked.
     """
-    if counter >= REJECT_AFTER_MESSAGES:
+    if counter >= limit:
         return True
     (last,) = _U64.unpack_from(buf, off)
     if counter > last:
         return False
-    if last - counter > WINDOW_SIZE:
+    if last - counter > window:
         return True
     block = (counter >> BLOCK_BIT_LOG) & BLOCK_MASK
     (bits,) = _U64.unpack_from(buf, off + 8 + block * 8)
     return bool(bits >> (counter & BIT_MASK) & 1)
 
 
-def accept(buf: Buffer, off: int, counter: int) -> bool:
+def accept(buf: Buffer, off: int, counter: int, limit: int = NO_LIMIT, window: int = WINDOW_SIZE) -> bool:
     """Record `counter`; False if it is a replay or outside the window.
 
     Call only after the packet's AEAD tag verified (wireguard-go device/receive.go).
     """
-    if counter >= REJECT_AFTER_MESSAGES:
+    if counter >= limit:
         return False
     (last,) = _U64.unpack_from(buf, off)
     index_block = counter >> BLOCK_BIT_LOG
@@ -72,7 +72,7 @@ def accept(buf: Buffer, off: int, counter: int) -> bool:
         for i in range(current + 1, current + diff + 1):
             _U64.pack_into(buf, ring + (i & BLOCK_MASK) * 8, 0)
         _U64.pack_into(buf, off, counter)
-    elif last - counter > WINDOW_SIZE:
+    elif last - counter > window:
         return False
     pos = off + 8 + (index_block & BLOCK_MASK) * 8
     (old,) = _U64.unpack_from(buf, pos)
@@ -83,7 +83,8 @@ def accept(buf: Buffer, off: int, counter: int) -> bool:
     return True
 
 
-def seen_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
+def seen_many(buf: Buffer, off: int, counters: Iterable[int], limit: int = NO_LIMIT,
+              window: int = WINDOW_SIZE) -> list[bool]:
     """seen() of each counter against the window as it is now (changes nothing):
     `last` is read once and a block only when the counter moves to another one."""
     out: list[bool] = []
@@ -93,11 +94,11 @@ def seen_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
     cached = -1
     bits = 0
     for counter in counters:
-        if counter >= REJECT_AFTER_MESSAGES:
+        if counter >= limit:
             append(True)
         elif counter > last:
             append(False)
-        elif last - counter > WINDOW_SIZE:
+        elif last - counter > window:
             append(True)
         else:
             pos = (counter >> BLOCK_BIT_LOG) & BLOCK_MASK
@@ -108,7 +109,8 @@ def seen_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
     return out
 
 
-def accept_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
+def accept_many(buf: Buffer, off: int, counters: Iterable[int], limit: int = NO_LIMIT,
+                window: int = WINDOW_SIZE) -> list[bool]:
     """accept() of each counter in turn, in one pass: `last` and the block being
     filled stay in locals and are written back once (a batch of one session's
     datagrams mostly falls in one or two 64-bit blocks). Same results and the same
@@ -120,7 +122,7 @@ def accept_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
     cached = -1  # ring index of the block held in `bits`, -1: none
     bits = 0
     for counter in counters:
-        if counter >= REJECT_AFTER_MESSAGES:
+        if counter >= limit:
             append(False)
             continue
         index_block = counter >> BLOCK_BIT_LOG
@@ -134,7 +136,7 @@ def accept_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
                 for i in range(current + 1, current + diff + 1):
                     _U64.pack_into(buf, ring + (i & BLOCK_MASK) * 8, 0)
             last = counter
-        elif last - counter > WINDOW_SIZE:
+        elif last - counter > window:
             append(False)
             continue
         pos = index_block & BLOCK_MASK
@@ -158,16 +160,17 @@ def accept_many(buf: Buffer, off: int, counters: Iterable[int]) -> list[bool]:
 class ReplayWindow:
     """A replay window owning its own buffer (one process, one session)."""
 
-    __slots__ = ("buf",)
+    __slots__ = ("buf", "limit", "window")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = NO_LIMIT, window: int = WINDOW_SIZE) -> None:
         self.buf = bytearray(STATE_SIZE)
+        self.limit, self.window = limit, window
 
     def accept(self, counter: int) -> bool:
-        return accept(self.buf, 0, counter)
+        return accept(self.buf, 0, counter, self.limit, self.window)
 
     def seen(self, counter: int) -> bool:
-        return seen(self.buf, 0, counter)
+        return seen(self.buf, 0, counter, self.limit, self.window)
 
     def reset(self) -> None:
         reset(self.buf, 0)

@@ -43,9 +43,9 @@ from pathlib import Path
 
 from fabric.control.frames import ADDR_SIZE, NO_ADDR
 from fabric.dataplane import replay
-from fabric.protocols.wireguard.constants import REJECT_AFTER_MESSAGES
 
 SLOT_SIZE = 1152
+U64_LIMIT = 2**64 - 1  # what a slot can count to; a protocol's limit is lower (CounterSpace.limit)
 DEFAULT_SLOTS = 4096
 CONFIRMED = 1
 
@@ -165,12 +165,12 @@ class SessionTable:
             return True
 
     def reserve(
-        self, slot: int, session_id: int, n: int, now: float, data: bool = True
+        self, slot: int, session_id: int, n: int, now: float, data: bool = True, limit: int = U64_LIMIT
     ) -> tuple[int, bytes] | None:
         """Reserve n consecutive send counters; (first counter, endpoint) or None.
 
         None if the slot no longer belongs to the session or the counters would
-        reach REJECT_AFTER_MESSAGES (whitepaper 6.1).
+        reach `limit`, the protocol's (WireGuard: REJECT_AFTER_MESSAGES, whitepaper 6.1).
         """
         # the lock taken inline, not with locked(): this runs once per batch on the data
         # path, and a generator context manager costs more than the rest of it
@@ -181,7 +181,7 @@ class SessionTable:
             if not self._matches(off, session_id):
                 return None
             (first,) = _COUNTER.unpack_from(mm, off + OFF_COUNTER)
-            if first + n > REJECT_AFTER_MESSAGES:
+            if first + n > limit:
                 return None
             _COUNTER.pack_into(mm, off + OFF_COUNTER, first + n)
             _TIME.pack_into(mm, off + OFF_LAST_TX, now)
@@ -192,7 +192,8 @@ class SessionTable:
             lockf(self.fd, LOCK_UN, 1, slot)
 
     def commit_rx(
-        self, slot: int, session_id: int, counters: Iterable[int], source: bytes, now: float
+        self, slot: int, session_id: int, counters: Iterable[int], source: bytes, now: float,
+        limit: int = U64_LIMIT, window: int = replay.WINDOW_SIZE,
     ) -> list[bool] | None:
         """Record authenticated counters in the window; per counter, True if it is new.
 
@@ -206,7 +207,7 @@ class SessionTable:
         try:
             if not self._matches(off, session_id):
                 return None
-            accepted = replay.accept_many(mm, off + OFF_REPLAY, counters)
+            accepted = replay.accept_many(mm, off + OFF_REPLAY, counters, limit, window)
             if True in accepted:
                 (flags,) = _FLAGS.unpack_from(mm, off + OFF_FLAGS)
                 _FLAGS.pack_into(mm, off + OFF_FLAGS, flags | CONFIRMED)
@@ -218,11 +219,12 @@ class SessionTable:
         finally:
             lockf(self.fd, LOCK_UN, 1, slot)
 
-    def seen(self, slot: int, session_id: int, counter: int) -> bool:
+    def seen(self, slot: int, session_id: int, counter: int, limit: int = U64_LIMIT) -> bool:
         """`seen_many` of one counter."""
-        return self.seen_many(slot, session_id, [counter])[0]
+        return self.seen_many(slot, session_id, [counter], limit)[0]
 
-    def seen_many(self, slot: int, session_id: int, counters: list[int]) -> list[bool]:
+    def seen_many(self, slot: int, session_id: int, counters: list[int], limit: int = U64_LIMIT,
+                  window: int = replay.WINDOW_SIZE) -> list[bool]:
         """Lock-free pre-filter: per counter, True if it is surely a replay (one read
         of the window for a batch).
 
@@ -231,14 +233,15 @@ class SessionTable:
         off = self._off(slot)
         if not self._matches(off, session_id):
             return [False] * len(counters)
-        return replay.seen_many(self.mm, off + OFF_REPLAY, counters)
+        return replay.seen_many(self.mm, off + OFF_REPLAY, counters, limit, window)
 
     def keepalive_due(
-        self, slot: int, session_id: int, now: float, passive: float, persistent: float
+        self, slot: int, session_id: int, now: float, passive: float, persistent: float,
+        limit: int = U64_LIMIT,
     ) -> tuple[int, bytes] | None:
         """Reserve one counter for a keepalive if one is due (whitepaper 6.5).
 
-        Passive: we received since we last sent, and `passive` seconds passed since.
+        Passive: we received since we last sent, and `passive` > 0 seconds passed since.
         Persistent: `persistent` > 0 seconds passed since we last sent anything.
         The check and the reservation share the lock, so only one edge sends it.
         """
@@ -248,8 +251,9 @@ class SessionTable:
             _, counter, flags, rx, tx, endpoint = _HEAD.unpack_from(self.mm, off)
             if endpoint == NO_ADDR or not flags & CONFIRMED:
                 return None
-            due = (rx > tx and now - rx >= passive) or (persistent > 0 and now - tx >= persistent)
-            if not due or counter + 1 > REJECT_AFTER_MESSAGES:
+            due = ((passive > 0 and rx > tx and now - rx >= passive)
+                   or (persistent > 0 and now - tx >= persistent))
+            if not due or counter + 1 > limit:
                 return None
             _COUNTER.pack_into(self.mm, off + OFF_COUNTER, counter + 1)
             _TIME.pack_into(self.mm, off + OFF_LAST_TX, now)

@@ -57,7 +57,7 @@ class ServerConfig:
     tun: str = DEFAULT_TUN
     edges: int = field(default_factory=lambda: os.cpu_count() or 1)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    crypto: str = "auto"  # fabric/dataplane/engine.py CRYPTO_MODES
+    crypto: str = "auto"  # fabric/dataplane/placement.py CRYPTO_MODES
     state_dir: str | None = None
     endpoint: str | None = None
     metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/ops/metrics.py)
@@ -183,7 +183,7 @@ def parse(data: dict[str, Any]) -> Config:
     if "workers" in srv:
         s.workers = _int(srv["workers"], "server.workers", 1, 256)
     if "crypto" in srv:
-        from fabric.protocols.wireguard.constants import CRYPTO_MODES
+        from fabric.dataplane.placement import CRYPTO_MODES
 
         if srv["crypto"] not in CRYPTO_MODES:
             raise ConfigError(f"server.crypto: {srv['crypto']!r} is not a placement; use one of "

@@ -278,12 +278,11 @@ def edge_gauges(edge: Any) -> dict[str, int]:
         "sessions": len(edge.sessions), "peers": len(edge.peers),
         "queue_reorder_inflight": len(edge.order.inflight), "queue_reorder_held": len(edge.order.held),
         "queue_staged": staged,
-        # 1 while the edge hands the AEAD to workers (fabric/dataplane/engine.py CryptoPlacement)
+        # 1 while the edge hands the AEAD to workers (fabric/dataplane/placement.py CryptoPlacement)
         "crypto_in_workers": int(edge.placement.offloading), "busy_percent": round(edge.placement.busy * 100),
-        # 1 while the host is under load: handshakes need a cookie in mac2 (fabric/protocols/wireguard/guard.py)
-        "under_load": int(_copy(lambda: edge.under_load(time.time()))),
-        # sources whose handshakes the socket filter drops (fabric/protocols/wireguard/guard.py)
-        "banned_sources": len(edge.guard.banned) if edge.guard is not None else 0,
+        # the protocols' own (WireGuard: under_load while handshakes need a cookie in mac2,
+        # banned_sources whose handshakes the socket filter drops; fabric/protocols/wireguard/guard.py)
+        "under_load": 0, "banned_sources": 0, **_copy(lambda: edge.gauges(time.time())),
     }
 
 
@@ -306,7 +305,8 @@ def worker_metrics(f: Families, worker: Any) -> None:
 
 def worker_gauges(worker: Any) -> dict[str, int]:
     return {"sessions": len(worker.sessions), "peers": len(worker.peers),
-            "queue_pending_handshakes": len(worker.pending), "edges": len(worker.edges)}
+            "queue_pending_handshakes": sum(s.pending_count() for s in worker.sides.values()),
+            "edges": len(worker.edges)}
 
 
 def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
@@ -315,7 +315,7 @@ def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
     f.counters({"handshakes": 0, **_copy(lambda: dict(broker.counters))})
     f.gauge("fabric_sessions", "Sessions this process holds", len(broker.sessions))
     f.gauge("fabric_peers", "Peers this process knows", len(broker.peers))
-    f.gauge("fabric_queue_depth", "Items waiting in a queue the process holds", len(broker.pending),
+    f.gauge("fabric_queue_depth", "Items waiting in a queue the process holds", broker.pending_count(),
             queue="pending_handshakes")
     now = time.time()
     alive: dict[tuple[str, str], int] = {}
@@ -326,22 +326,22 @@ def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
         for state in ("alive", "gone"):
             f.gauge("fabric_processes", "Edge and worker processes that reported to the broker",
                     alive.get((role, state), 0), process_role=role, state=state)
-    names = {pub: p.name for pub, p in _copy(lambda: list(broker.peers.items()))}
+    peers = {pub: (p.name, p.protocol) for pub, p in _copy(lambda: list(broker.peers.items()))}
     totals = _copy(broker._peer_totals)
-    for pub, name in sorted(names.items(), key=lambda kv: kv[1]):
+    for pub, (name, proto) in sorted(peers.items(), key=lambda kv: kv[1]):
         t = totals.get(pub, [0, 0, 0, 0])
         key = key_to_base64(pub)
         for direction, b, p in (("rx", t[0], t[2]), ("tx", t[1], t[3])):
             f.counter("fabric_peer_bytes", "Bytes per peer at the edges' UDP sockets (all edges)", b,
-                      peer=name, public_key=key, direction=direction)
+                      peer=name, public_key=key, protocol=proto, direction=direction)
             f.counter("fabric_peer_packets", "Packets per peer at the edges' UDP sockets (all edges)", p,
-                      peer=name, public_key=key, direction=direction)
+                      peer=name, public_key=key, protocol=proto, direction=direction)
     newest: dict[bytes, float] = {}
     for s in _copy(lambda: list(broker.sessions.values())):
-        newest[s["peer"]] = max(newest.get(s["peer"], 0.0), float(s["created"]))
-    for pub, name in sorted(names.items(), key=lambda kv: kv[1]):
+        newest[s.peer] = max(newest.get(s.peer, 0.0), s.created)
+    for pub, (name, proto) in sorted(peers.items(), key=lambda kv: kv[1]):
         f.gauge("fabric_peer_latest_handshake_seconds", "Unix time of the peer's newest session (0: none)",
-                newest.get(pub, 0.0), peer=name, public_key=key_to_base64(pub))
+                newest.get(pub, 0.0), peer=name, public_key=key_to_base64(pub), protocol=proto)
 
 
 def supervisor_metrics(f: Families, children: list[Any]) -> None:

@@ -32,6 +32,7 @@ class Table:
     right: set[int] = field(default_factory=set)  # right-aligned (numeric) columns
 
 
+
 def _console(file: IO[str] | None = None, width: int | None = None) -> Any:
     from rich.console import Console
 
@@ -47,7 +48,7 @@ def _rich_table(t: Table) -> Any:
     from rich import box
     from rich.table import Table as RichTable
 
-    rt = RichTable(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+    rt = RichTable(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
                    header_style="bold")
     for i, h in enumerate(t.header):
         # a narrow terminal folds long cells onto more lines rather than cutting them
@@ -123,24 +124,33 @@ def _num(v: float) -> str:
 
 # --- peers, sessions, stats -----------------------------------------------------------
 
+SHORT_PROTOCOL = {"wireguard": "wg", "openvpn": "ovpn"}  # in tables; --json says it whole
+
+
+def _proto(row: dict[str, Any]) -> str:
+    name = str(row.get("protocol", "wireguard"))
+    return SHORT_PROTOCOL.get(name, name)
+
+
 def peers_table(peers: Sequence[dict[str, Any]], now: float) -> Table:
     rows = [[
-        p["name"], ", ".join(p["allowed_ips"]), p.get("endpoint") or "-",
+        p["name"], _proto(p), ", ".join(p["allowed_ips"]), p.get("endpoint") or "-",
         ago(p.get("latest_handshake"), now), size(p.get("rx_bytes", 0)), size(p.get("tx_bytes", 0)),
-        str(p.get("sessions", 0)), p["public_key"][:10] + "…",
+        str(p.get("sessions", 0)),
     ] for p in peers]
-    return Table(["PEER", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE", "RX", "TX", "SESSIONS", "KEY"], rows,
-                 empty="no peers; add one with `fabric peer add NAME`", right={4, 5, 6})
+    # the public keys are in --json: 80 columns hold the rest, the protocol included
+    return Table(["PEER", "PROTO", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE", "RX", "TX", "SESSIONS"], rows,
+                 empty="no peers; add one with `fabric peer add NAME`", right={5, 6, 7})
 
 
 def sessions_table(sessions: Sequence[dict[str, Any]], now: float) -> Table:
     rows = [[
-        str(s["session_id"]), s["peer"], s.get("endpoint") or "-", ago(s.get("latest_handshake"), now),
-        size(s.get("rx_bytes", 0)), size(s.get("tx_bytes", 0)),
+        str(s["session_id"]), s["peer"], _proto(s), s.get("endpoint") or "-",
+        ago(s.get("latest_handshake"), now), size(s.get("rx_bytes", 0)), size(s.get("tx_bytes", 0)),
         _counts(s.get("packets_per_edge", {})), _counts(s.get("packets_per_worker", {})),
     ] for s in sessions]
-    return Table(["SESSION", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PKTS/EDGE", "PKTS/WORKER"], rows,
-                 empty="no sessions", right={4, 5})
+    return Table(["SESSION", "PEER", "PROTO", "ENDPOINT", "HANDSHAKE", "RX", "TX", "PKTS/EDGE", "PKTS/WORKER"],
+                 rows, empty="no sessions", right={5, 6})
 
 
 def stats_tables(counters: dict[str, int], gauges: dict[str, int] | None = None) -> list[Table]:

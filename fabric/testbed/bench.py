@@ -69,7 +69,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fabric.protocols.wireguard.constants import CRYPTO_MODES
+from fabric.dataplane.placement import CRYPTO_MODES
 from fabric.testbed.testnet import (
     FabricCluster,
     IperfError,

@@ -86,7 +86,3 @@ COOKIE_REPLIES_PER_SECOND = 1000
 HANDSHAKES_PER_SECOND = 250
 SESSION_KEEP_TIME = 3 * REJECT_AFTER_TIME  # whitepaper 6.3: keys erased after this
 MAX_SESSIONS_PER_PEER = 3  # previous, current, next
-
-# Where an edge runs the AEAD of its data frames (`--crypto`, fabric/dataplane/engine.py):
-# in the edge, in workers, or in the edge unless it is saturated and other cores idle.
-CRYPTO_MODES = ("auto", "edge", "workers")

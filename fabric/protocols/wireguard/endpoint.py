@@ -25,8 +25,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fabric.dataplane import ippacket
+from fabric.dataplane.ratelimit import TokenBucket
 from fabric.dataplane.replay import ReplayWindow
-from fabric.protocols.wireguard import crypto
+from fabric.protocols.wireguard import crypto, timers
 from fabric.protocols.wireguard.constants import (
     HANDSHAKE_RATE_BURST,
     HANDSHAKE_RATE_PER_SECOND,
@@ -40,11 +42,9 @@ from fabric.protocols.wireguard.constants import (
     MSG_TRANSPORT,
     PADDING_MULTIPLE,
     REJECT_AFTER_MESSAGES,
-    REJECT_AFTER_TIME,
-    REKEY_AFTER_MESSAGES,
-    REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
+    REPLAY_WINDOW_SIZE,
     SESSION_KEEP_TIME,
     TIMESTAMP_SIZE,
     TRANSPORT_HEADER_SIZE,
@@ -94,8 +94,7 @@ REKEY_TIMEOUT_JITTER_MAX = 1.0 / 3.0
 MAX_STAGED_PACKETS = 128
 # largest inner packet: once padded (5.4.6) and sealed it must still fit a UDP payload
 MAX_PACKET = (MAX_DATAGRAM - TRANSPORT_MIN_SIZE) // PADDING_MULTIPLE * PADDING_MULTIPLE
-# 6.2: the initiator rekeys on receive when its session gets this old
-REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+REKEY_ON_RECEIVE_AGE = timers.REKEY_ON_RECEIVE_AGE  # 6.2 (timers.py)
 
 _U16 = struct.Struct(">H")
 _SYSRANDOM = _random.SystemRandom()
@@ -169,14 +168,14 @@ class _Session:
         self.keypair = keypair
         self.peer = peer
         self.send_counter = 0
-        self.replay = ReplayWindow()
+        self.replay = ReplayWindow(REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE)
 
     def age(self, now: float) -> float:
         return now - self.keypair.created
 
     def expired(self, now: float) -> bool:
         # whitepaper 6.2: no message is sent or accepted after REJECT-AFTER-TIME
-        return self.age(now) >= REJECT_AFTER_TIME
+        return not timers.usable(self.age(now))
 
     def can_send(self, now: float) -> bool:
         return not self.expired(now) and self.send_counter < REJECT_AFTER_MESSAGES
@@ -234,87 +233,6 @@ class _IndexEntry:
     session: _Session | None
 
 
-class _AllowedIPs:
-    """Longest-prefix match from inner addresses to peers (whitepaper 2: cryptokey routing)."""
-
-    def __init__(self) -> None:
-        # version -> prefix length -> network address -> peer public key
-        self._tables: dict[int, dict[int, dict[int, bytes]]] = {4: {}, 6: {}}
-        self._lengths: dict[int, list[int]] = {4: [], 6: []}
-
-    def insert(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network, peer: bytes) -> None:
-        table = self._tables[net.version]
-        table.setdefault(net.prefixlen, {})[int(net.network_address)] = peer
-        self._lengths[net.version] = sorted(table, reverse=True)
-
-    def remove_peer(self, peer: bytes) -> None:
-        for version, table in self._tables.items():
-            for plen in list(table):
-                nets = table[plen]
-                for addr in [a for a, p in nets.items() if p == peer]:
-                    del nets[addr]
-                if not nets:
-                    del table[plen]
-            self._lengths[version] = sorted(table, reverse=True)
-
-    def lookup(self, version: int, address: int) -> bytes | None:
-        bits = 32 if version == 4 else 128
-        table = self._tables[version]
-        full = (1 << bits) - 1
-        for plen in self._lengths[version]:
-            mask = full ^ ((1 << (bits - plen)) - 1)
-            peer = table[plen].get(address & mask)
-            if peer is not None:
-                return peer
-        return None
-
-
-class _RateLimiter:
-    """Per source-IP token bucket for handshakes while under load (wireguard-go ratelimiter)."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, host: str, now: float) -> bool:
-        if len(self._buckets) > 4096:
-            horizon = now - HANDSHAKE_RATE_BURST / HANDSHAKE_RATE_PER_SECOND
-            self._buckets = {h: b for h, b in self._buckets.items() if b[1] >= horizon}
-        tokens, last = self._buckets.get(host, (float(HANDSHAKE_RATE_BURST), now))
-        tokens = min(float(HANDSHAKE_RATE_BURST), tokens + (now - last) * HANDSHAKE_RATE_PER_SECOND)
-        if tokens < 1.0:
-            self._buckets[host] = (tokens, now)
-            return False
-        self._buckets[host] = (tokens - 1.0, now)
-        return True
-
-
-def _inner_address(packet: bytes, source: bool) -> tuple[int, int] | None:
-    """(IP version, source or destination address) of an inner packet, None if malformed."""
-    if not packet:
-        return None
-    version = packet[0] >> 4
-    if version == 4 and len(packet) >= 20:
-        off = 12 if source else 16
-        return 4, int.from_bytes(packet[off : off + 4], "big")
-    if version == 6 and len(packet) >= 40:
-        off = 8 if source else 24
-        return 6, int.from_bytes(packet[off : off + 16], "big")
-    return None
-
-
-def _inner_length(packet: bytes) -> int | None:
-    """Length the inner IP header claims, None if it does not fit (wireguard-go receive.go)."""
-    version = packet[0] >> 4
-    if version == 4 and len(packet) >= 20:
-        (length,) = _U16.unpack_from(packet, 2)
-        return length if 20 <= length <= len(packet) else None
-    if version == 6 and len(packet) >= 40:
-        (payload,) = _U16.unpack_from(packet, 4)
-        length = 40 + payload
-        return length if length <= len(packet) else None
-    return None
-
-
 def _default_index() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
@@ -347,10 +265,10 @@ class WireGuardEndpoint:
         self._random_index = random_index or _default_index
         self._jitter = jitter or _default_jitter
         self._cookies = CookieChecker(static.public)
-        self._ratelimiter = _RateLimiter()
+        self._ratelimiter = TokenBucket(HANDSHAKE_RATE_PER_SECOND, HANDSHAKE_RATE_BURST)
         self._peers: dict[bytes, _Peer] = {}
         self._index: dict[int, _IndexEntry] = {}
-        self._routes = _AllowedIPs()
+        self._routes: ippacket.PrefixTable[bytes] = ippacket.PrefixTable()
         self._datagrams: list[tuple[bytes, Address]] = []
         self._events: deque[Event] = deque()
 
@@ -393,9 +311,9 @@ class WireGuardEndpoint:
             if endpoint is not None:
                 peer.endpoint = endpoint
             peer.persistent_keepalive = float(persistent_keepalive)
-        self._routes.remove_peer(public_key)
+        self._routes.remove_value(public_key)
         for net in nets:
-            self._routes.insert(net, public_key)
+            self._routes.add(str(net), public_key)
         # wg(8): setting a persistent keepalive sends one at once ("as soon as possible")
         if peer.persistent_keepalive > 0 and peer.endpoint is not None:
             peer.persistent_at = 0.0
@@ -407,7 +325,7 @@ class WireGuardEndpoint:
         peer = self._peers.pop(public_key, None)
         if peer is None:
             return
-        self._routes.remove_peer(public_key)
+        self._routes.remove_value(public_key)
         for idx in [i for i, e in self._index.items() if e.peer is peer]:
             del self._index[idx]
 
@@ -449,14 +367,14 @@ class WireGuardEndpoint:
     def send_packet(self, packet: bytes, now: float) -> None:
         """Send an inner IP packet (from the TUN side) to the peer that routes its destination."""
         packet = bytes(packet)
-        dst = _inner_address(packet, source=False)
+        dst = ippacket.destination(packet)
         if dst is None:
             self._drop("bad_packet")
             return
         if len(packet) > MAX_PACKET:
             self._drop("long")
             return
-        key = self._routes.lookup(*dst)
+        key = self._routes.lookup(dst)
         if key is None:
             self._drop("no_route")
             return
@@ -591,9 +509,7 @@ class WireGuardEndpoint:
                 return
             self._encrypt_and_send(peer, session, peer.staged.popleft(), now)
         # 6.2: the initiator rekeys after REKEY-AFTER-TIME or REKEY-AFTER-MESSAGES
-        if session.send_counter > REKEY_AFTER_MESSAGES or (
-            session.keypair.is_initiator and session.age(now) >= REKEY_AFTER_TIME
-        ):
+        if timers.rekey_on_send(session.keypair.is_initiator, session.age(now), session.send_counter):
             self._send_initiation(peer, now, retry=False)
 
     def _encrypt_and_send(self, peer: _Peer, session: _Session, packet: bytes, now: float) -> None:
@@ -611,7 +527,7 @@ class WireGuardEndpoint:
         self._authenticated_sent(peer, now)
         if packet and peer.new_handshake_at is None:
             # 6.5: expect to hear back within KEEPALIVE-TIMEOUT + REKEY-TIMEOUT
-            peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+            peer.new_handshake_at = now + timers.NEW_HANDSHAKE_AFTER
 
     def _send_initiation(self, peer: _Peer, now: float, *, retry: bool) -> None:
         """Send a handshake initiation (5.4.2), at most once per REKEY-TIMEOUT (6.1)."""
@@ -666,7 +582,7 @@ class WireGuardEndpoint:
                 self._datagrams.append((self._cookies.create_reply(data, source, now), addr))
                 self._drop("bad_mac2")
                 return False
-            if not self._ratelimiter.allow(addr[0], now):
+            if not self._ratelimiter.allow(addr[0].encode(), now):
                 self._drop("rate_limited")
                 return False
         return True
@@ -792,8 +708,7 @@ class WireGuardEndpoint:
         if (
             not peer.sent_last_minute_handshake
             and current is not None
-            and current.keypair.is_initiator
-            and current.age(now) >= REKEY_ON_RECEIVE_AGE
+            and timers.rekey_on_receive(current.keypair.is_initiator, current.age(now))
         ):
             # 6.2: an initiator whose session nears REJECT-AFTER-TIME rekeys on receive
             peer.sent_last_minute_handshake = True
@@ -806,13 +721,12 @@ class WireGuardEndpoint:
             peer.keepalive_at = now + KEEPALIVE_TIMEOUT
         else:
             peer.need_another_keepalive = True
-        length = _inner_length(plain)
-        if length is None:
+        length = ippacket.inner_length(plain)
+        if not length:
             self._drop("bad_packet", peer)
             return
         packet = plain[:length]
-        src = _inner_address(packet, source=True)
-        if src is None or self._routes.lookup(*src) != peer.public:
+        if self._routes.lookup(ippacket.source(packet)) != peer.public:
             # whitepaper 2: the inner source must be one of the peer's allowed IPs
             self._drop("source_not_allowed", peer)
             return

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from fabric.dataplane.ratelimit import TokenBucket
 from fabric.protocols.wireguard.constants import (
     COOKIE_REPLIES_PER_SECOND,
     COOKIE_REPLIES_PER_SOURCE,
@@ -57,44 +58,12 @@ PASS = "pass"  # on to a worker
 COOKIE = "cookie"  # answer with a cookie reply
 _ZERO_MAC = bytes(16)
 _V4_MAPPED = bytes(10) + b"\xff\xff"
-MAX_TRACKED = 65536  # sources a bucket remembers before it forgets the idle ones
 
 
 def source_key(addr: bytes) -> bytes:
     """The budget key of a packed address (frames.pack_addr: 16-byte IP, then port):
     the IPv4 address, or the /64 of an IPv6 address."""
     return addr[:16] if addr[:12] == _V4_MAPPED else addr[:8]
-
-
-class TokenBucket:
-    """Per-key token buckets: `rate` tokens a second, at most `burst` (wireguard-go
-    ratelimiter). Memory is bounded: past MAX_TRACKED keys, the full (idle) buckets
-    are forgotten, and if that is not enough, all of them."""
-
-    def __init__(self, rate: float, burst: float, max_keys: int = MAX_TRACKED) -> None:
-        self.rate, self.burst = float(rate), float(burst)
-        self.max_keys = max_keys
-        self.buckets: dict[bytes, tuple[float, float]] = {}
-
-    def allow(self, key: bytes, now: float) -> bool:
-        got = self.buckets.get(key)
-        if got is None:
-            tokens = self.burst
-            if len(self.buckets) >= self.max_keys:
-                self._forget_idle(now)
-        else:
-            tokens = min(self.burst, got[0] + (now - got[1]) * self.rate)
-        if tokens >= 1.0:
-            self.buckets[key] = (tokens - 1.0, now)
-            return True
-        self.buckets[key] = (tokens, now)
-        return False
-
-    def _forget_idle(self, now: float) -> None:
-        full = self.burst / self.rate if self.rate > 0 else float("inf")
-        self.buckets = {k: v for k, v in self.buckets.items() if now - v[1] < full}
-        if len(self.buckets) >= self.max_keys:
-            self.buckets.clear()
 
 
 class HandshakeGuard:

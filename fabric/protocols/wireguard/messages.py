@@ -18,7 +18,6 @@ from fabric.protocols.wireguard.constants import (
     MSG_RESPONSE,
     MSG_TRANSPORT,
     RESPONSE_SIZE,
-    TRANSPORT_HEADER_SIZE,
     TRANSPORT_MIN_SIZE,
 )
 
@@ -40,7 +39,7 @@ _SIZES = {
 _INIT = struct.Struct("<I I 32s 48s 28s 16s 16s")
 _RESP = struct.Struct("<I I I 32s 16s 16s 16s")
 _COOKIE = struct.Struct("<I I 24s 32s")
-_TRANSPORT = struct.Struct("<I I Q")
+TRANSPORT = struct.Struct("<I I Q")  # type, receiver index, counter (5.4.6): the one place it is spelt
 _TYPE = struct.Struct("<I")
 
 
@@ -150,19 +149,17 @@ def parse_transport_header(data: bytes | memoryview) -> tuple[int, int]:
     """(receiver index, counter) of a transport message (whitepaper 5.4.6)."""
     if len(data) < TRANSPORT_MIN_SIZE:
         raise MessageError("short", f"transport of {len(data)} bytes")
-    word, receiver, counter = _TRANSPORT.unpack_from(data, 0)
+    word, receiver, counter = TRANSPORT.unpack_from(data, 0)
     if word != MSG_TRANSPORT:
         raise MessageError("bad_type", "not a transport message")
     return receiver, counter
 
 
 def transport_header(receiver: int, counter: int) -> bytes:
-    return _TRANSPORT.pack(MSG_TRANSPORT, receiver, counter)
+    return TRANSPORT.pack(MSG_TRANSPORT, receiver, counter)
 
 
 def mac1_offset(data: bytes | memoryview) -> int:
     """Offset of mac1 in a handshake message: the last 32 bytes are mac1, mac2."""
     return len(data) - 32
 
-
-TRANSPORT_HEADER = TRANSPORT_HEADER_SIZE
