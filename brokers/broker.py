@@ -15,6 +15,7 @@ Sockets (endpoints from fabric.ops.paths.StateDir):
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import secrets
@@ -42,12 +43,17 @@ from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
 from fabric.protocols import registry
-from fabric.protocols.base import Authority, NewSession, Publish
-from fabric.protocols.wireguard import crypto
+from fabric.protocols.base import Authority, NewSession, Protocol, Publish, SetupError
 
 log = Log("broker")
 
 EDGE_GONE_AFTER = 5.0
+
+
+def b64(key: bytes) -> str:
+    """A peer's key as admin replies and client configs spell it (standard base64)."""
+    return base64.b64encode(key).decode()
+
 STATE_VERSION = 2  # 1: sessions and peers as WireGuard's maps, TAI64N kept with each peer
 READS_VERSIONS = (1, 2)
 
@@ -156,6 +162,7 @@ class Broker:
         config_peers: list[PeerConfig] | None = None,
         slots: int = DEFAULT_SLOTS,
         tcp: str | None = None,
+        protocols: dict[str, Protocol] | None = None,
     ) -> None:
         self.sd = state_dir
         self.tcp = tcp
@@ -172,39 +179,27 @@ class Broker:
         self.kv: dict[bytes, dict[str, Any]] = {}
         self.peers: dict[bytes, Peer] = {}
         self.sessions: dict[int, SessionRecord] = {}
-        self.protocols = registry()
+        self.protocols = protocols or registry()
         self.authorities: dict[str, Authority] = {n: p.authority() for n, p in self.protocols.items()}
         self.next_sid = 1
         self.edges: dict[int, dict[str, Any]] = {}
         self.reports = Reports()
         self.counters: dict[str, int] = {}
         self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
-        self.private = self._load_server_key()
-        self.public = crypto.public_key(self.private)
+        identities: list[tuple[bytes, dict[str, Any]]] = []
+        for authority in self.authorities.values():  # e.g. WireGuard's server.key, made on first start
+            try:
+                identities += authority.start(self.sd.root)
+            except SetupError as exc:
+                raise ConfigError(str(exc)) from None
         self._load_state()
         self._merge_config_peers(config_peers or [])
         check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()])
         self._persist()
-        self._publish(b"server", {
-            "public": self.public, "private": self.private,
-            "addresses": self.addresses, "listen_port": self.listen_port, "slots": self.slots,
-        })
+        for key, value in identities:
+            self._publish(key, value)
 
     # --- state --------------------------------------------------------------
-
-    def _load_server_key(self) -> bytes:
-        path = self.sd.server_key
-        if path.exists():
-            try:
-                return crypto.key_from_base64(path.read_text())
-            except ValueError as exc:
-                raise ConfigError(f"{path}: {exc}; remove it to generate a new server key") from None
-        key = crypto.generate_private_key()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(crypto.key_to_base64(key) + "\n")
-        log.info("generated server key", path=path)
-        return key
 
     def _load_state(self) -> None:
         path = self.sd.broker_state
@@ -420,8 +415,9 @@ class Broker:
             return {"ok": False, "error": str(exc)}
 
     def _admin_server(self, req: dict[str, Any], now: float) -> dict[str, Any]:
+        about = {name: a.describe() for name, a in self.authorities.items()}
         return {
-            "ok": True, "public_key": crypto.key_to_base64(self.public), "addresses": self.addresses,
+            "ok": True, **about.get(DEFAULT_PROTOCOL, {}), "protocols": about, "addresses": self.addresses,
             "listen_port": self.listen_port, "endpoint": self.endpoint,
         }
 
@@ -459,7 +455,7 @@ class Broker:
             rows.append({
                 "session_id": sid,
                 "peer": p.name,
-                "public_key": crypto.key_to_base64(p.public),
+                "public_key": b64(p.public),
                 "endpoint": endpoints.get(sid, (0, ""))[1],
                 "allowed_ips": p.allowed_ips,
                 "protocol": s.protocol,
@@ -483,13 +479,13 @@ class Broker:
         rows = []
         sessions = self._session_rows(now)
         for p in sorted(self.peers.values(), key=lambda p: p.name):
-            mine = [s for s in sessions if s["public_key"] == crypto.key_to_base64(p.public)]
+            mine = [s for s in sessions if s["public_key"] == b64(p.public)]
             newest = max(mine, key=lambda s: s["latest_handshake"], default=None)
             t = totals.get(p.public, [0, 0, 0, 0])
             rows.append({
                 "name": p.name,
                 "protocol": p.protocol,
-                "public_key": crypto.key_to_base64(p.public),
+                "public_key": b64(p.public),
                 "allowed_ips": p.allowed_ips,
                 "endpoint": newest["endpoint"] if newest else "",
                 "latest_handshake": newest["latest_handshake"] if newest else None,
@@ -529,28 +525,24 @@ class Broker:
         ips = req.get("allowed_ips") or self._next_free_ips()
         nets = [parse_network(ip, "allowed-ip") for ip in ips]
         check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()] + [(name, nets)])
-        private = None
-        if req.get("public_key"):
-            public = crypto.key_from_base64(req["public_key"])
-        else:
-            private = crypto.generate_private_key()
-            public = crypto.public_key(private)
-        if public in self.peers:
-            raise ValueError(f"that public key belongs to peer {self.peers[public].name!r} already")
-        psk = crypto.generate_private_key() if req.get("psk") else None
+        protocol = req.get("protocol") or DEFAULT_PROTOCOL
+        if protocol not in self.protocols:
+            raise ValueError(f"unknown protocol {protocol!r}; this fabric speaks {', '.join(self.protocols)}")
+        made = self.authorities[protocol].new_peer(req)
+        if made.public in self.peers:
+            raise ValueError(f"that public key belongs to peer {self.peers[made.public].name!r} already")
         keepalive = req.get("keepalive", 0) or 0
         if not isinstance(keepalive, int) or isinstance(keepalive, bool) or not 0 <= keepalive <= 65535:
             raise ValueError("keepalive must be a whole number of seconds from 0 to 65535")
-        self._put_peer(Peer(name, public, nets, psk, keepalive))
-        log.info("peer added", peer=name, allowed_ips=",".join(nets))
+        self._put_peer(Peer(name, made.public, nets, made.psk, keepalive, protocol=protocol))
+        log.info("peer added", peer=name, protocol=protocol, allowed_ips=",".join(nets))
         return {
             "ok": True,
             "name": name,
-            "public_key": crypto.key_to_base64(public),
-            "private_key": crypto.key_to_base64(private) if private else None,
-            "preshared_key": crypto.key_to_base64(psk) if psk else None,
+            "protocol": protocol,
+            "public_key": b64(made.public),
+            **made.reply,
             "allowed_ips": nets,
-            "server_public_key": crypto.key_to_base64(self.public),
             "listen_port": self.listen_port,
             "endpoint": self.endpoint,
             "networks": [str(i.network) for i in self.interfaces],

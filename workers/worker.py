@@ -51,7 +51,7 @@ from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
 from fabric.protocols import registry
-from fabric.protocols.base import ControlResult, WorkerSide
+from fabric.protocols.base import ControlResult, Protocol, WorkerSide
 
 log = Log("worker")
 
@@ -61,7 +61,8 @@ class Worker:
     worker: it reaches the broker and the edges over tcp with `keys` (CURVE)."""
 
     def __init__(self, sd: StateDir, wid: int, ctx: zmq.Context | None = None,
-                 broker: str | None = None, keys: zmqcurve.Curve | None = None) -> None:
+                 broker: str | None = None, keys: zmqcurve.Curve | None = None,
+                 protocols: dict[str, Protocol] | None = None) -> None:
         self.sd = sd
         self.id = wid
         self.ctx = ctx or zmq.Context()
@@ -81,7 +82,7 @@ class Worker:
         self.frame_stats = metrics.FrameStats()  # time and packets per frame handled
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
         self.peers: dict[bytes, PeerRecord] = {}
-        self.protocols = registry()
+        self.protocols = protocols or registry()
         # TCP segments bound for the TUN are coalesced (fabric/dataplane/gro.py); FABRIC_NO_GRO=1
         # writes them one by one (for measurements)
         self.engine = CryptoEngine(self.count, self.protocols, gro=os.environ.get("FABRIC_NO_GRO") != "1",

@@ -316,7 +316,8 @@ class Edge:
             self.counters["drop_unknown_protocol"] += 1
             return
         endpoint = record.endpoint
-        if not self.table.claim(record.slot, sid, record.created, endpoint, confirmed=record.initiator):
+        if not self.table.claim(record.slot, sid, record.created, endpoint, confirmed=record.initiator,
+                                first=lst.protocol.counters.first):
             self.counters["stale_session"] += 1
             return
         s = EdgeSession(sid, record.slot, record.peer, record.public(), lst,

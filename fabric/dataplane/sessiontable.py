@@ -141,12 +141,13 @@ class SessionTable:
 
     def claim(
         self, slot: int, session_id: int, created: float, endpoint: bytes = NO_ADDR,
-        confirmed: bool = False,
+        confirmed: bool = False, first: int = 0,
     ) -> bool:
         """Make `slot` belong to `session_id`; False if a newer session holds it,
         or if the session is older than this table (see the module docstring).
 
         `confirmed` marks a session the fabric initiated: it may send at once.
+        `first` is the protocol's first send counter (OpenVPN's packet ids start at 1).
         """
         if created < self.created:
             return False
@@ -157,6 +158,7 @@ class SessionTable:
             if cur < session_id:
                 self.mm[off : off + SLOT_SIZE] = bytes(SLOT_SIZE)
                 _SID.pack_into(self.mm, off, session_id)
+                _COUNTER.pack_into(self.mm, off + OFF_COUNTER, first)
                 if endpoint != NO_ADDR:
                     self.mm[off + OFF_ENDPOINT : off + OFF_ENDPOINT + ADDR_SIZE] = endpoint
             if confirmed:

@@ -88,25 +88,15 @@ def check_peer(peers: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 def client_config(reply: dict[str, Any], endpoint: str) -> str:
-    """A wg-quick configuration for the peer that `peer_add` created."""
-    private = reply.get("private_key") or "<the private key matching the public key you gave>"
-    lines = [
-        f"# fabric peer {reply['name']}",
-        "[Interface]",
-        f"PrivateKey = {private}",
-        f"Address = {', '.join(reply['allowed_ips'])}",
-        "",
-        "[Peer]",
-        f"PublicKey = {reply['server_public_key']}",
-    ]
-    if reply.get("preshared_key"):
-        lines.append(f"PresharedKey = {reply['preshared_key']}")
-    lines += [
-        f"Endpoint = {endpoint}",
-        f"AllowedIPs = {', '.join(reply['networks'])}",
-        "PersistentKeepalive = 25",
-    ]
-    return "\n".join(lines) + "\n"
+    """The client configuration for the peer that `peer_add` created, as its protocol
+    writes it (WireGuard: a wg-quick file)."""
+    from fabric.protocols import registry
+
+    proto = registry().get(str(reply.get("protocol", "wireguard")))
+    if proto is None:
+        raise AdminError(f"the broker made a peer of protocol {reply.get('protocol')!r}, which this fabric "
+                         "command does not know: update fabric")
+    return proto.client_profile(reply, endpoint)
 
 
 def default_endpoint(listen_port: int) -> str:

@@ -310,7 +310,10 @@ def worker_gauges(worker: Any) -> dict[str, int]:
 
 
 def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
-    from fabric.protocols.wireguard.crypto import key_to_base64
+    from base64 import b64encode
+
+    def key_to_base64(k: bytes) -> str:
+        return b64encode(k).decode()
 
     f.counters({"handshakes": 0, **_copy(lambda: dict(broker.counters))})
     f.gauge("fabric_sessions", "Sessions this process holds", len(broker.sessions))

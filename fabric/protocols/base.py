@@ -36,9 +36,12 @@ edge or a worker alike).
 
 from __future__ import annotations
 
+import base64
+import os
 import typing
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from fabric.control.records import PeerRecord, SessionRecord
@@ -233,14 +236,49 @@ class Publish:
     event: str = ""
 
 
+class SetupError(ValueError):
+    """The protocol's server identity in the state directory is unusable (what to do: the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerProvision:
+    """Authority.new_peer: the peer's identity key (and WireGuard's preshared key),
+    and what the admin reply tells the operator once (e.g. a generated private key)."""
+
+    public: bytes
+    psk: bytes | None = None
+    reply: dict[str, Any] = field(default_factory=dict)
+
+
 class Authority:
     """A protocol's rules at the broker: what a worker may commit.
 
     `commit` returns a NewSession, a Publish, or a refusal reason; the broker
     assigns the session's id and slot, publishes and persists. `state()` and
-    `load()` carry the protocol's own persistent state in broker.state."""
+    `load()` carry the protocol's own persistent state in broker.state. `start`
+    sets up the protocol's server identity (made on first start, kept in the
+    state directory) and `new_peer` a peer's keys for `fabric peer add`."""
 
     protocol: Protocol
+
+    def start(self, root: Path) -> list[tuple[bytes, dict[str, Any]]]:
+        """At broker start: records to publish (e.g. the server identity); SetupError."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """Public facts for `fabric admin` (e.g. the server's public key)."""
+        return {}
+
+    def new_peer(self, req: dict[str, Any]) -> PeerProvision:
+        """A new peer's identity from an admin peer_add request (ValueError if bad):
+        by default the public key it names, else a random 32-byte identity."""
+        given = req.get("public_key")
+        if given:
+            raw = base64.b64decode(str(given), validate=True)
+            if len(raw) != 32:
+                raise ValueError("public key must be 32 bytes of base64")
+            return PeerProvision(raw)
+        return PeerProvision(os.urandom(32))
 
     def commit(self, req: dict[str, Any], peer: PeerRecord, sessions: Iterable[SessionRecord],
                now: float) -> NewSession | Publish | str:
@@ -315,3 +353,7 @@ class Protocol:
         """The AEAD of a session record; None for a public copy (no keys). Raises
         RecordError for keys that are not this protocol's."""
         raise NotImplementedError
+
+    def client_profile(self, reply: dict[str, Any], endpoint: str) -> str:
+        """The configuration a stock client takes, from the broker's peer_add reply."""
+        raise NotImplementedError(f"{self.name}: no client profile")

@@ -9,6 +9,8 @@
     handshakes  handshakes in a worker, committed through the broker
     authority   the broker's rules for commits (TAI64N, flood, receiver indexes)
     datapath    the AEAD of a session's batches (5.4.6)
+    timers      the rules of 6, for the edges and the endpoint alike
+    profile     the wg-quick configuration of a new peer
     endpoint    a whole sans-I/O endpoint (timers of 6 included): the peer in tests
 """
 
@@ -59,3 +61,8 @@ class WireGuard(Protocol):
         from fabric.protocols.wireguard.datapath import WgKeys
 
         return WgKeys(record) if record.keys else None
+
+    def client_profile(self, reply: dict[str, Any], endpoint: str) -> str:
+        from fabric.protocols.wireguard.profile import wg_quick
+
+        return wg_quick(reply, endpoint)

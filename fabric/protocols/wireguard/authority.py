@@ -15,11 +15,21 @@ initiation stays refused across broker restarts (invariant 5).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from fabric.control.records import PeerRecord, SessionRecord, pending_key
-from fabric.protocols.base import Authority, NewSession, Protocol, Publish
+from fabric.control.records import SERVER, PeerRecord, SessionRecord, pending_key
+from fabric.protocols.base import (
+    Authority,
+    NewSession,
+    PeerProvision,
+    Protocol,
+    Publish,
+    SetupError,
+)
+from fabric.protocols.wireguard import crypto
 from fabric.protocols.wireguard.constants import (
     INITIATION_FLOOD_INTERVAL,
     MAX_SESSIONS_PER_PEER,
@@ -41,9 +51,51 @@ def _key(v: Any) -> bool:
 class WgAuthority(Authority):
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
+        self.private = self.public = b""  # the server's static key pair (start)
         self.last_timestamp: dict[bytes, bytes] = {}  # peer -> newest TAI64N committed
         self.last_initiation: dict[bytes, float] = {}  # peer -> when (broker clock)
         self.pending: dict[int, dict[str, Any]] = {}  # local index -> pending record
+
+    # --- the server and its peers ----------------------------------------------------
+
+    def start(self, root: Path) -> list[tuple[bytes, dict[str, Any]]]:
+        """The server's static key pair: `server.key` in the state directory (0600),
+        made on the first start. Published as `server` (edges check mac1 and make
+        cookies with the public half; workers handshake with the private one)."""
+        path = root / "server.key"
+        if path.exists():
+            try:
+                self.private = crypto.key_from_base64(path.read_text())
+            except ValueError as exc:
+                raise SetupError(f"{path}: {exc}; remove it to generate a new server key") from None
+        else:
+            self.private = crypto.generate_private_key()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(crypto.key_to_base64(self.private) + "\n")
+        self.public = crypto.public_key(self.private)
+        return [(SERVER, {"public": self.public, "private": self.private})]
+
+    def describe(self) -> dict[str, Any]:
+        return {"public_key": crypto.key_to_base64(self.public)}
+
+    def new_peer(self, req: dict[str, Any]) -> PeerProvision:
+        """A key pair for the client (or the public key it gave), and a preshared key
+        if asked for (whitepaper 5.2); the private halves are told once."""
+        private = None
+        if req.get("public_key"):
+            public = crypto.key_from_base64(req["public_key"])
+        else:
+            private = crypto.generate_private_key()
+            public = crypto.public_key(private)
+        psk = crypto.generate_private_key() if req.get("psk") else None
+        return PeerProvision(public, psk, {
+            "private_key": crypto.key_to_base64(private) if private else None,
+            "preshared_key": crypto.key_to_base64(psk) if psk else None,
+            "server_public_key": crypto.key_to_base64(self.public),
+        })
+
+    # --- commits ------------------------------------------------------------------------
 
     def _index_used(self, index: int, sessions: Iterable[SessionRecord]) -> bool:
         name = self.protocol.name
