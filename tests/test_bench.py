@@ -480,3 +480,14 @@ def test_flood_rows_median_and_table() -> None:
     assert lines[1].split()[:8] == ["fabric", "flood", "wg25", "500", "450", "90", "90", "50"]
     assert "5.2 s" in lines[1] and "118,000" in lines[1]
     assert " no " in lines[2]
+
+
+def test_baseline_measures_another_checkout_beside_this_one(tmp_path: Path) -> None:
+    specs, notes = bench.plan(["wg", "fabric"], 2, 2, scaling=False, ncpu=2, baseline=str(tmp_path))
+    assert [(s.name, s.source) for s in specs] == [("wg", None), ("fabric", None), ("fabric-base", str(tmp_path))]
+    assert str(tmp_path) in specs[2].describe()
+    _, notes = bench.plan(["wg"], 2, 2, scaling=False, ncpu=2, baseline=str(tmp_path))
+    assert any("--baseline needs the fabric" in n for n in notes)
+    with pytest.raises(SystemExit, match="no fabric/ package"):
+        bench._baseline(str(tmp_path))
+    assert bench._baseline(str(ROOT)) == str(ROOT)

@@ -373,7 +373,7 @@ def test_cluster_up_check_pings_through_wireguard_go() -> None:
     m = re.search(r"client -> 198\.19\.100\.1: (\d+)/(\d+) replies", out)
     assert m and int(m.group(1)) == int(m.group(2)) > 0, out
     # the fabric saw the demo peer's session, through the edges and both workers
-    assert re.search(r"^\d+\s+demo\s+198\.18\.10\.3:\d+", out, re.M), out
+    assert re.search(r"^\d+\s+demo\s+wg\s+198\.18\.10\.3:\d+", out, re.M), out
     assert len(re.findall(r"^worker\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
     assert len(re.findall(r"^edge\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
     assert re.search(r"^fabric ok: broker up .*, 2 edges, 2 workers up, 1 peer, 1 session$", out, re.M), out

@@ -178,13 +178,15 @@ class SystemSpec:
     crypto: str | None = None  # fabric up --crypto (None: its default, auto)
     client: str = "wg22"  # the wireguard-go the client runs (wg | fabric): CLIENTS
     binary: str = "wireguard-go"  # that client's executable (and wg25's server)
+    source: str | None = None  # fabric: run this checkout's code instead of this one's (--baseline)
 
     def describe(self) -> str:
         if self.kind != "fabric":
             return LABELS[self.kind]
         pin = f", pinned to CPU {self.cpus}" if self.cpus is not None else ""
         where = f", crypto in {self.crypto}" if self.crypto else ""
-        return (f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin}), "
+        code = f", the code in {self.source}" if self.source else ""
+        return (f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin}{code}), "
                 f"client {CLIENTS[self.client]}")
 
 
@@ -259,6 +261,17 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _baseline(path: str | None) -> str | None:
+    """--baseline DIR: a checkout with a fabric/ package in it (absolute path)."""
+    if not path:
+        return None
+    root = Path(path).resolve()
+    if not (root / "fabric" / "__main__.py").is_file():
+        raise SystemExit(f"fabric bench: --baseline {path}: no fabric/ package there "
+                         "(give a checkout, e.g. `git worktree add /tmp/base <commit>`)")
+    return str(root)
+
+
 def _positive_rate(text: str) -> float:
     try:
         v = float(text)
@@ -293,6 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "found) or wg22 (Debian's wireguard-go 0.0.20220316)")
     parser.add_argument("--wg25", metavar="PATH", default=None,
                         help=f"the {WG25_NAME} executable (default: $FABRIC_WG25, or {WG25_NAME} on PATH)")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also measure the fabric of another checkout (e.g. a git worktree of an "
+                             "earlier commit) as system fabric-base, in the same rounds")
     parser.add_argument("--flood-rate", type=_positive_rate, default=FLOOD_RATE,
                         help=f"datagrams per second of the flood tests (default {FLOOD_RATE:.0f})")
     parser.add_argument("--crypto", choices=CRYPTO_MODES, default=None,
@@ -317,14 +333,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
          ncpu: int, crypto: str | None = None, client: str = "wg22", wg25: str | None = None,
-         ) -> tuple[list[SystemSpec], list[str]]:
+         baseline: str | None = None) -> tuple[list[SystemSpec], list[str]]:
     """What to run, in order, and notes on what was left out. `client` is the
-    fabric's client (CLIENTS), `wg25` the path of wireguard-go 0.0.20250522."""
+    fabric's client (CLIENTS), `wg25` the path of wireguard-go 0.0.20250522,
+    `baseline` another checkout of fabric measured beside this one (fabric-base)."""
     specs: list[SystemSpec] = []
     notes: list[str] = []
     for s in systems:
         if s == "fabric":
             specs.append(SystemSpec("fabric", "fabric", edges, workers, crypto=crypto))
+            if baseline:
+                specs.append(SystemSpec("fabric-base", "fabric", edges, workers, crypto=crypto, source=baseline))
         elif s == "wg25":
             specs.append(SystemSpec(s, s, client="wg25", binary=wg25 or WG25_NAME))
         else:
@@ -346,6 +365,8 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
             notes.append("scaling: one CPU only, no two-core run")
     elif scaling:
         notes.append("--scaling needs the fabric in --systems")
+    if baseline and "fabric" not in systems:
+        notes.append("--baseline needs the fabric in --systems")
     binary = (wg25 or WG25_NAME) if client == "wg25" else "wireguard-go"
     specs = [replace(sp, client=client, binary=binary) if sp.kind == "fabric" else sp for sp in specs]
     return specs, notes
@@ -805,6 +826,11 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
                            edges=spec.edges, workers=spec.workers, mode="up",
                            tun=topo.ifname("t"), crypto=spec.crypto)
     cluster.cpus = spec.cpus
+    if spec.source:
+        # the other checkout's code for every process and command of this system; -P keeps
+        # the working directory (this checkout) off sys.path
+        cluster.env["PYTHONPATH"] = spec.source
+        cluster.env["PYTHONSAFEPATH"] = "1"
     cluster.start()
     client = cluster.connect_client(1, "bench", binary=spec.binary)
     root = cluster.procs["up"].pid
@@ -1243,7 +1269,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             systems_wanted.append(s)
     specs, notes = plan(systems_wanted, args.edges, args.workers, args.scaling,
-                        os.cpu_count() or 1, args.crypto, client=client, wg25=wg25)
+                        os.cpu_count() or 1, args.crypto, client=client, wg25=wg25,
+                        baseline=_baseline(args.baseline))
     if args.scaling and shutil.which("taskset") is None:
         for sp in [sp for sp in specs if sp.cpus is not None]:
             specs.remove(sp)
