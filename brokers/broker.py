@@ -15,22 +15,22 @@ Sockets (endpoints from fabric.ops.paths.StateDir):
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import os
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import zmq
 
+from brokers.admin import EDGE_GONE_AFTER, AdminRequests
+from brokers.peers import Peer
+from brokers.reports import Reports, sanitize_report
 from fabric.control import zmqcurve as curve
 from fabric.control.kvmsg import HUGZ, ICANHAZ, KTHXBAI, KVMsg
 from fabric.control.records import (
     DEFAULT_PROTOCOL,
-    PeerRecord,
     SessionRecord,
     edge_key,
     peer_key,
@@ -38,7 +38,7 @@ from fabric.control.records import (
 )
 from fabric.dataplane.sessiontable import DEFAULT_SLOTS
 from fabric.ops import metrics
-from fabric.ops.config import ConfigError, PeerConfig, check_overlaps, parse_network
+from fabric.ops.config import ConfigError, PeerConfig, check_overlaps
 from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
@@ -47,109 +47,8 @@ from fabric.protocols.base import Authority, NewSession, Protocol, Publish, Setu
 
 log = Log("broker")
 
-EDGE_GONE_AFTER = 5.0
-
-
-def b64(key: bytes) -> str:
-    """A peer's key as admin replies and client configs spell it (standard base64)."""
-    return base64.b64encode(key).decode()
-
 STATE_VERSION = 2  # 1: sessions and peers as WireGuard's maps, TAI64N kept with each peer
 READS_VERSIONS = (1, 2)
-
-
-@dataclass
-class Peer:
-    name: str
-    public: bytes
-    allowed_ips: list[str]
-    psk: bytes | None = None
-    keepalive: int = 0
-    source: str = "runtime"  # "config": from the TOML file (re-read at every start); "runtime": `fabric peer add`
-    protocol: str = DEFAULT_PROTOCOL
-
-    def record(self) -> PeerRecord:
-        return PeerRecord(self.name, self.public, tuple(self.allowed_ips), self.protocol, self.psk, self.keepalive)
-
-    def value(self) -> dict[str, Any]:
-        return self.record().to_wire()
-
-    def to_state(self) -> dict[str, Any]:
-        return {**self.value(), "source": self.source}
-
-    @classmethod
-    def from_state(cls, d: dict[str, Any]) -> Peer:
-        r = PeerRecord.from_wire(d)
-        return cls(r.name, r.public, list(r.allowed_ips), r.psk, r.keepalive,
-                   "config" if d.get("source") == "config" else "runtime", r.protocol)
-
-
-def _small_int(v: Any, hi: int = 2**63) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < hi
-
-
-def sanitize_report(r: Any) -> dict[str, Any] | None:
-    """A stats report with every field checked, or None if any is malformed."""
-    if not isinstance(r, dict) or r.get("role") not in ("edge", "worker"):
-        return None
-    if not _small_int(r.get("id"), 65536) or not _small_int(r.get("pid"), 2**32):
-        return None
-    counters = r.get("counters", {})
-    peers = r.get("peers", {})
-    sessions = r.get("sessions", {})
-    if not (isinstance(counters, dict) and isinstance(peers, dict) and isinstance(sessions, dict)):
-        return None
-    if not all(isinstance(k, str) and _small_int(v) for k, v in counters.items()):
-        return None
-    for k, v in peers.items():
-        if not isinstance(k, bytes) or not isinstance(v, list) or len(v) != 4 or not all(map(_small_int, v)):
-            return None
-    clean_sessions = {}
-    for k, v in sessions.items():
-        if not _small_int(k) or not isinstance(v, dict) or not _small_int(v.get("packets", 0)):
-            return None
-        ep, last_rx = v.get("endpoint", ""), v.get("last_rx", 0.0)
-        if not isinstance(ep, str) or not isinstance(last_rx, int | float):
-            return None
-        clean_sessions[k] = {"packets": v.get("packets", 0), "endpoint": ep[:64], "last_rx": float(last_rx)}
-    out = {"role": r["role"], "id": r["id"], "pid": r["pid"], "counters": counters, "peers": peers,
-           "sessions": clean_sessions}
-    gauges = r.get("gauges", {})
-    if not isinstance(gauges, dict) or not all(isinstance(k, str) and _small_int(v) for k, v in gauges.items()):
-        return None
-    out["gauges"] = gauges
-    for key in ("work", "result", "work_tcp", "result_tcp", "metrics"):
-        if key in r:
-            if not isinstance(r[key], str) or len(r[key]) > 200:
-                return None
-            out[key] = r[key]
-    return out
-
-
-@dataclass
-class Reports:
-    """Latest counters from each process (role, id, pid); totals are sums over them."""
-
-    latest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = field(default_factory=dict)
-    # the report before the latest one, for rates (`fabric status`: packets per second)
-    previous: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = field(default_factory=dict)
-
-    def add(self, report: dict[str, Any], now: float) -> None:
-        key = (str(report["role"]), int(report["id"]), int(report["pid"]))
-        if key in self.latest:
-            self.previous[key] = self.latest[key]
-        self.latest[key] = (now, report)
-
-    def rates(self, key: tuple[str, int, int]) -> dict[str, float]:
-        """Per-second increase of each counter between the last two reports of one process."""
-        if key not in self.previous or key not in self.latest:
-            return {}
-        (t0, r0), (t1, r1) = self.previous[key], self.latest[key]
-        dt = t1 - t0
-        if dt <= 0:
-            return {}
-        c0 = r0.get("counters", {})
-        return {k: round(max(0, v - c0.get(k, 0)) / dt, 1) for k, v in r1.get("counters", {}).items()}
 
 
 class Broker:
@@ -186,6 +85,7 @@ class Broker:
         self.reports = Reports()
         self.counters: dict[str, int] = {}
         self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
+        self.admin_requests = AdminRequests(self)
         identities: list[tuple[bytes, dict[str, Any]]] = []
         for authority in self.authorities.values():  # e.g. WireGuard's server.key, made on first start
             try:
@@ -394,212 +294,12 @@ class Broker:
                  protocol=peer.protocol)
         return {"ok": True, "session": wire}
 
-    # --- admin ----------------------------------------------------------------
-
     def admin(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        op = req.get("op")
-        handler = {
-            "peers": self._admin_peers,
-            "sessions": self._admin_sessions,
-            "peer_add": self._admin_peer_add,
-            "peer_remove": self._admin_peer_remove,
-            "status": self._admin_status_load,
-            "stats": self._admin_stats,
-            "server": self._admin_server,
-        }.get(op if isinstance(op, str) else "")
-        if handler is None:
-            return {"ok": False, "error": f"unknown admin op {op!r}"}
-        try:
-            return handler(req, now)
-        except (ConfigError, ValueError, KeyError, TypeError) as exc:
-            return {"ok": False, "error": str(exc)}
-
-    def _admin_server(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        about = {name: a.describe() for name, a in self.authorities.items()}
-        return {
-            "ok": True, **about.get(DEFAULT_PROTOCOL, {}), "protocols": about, "addresses": self.addresses,
-            "listen_port": self.listen_port, "endpoint": self.endpoint,
-        }
-
-    def _fresh_reports(self, now: float) -> list[dict[str, Any]]:
-        return [r for _, r in self.reports.latest.values()]
+        """An admin request (brokers/admin.py); always a reply."""
+        return self.admin_requests.handle(req, now)
 
     def _peer_totals(self) -> dict[bytes, list[int]]:
-        totals: dict[bytes, list[int]] = {}
-        for _, r in self.reports.latest.values():
-            for pub, vals in r.get("peers", {}).items():
-                t = totals.setdefault(pub, [0, 0, 0, 0])
-                for i, v in enumerate(vals[:4]):
-                    t[i] += int(v)
-        return totals
-
-    def _session_rows(self, now: float) -> list[dict[str, Any]]:
-        per_edge: dict[int, dict[str, int]] = {}
-        per_worker: dict[int, dict[str, int]] = {}
-        endpoints: dict[int, tuple[float, str]] = {}
-        for (role, rid, _), (_, r) in self.reports.latest.items():
-            target = per_edge if role == "edge" else per_worker
-            for sid, info in r.get("sessions", {}).items():
-                d = target.setdefault(int(sid), {})
-                d[str(rid)] = d.get(str(rid), 0) + int(info.get("packets", 0))
-                ep = info.get("endpoint")
-                if ep and info.get("last_rx", 0) >= endpoints.get(int(sid), (0.0, ""))[0]:
-                    endpoints[int(sid)] = (info.get("last_rx", 0), ep)
-        totals = self._peer_totals()
-        rows = []
-        for sid, s in sorted(self.sessions.items()):
-            p = self.peers.get(s.peer)
-            if p is None:
-                continue
-            t = totals.get(p.public, [0, 0, 0, 0])
-            rows.append({
-                "session_id": sid,
-                "peer": p.name,
-                "public_key": b64(p.public),
-                "endpoint": endpoints.get(sid, (0, ""))[1],
-                "allowed_ips": p.allowed_ips,
-                "protocol": s.protocol,
-                "latest_handshake": s.created,
-                "age": round(now - s.created, 1),
-                "rx_bytes": t[0],
-                "tx_bytes": t[1],
-                "slot": s.slot,
-                "receiver_index": s.data_key,  # the key its data datagrams carry (WireGuard's receiver index)
-                "initiator": s.initiator,
-                "packets_per_edge": per_edge.get(sid, {}),
-                "packets_per_worker": per_worker.get(sid, {}),
-            })
-        return rows
-
-    def _admin_sessions(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        return {"ok": True, "sessions": self._session_rows(now)}
-
-    def _admin_peers(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        totals = self._peer_totals()
-        rows = []
-        sessions = self._session_rows(now)
-        for p in sorted(self.peers.values(), key=lambda p: p.name):
-            mine = [s for s in sessions if s["public_key"] == b64(p.public)]
-            newest = max(mine, key=lambda s: s["latest_handshake"], default=None)
-            t = totals.get(p.public, [0, 0, 0, 0])
-            rows.append({
-                "name": p.name,
-                "protocol": p.protocol,
-                "public_key": b64(p.public),
-                "allowed_ips": p.allowed_ips,
-                "endpoint": newest["endpoint"] if newest else "",
-                "latest_handshake": newest["latest_handshake"] if newest else None,
-                "rx_bytes": t[0],
-                "tx_bytes": t[1],
-                "rx_packets": t[2],
-                "tx_packets": t[3],
-                "persistent_keepalive": p.keepalive,
-                "sessions": len(mine),
-                "source": p.source,
-            })
-        return {"ok": True, "peers": rows}
-
-    def _next_free_ips(self) -> list[str]:
-        """One unused host address from each tunnel network (IPv4 and/or IPv6)."""
-        nets = [ipaddress.ip_network(n) for p in self.peers.values() for n in p.allowed_ips]
-        out = []
-        for iface in self.interfaces:
-            found = None
-            for i, host in enumerate(iface.network.hosts()):
-                if i > 1 << 16:
-                    break
-                if host != iface.ip and not any(host in n for n in nets):
-                    found = f"{host}/{iface.max_prefixlen}"
-                    break
-            if found is None:
-                raise ValueError(f"no free address found in {iface.network}; pass --allowed-ip")
-            out.append(found)
-        return out
-
-    def _admin_peer_add(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        name = req.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
-            raise ValueError("peer name must be 1 to 64 printable characters")
-        if any(p.name == name for p in self.peers.values()):
-            raise ValueError(f"a peer named {name!r} exists already; remove it first or pick another name")
-        ips = req.get("allowed_ips") or self._next_free_ips()
-        nets = [parse_network(ip, "allowed-ip") for ip in ips]
-        check_overlaps([(p.name, p.allowed_ips) for p in self.peers.values()] + [(name, nets)])
-        protocol = req.get("protocol") or DEFAULT_PROTOCOL
-        if protocol not in self.protocols:
-            raise ValueError(f"unknown protocol {protocol!r}; this fabric speaks {', '.join(self.protocols)}")
-        made = self.authorities[protocol].new_peer(req)
-        if made.public in self.peers:
-            raise ValueError(f"that public key belongs to peer {self.peers[made.public].name!r} already")
-        keepalive = req.get("keepalive", 0) or 0
-        if not isinstance(keepalive, int) or isinstance(keepalive, bool) or not 0 <= keepalive <= 65535:
-            raise ValueError("keepalive must be a whole number of seconds from 0 to 65535")
-        self._put_peer(Peer(name, made.public, nets, made.psk, keepalive, protocol=protocol))
-        log.info("peer added", peer=name, protocol=protocol, allowed_ips=",".join(nets))
-        return {
-            "ok": True,
-            "name": name,
-            "protocol": protocol,
-            "public_key": b64(made.public),
-            **made.reply,
-            "allowed_ips": nets,
-            "listen_port": self.listen_port,
-            "endpoint": self.endpoint,
-            "networks": [str(i.network) for i in self.interfaces],
-        }
-
-    def _admin_peer_remove(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        name = req.get("name")
-        peer = next((p for p in self.peers.values() if p.name == name), None)
-        if peer is None:
-            raise ValueError(f"no peer named {name!r}; `fabric admin peers` lists them")
-        if peer.source == "config":
-            raise ValueError(f"peer {name!r} comes from the config file: delete its [[peer]] there and restart")
-        self._drop_peer(peer)
-        self._persist()
-        log.info("peer removed", peer=name)
-        return {"ok": True, "name": name}
-
-    def _admin_status(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        procs = []
-        for (role, rid, pid), (seen, r) in sorted(self.reports.latest.items()):
-            procs.append({
-                "role": role, "id": rid, "pid": pid, "age": round(now - seen, 1),
-                "alive": now - seen < EDGE_GONE_AFTER, "counters": r.get("counters", {}),
-                "gauges": r.get("gauges", {}), "metrics": r.get("metrics"),
-            })
-        return {
-            "ok": True, "broker": {"pid": os.getpid(), "seq": self.seq, "epoch": self.epoch,
-                                   "counters": self.counters, "metrics": self.metrics_addr,
-                                   "gauges": {"sessions": len(self.sessions), "peers": len(self.peers),
-                                              "queue_pending_handshakes": self.pending_count()}},
-            "processes": procs, "sessions": len(self.sessions), "peers": len(self.peers),
-        }
-
-    def _admin_status_load(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        """`_admin_status` plus what `fabric status` shows as load: the broker's start
-        time and each process's counter increase per second between its last two reports."""
-        reply = self._admin_status(req, now)
-        reply["broker"]["started"] = self.started
-        for p in reply["processes"]:
-            p["rates"] = self.reports.rates((p["role"], p["id"], p["pid"]))
-        return reply
-
-    def _admin_stats(self, req: dict[str, Any], now: float) -> dict[str, Any]:
-        totals: dict[str, int] = dict(self.counters)
-        for _, r in self.reports.latest.values():
-            for k, v in r.get("counters", {}).items():
-                key = f"{r['role']}.{k}"
-                totals[key] = totals.get(key, 0) + int(v)
-        # point-in-time figures: the broker's and the live processes' only
-        gauges = {"broker.sessions": len(self.sessions), "broker.peers": len(self.peers),
-                  "broker.queue_pending_handshakes": self.pending_count()}
-        for seen, r in self.reports.latest.values():
-            if now - seen < EDGE_GONE_AFTER:
-                for k, v in r.get("gauges", {}).items():
-                    key = f"{r['role']}.{k}"
-                    gauges[key] = gauges.get(key, 0) + int(v)
-        return {"ok": True, "counters": dict(sorted(totals.items())), "gauges": dict(sorted(gauges.items()))}
+        return self.admin_requests._peer_totals()
 
     # --- stats and edge registry -------------------------------------------
 

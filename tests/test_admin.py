@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from brokers.broker import Reports
+from brokers.reports import Reports
 from fabric.ops import render
 
 ROOT = Path(__file__).resolve().parent.parent

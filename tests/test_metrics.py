@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from brokers.broker import Broker, sanitize_report
+from brokers.broker import Broker
+from brokers.reports import sanitize_report
 from fabric.control import frames
 from fabric.dataplane.reorder import ReorderBuffer
 from fabric.ops import metrics
@@ -143,7 +144,7 @@ def test_worker_frame_stats_by_kind() -> None:
 def test_broker_metrics_and_reports(tmp_path: Path) -> None:
     sd = StateDir.at(tmp_path / "state").ensure()
     b = Broker(sd, ["198.19.100.1/24"], 51820)
-    reply = b._admin_peer_add({"name": "alice"}, time.time())
+    reply = b.admin({"op": "peer_add", "name": "alice"}, time.time())
     assert reply["ok"]
     from fabric.protocols.wireguard.crypto import key_from_base64
 
