@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from fabric.testbed.testnet import _list_netns, missing_tools
+from fabric.testbed.netns import _list_netns
+from fabric.testbed.testnet import missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"missing tools: {missing_tools()}")
 

@@ -22,7 +22,8 @@ import pytest
 from fabric.ops import preflight
 from fabric.ops.paths import StateDir
 from fabric.ops.preflight import PreflightError
-from fabric.testbed.testnet import FabricCluster, Topology, _netns_pids, fabric_argv, fabric_env
+from fabric.testbed.netns import _netns_pids
+from fabric.testbed.testnet import FabricCluster, Topology, fabric_argv, fabric_env
 
 ADDRESS = "198.19.100.1/24"
 SERVER_IP = "198.19.100.1"
