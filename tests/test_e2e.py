@@ -22,6 +22,7 @@ SERVER_IP = "198.19.100.1"
 PORT = 51820
 SESSION_KEYS = {
     "peer",
+    "protocol",
     "public_key",
     "endpoint",
     "allowed_ips",
@@ -79,7 +80,9 @@ def test_two_clients(fab: FabricCluster) -> None:
     assert {"alice", "bob"} <= {s.get("peer") for s in sessions}, sessions
     for s in sessions:
         assert SESSION_KEYS <= set(s), sorted(s)
+        assert s["protocol"] == "wireguard", s
     assert {"alice", "bob"} <= {p.get("name") for p in fab.peers()}
+    assert {p["protocol"] for p in fab.peers()} == {"wireguard"}
 
 
 def test_client_restart(fab: FabricCluster) -> None:

@@ -122,11 +122,11 @@ def iter_pcap(path: str | Path) -> Iterator[UdpPacket]:
 
 def transport_nonces(packets: Sequence[UdpPacket]) -> list[tuple[int, int]]:
     """(receiver index, counter) of every WireGuard transport message captured."""
-    import struct as _st
+    from fabric.protocols.wireguard.messages import TRANSPORT
 
     out = []
     for p in packets:
         if len(p.head) >= 16 and p.head[:4] == b"\x04\x00\x00\x00":
-            _, receiver, counter = _st.unpack_from("<IIQ", p.head, 0)
+            _, receiver, counter = TRANSPORT.unpack_from(p.head, 0)
             out.append((receiver, counter))
     return out

@@ -31,7 +31,6 @@ import random
 import re
 import secrets
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fabric.protocols.wireguard.messages import TRANSPORT
 from fabric.testbed.testnet import (
     Capture,
     FabricCluster,
@@ -167,10 +167,9 @@ def check_nonces(records: Iterable[NonceRecord], max_examples: int = 10) -> Nonc
 def pcap_transport_records(path: str | Path) -> Iterator[NonceRecord]:
     """(src, dst, receiver index, counter) of every WireGuard transport message
     in a classic pcap file, read as a stream."""
-    wg = struct.Struct("<IIQ")
     for p in iter_pcap(path):
         if len(p.head) >= 16 and p.head[:4] == b"\x04\x00\x00\x00":
-            _, receiver, counter = wg.unpack_from(p.head, 0)
+            _, receiver, counter = TRANSPORT.unpack_from(p.head, 0)
             yield p.src, p.dst, receiver, counter
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from fabric.control.records import PeerRecord, SessionRecord
+from fabric.control.records import SERVER, PeerRecord, SessionRecord
 from fabric.protocols.base import FORWARD, EdgeSide, Keepalive, Protocol, Reply, Split
 from fabric.protocols.wireguard import timers
 from fabric.protocols.wireguard.constants import (
@@ -61,7 +61,7 @@ class WgEdge(EdgeSide):
         self.staged_max = STAGED_MAX
 
     def on_record(self, key: bytes, value: dict[str, Any]) -> None:
-        if key != b"server":
+        if key != SERVER:
             return
         public = value["public"]
         if not isinstance(public, bytes) or len(public) != 32:

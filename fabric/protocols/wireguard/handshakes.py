@@ -14,7 +14,7 @@ import secrets
 import struct
 from typing import Any
 
-from fabric.control.records import PENDING, SessionRecord, key_id
+from fabric.control.records import PENDING, SERVER, SessionRecord, key_id
 from fabric.protocols.base import ControlResult, Protocol, WorkerHost, WorkerSide
 from fabric.protocols.wireguard.constants import MSG_INITIATION, MSG_RESPONSE
 from fabric.protocols.wireguard.messages import MessageError, message_type
@@ -47,7 +47,7 @@ class WgWorker(WorkerSide):
         self.pending: dict[int, InitiatorState] = {}
 
     def on_record(self, key: bytes, value: dict[str, Any] | None) -> None:
-        if key == b"server" and value is not None:
+        if key == SERVER and value is not None:
             self.static = StaticKeys.from_private(value["private"])
             return
         index = key_id(key, PENDING)
