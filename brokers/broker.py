@@ -35,6 +35,7 @@ from fabric.control.records import (
     edge_key,
     peer_key,
     session_key,
+    worker_key,
 )
 from fabric.dataplane.sessiontable import DEFAULT_SLOTS
 from fabric.ops import metrics
@@ -82,6 +83,7 @@ class Broker:
         self.authorities: dict[str, Authority] = {n: p.authority() for n, p in self.protocols.items()}
         self.next_sid = 1
         self.edges: dict[int, dict[str, Any]] = {}
+        self.workers: dict[int, float] = {}  # worker id -> last report
         self.reports = Reports()
         self.counters: dict[str, int] = {}
         self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
@@ -313,10 +315,15 @@ class Broker:
         self.reports.add(report, now)
         if role == "edge":
             value = {"id": rid, "work": report.get("work", ""), "result": report.get("result", ""),
-                     **{k: report[k] for k in ("work_tcp", "result_tcp") if report.get(k)}}
+                     **{k: report[k] for k in ("work_tcp", "result_tcp", "control", "control_tcp")
+                        if report.get(k)}}
             self.edges[rid] = {"seen": now, **value}
             if self.kv.get(edge_key(rid)) != value:
                 self._publish(edge_key(rid), value)
+        else:  # a worker: edges pick one among those listed for a protocol's affinity
+            self.workers[rid] = now
+            if worker_key(rid) not in self.kv:
+                self._publish(worker_key(rid), {"id": rid})
 
     def tick(self, now: float) -> None:
         changed = False
@@ -329,6 +336,10 @@ class Broker:
         for authority in self.authorities.values():
             for key, value in authority.tick(now):
                 self._publish(key, value)
+        for rid, seen in list(self.workers.items()):
+            if now - seen > EDGE_GONE_AFTER:
+                del self.workers[rid]
+                self._publish(worker_key(rid), None)
         for rid, e in list(self.edges.items()):
             if now - e["seen"] > EDGE_GONE_AFTER:
                 del self.edges[rid]

@@ -46,7 +46,7 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
     if not isinstance(gauges, dict) or not all(isinstance(k, str) and _small_int(v) for k, v in gauges.items()):
         return None
     out["gauges"] = gauges
-    for key in ("work", "result", "work_tcp", "result_tcp", "metrics"):
+    for key in ("work", "result", "work_tcp", "result_tcp", "control", "control_tcp", "metrics"):
         if key in r:
             if not isinstance(r[key], str) or len(r[key]) > 200:
                 return None

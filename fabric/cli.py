@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
     _crypto(ed)
     ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
-                    help="also offer work on tcp PORT, PORT+1 for remote workers; needs `fabric keys init`")
+                    help="also offer work on tcp PORT, PORT+1, PORT+2 (work, results, control) for remote workers; "
+                         "needs `fabric keys init`")
     _metrics(ed, "serve Prometheus metrics here (default: base+1+id from [server] metrics, else off)")
 
     wk = sub.add_parser("worker", help="run one crypto worker")

@@ -542,10 +542,11 @@ def test_edge_reports_announce_edges(pub_broker: Broker) -> None:
     b.on_report(report, 1.5)  # unchanged: not published again
     b.on_report({"role": "worker", "id": 0, "pid": 98, "counters": {"rx": 2}}, 1.5)
     msgs = received(b)
-    assert [(m.key, m.value) for m in msgs] == [(b"edge/3", {"id": 3, "work": "ipc://w", "result": "ipc://r"})]
+    assert [(m.key, m.value) for m in msgs] == [(b"edge/3", {"id": 3, "work": "ipc://w", "result": "ipc://r"}),
+                                                (b"worker/0", {"id": 0})]
     assert b.admin({"op": "stats"}, 2.0)["counters"] == {"edge.rx": 5, "worker.rx": 2}
-    b.tick(100.0)  # the edge stopped reporting
-    assert [(m.key, m.value) for m in received(b) if m.key != HUGZ] == [(b"edge/3", None)]
+    b.tick(100.0)  # both stopped reporting
+    assert sorted((m.key, m.value) for m in received(b) if m.key != HUGZ) == [(b"edge/3", None), (b"worker/0", None)]
 
 
 def test_tick_expires_sessions_and_pending(pub_broker: Broker) -> None:

@@ -36,11 +36,11 @@ from fabric.ops import admin
 from fabric.ops.paths import StateDir
 from fabric.protocols import registry
 from fabric.protocols.base import (
-    FORWARD,
     Authority,
     ControlResult,
     CounterSpace,
     EdgeSide,
+    Forward,
     NewSession,
     Protocol,
     SessionKeys,
@@ -85,9 +85,9 @@ class Node:
         for t in self.threads:
             t.start()
         deadline = time.monotonic() + 15
-        while not (self.edge.attached and self.worker.edges) and time.monotonic() < deadline:
+        while not (self.edge.attached and self.worker.edges and self.edge.workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert self.edge.attached and self.worker.edges, "the edge or the worker never joined the broker"
+        assert self.edge.attached and self.worker.edges and self.edge.workers, "the edge or the worker never joined"
 
     def admin(self, request: dict[str, Any]) -> dict[str, Any]:
         return admin.request(self.sd.admin, request, timeout=5.0)
@@ -249,8 +249,8 @@ class ToyEdge(EdgeSide):
                 out.drops["toy_junk"] = out.drops.get("toy_junk", 0) + 1
         return out
 
-    def control(self, datagram: bytes, addr: bytes, now: float) -> str:
-        return FORWARD
+    def control(self, datagram: bytes, addr: bytes, now: float) -> Forward:
+        return Forward(datagram[1:9])  # to the worker this peer's key picks (OpenVPN's TLS needs it)
 
     def filter_program(self, data_keys: Collection[int]) -> bytes | None:
         return None
@@ -260,7 +260,7 @@ class ToyWorker(WorkerSide):
     def __init__(self, protocol: Protocol, host: WorkerHost) -> None:
         self.protocol, self.host = protocol, host
 
-    def control(self, datagram: bytes, addr: bytes, now: float) -> ControlResult:
+    def control(self, datagram: bytes, addr: bytes, now: float, edge: int = 0) -> ControlResult:
         peer = datagram[1:33]
         if peer not in self.host.peers:
             self.host.count("drop_toy_unknown_peer")
@@ -308,6 +308,22 @@ class Toy(Protocol):
         return ToyKeys(record) if record.keys else None
 
 
+def test_affinity_picks_the_same_worker_everywhere_and_moves_little() -> None:
+    class E:
+        worker_for = Edge.worker_for
+
+    a, b = E(), E()
+    a.workers, b.workers = {0, 1, 2, 3}, {3, 2, 1, 0}
+    keys = [os.urandom(8) for _ in range(400)]
+    picks = {k: a.worker_for(k) for k in keys}
+    assert picks == {k: b.worker_for(k) for k in keys}  # every edge agrees
+    assert set(picks.values()) == {0, 1, 2, 3}
+    b.workers = {0, 1, 2}  # worker 3 leaves: only its share moves
+    assert all(b.worker_for(k) == w for k, w in picks.items() if w != 3)
+    a.workers = set()
+    assert a.worker_for(keys[0]) is None
+
+
 def test_a_second_protocol_goes_through_the_same_edge_and_worker(node_factory: Callable[..., Node]) -> None:
     protocols = {**registry(), "toy": Toy()}
     node = node_factory(protocols=protocols, ports={"wireguard": 51820, "toy": 7777})
@@ -323,6 +339,7 @@ def test_a_second_protocol_goes_through_the_same_edge_and_worker(node_factory: C
     assert got is not None and got[0][0] == 3, f"no answer; worker {node.worker.counters}"
     key = struct.unpack("!I", got[0][1:5])[0]
     secret = hashlib.blake2s(public + struct.pack("!I", key)).digest()
+    assert node.edge.counters["frames_affine"] == 1  # through the control ROUTER, to its worker
 
     def toy(counter: int, payload: bytes) -> bytes:
         header = TOY_HDR.pack(1, key, counter)

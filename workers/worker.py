@@ -43,6 +43,7 @@ from fabric.control.records import (
     SessionRecord,
     key_id,
     key_public,
+    worker_identity,
 )
 from fabric.control.reqclient import ReqClient, RequestTimeout
 from fabric.dataplane.engine import CryptoEngine
@@ -92,6 +93,12 @@ class Worker:
         self.pull = zmqcurve.apply(self.ctx.socket(zmq.PULL), self.client_opts)
         self.pull.setsockopt(zmq.RCVHWM, 1000)
         self.pull.setsockopt(zmq.LINGER, 0)
+        # control datagrams meant for this worker (a protocol's affinity): one DEALER on
+        # every edge's control ROUTER, known there by this worker's identity
+        self.affine = zmqcurve.apply(self.ctx.socket(zmq.DEALER), self.client_opts)
+        self.affine.setsockopt(zmq.ROUTING_ID, worker_identity(wid))
+        self.affine.setsockopt(zmq.RCVHWM, 1000)
+        self.affine.setsockopt(zmq.LINGER, 0)
         self.stats = zmqcurve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         self.stats.setsockopt(zmq.SNDHWM, 10)
         self.stats.setsockopt(zmq.LINGER, 0)
@@ -147,6 +154,9 @@ class Worker:
         if not work or not result:
             return  # a remote worker can only serve edges that listen on tcp
         self.pull.connect(work)
+        control = v.control_tcp if self.remote else v.control
+        if control:
+            self.affine.connect(control)
         push = zmqcurve.apply(self.ctx.socket(zmq.PUSH), self.client_opts)
         push.setsockopt(zmq.SNDHWM, 1000)
         push.setsockopt(zmq.LINGER, 0)
@@ -160,13 +170,16 @@ class Worker:
         v = self.edges.pop(eid, None)
         if v is None:
             return
-        try:
-            self.pull.disconnect(v.work_tcp if self.remote and v.work_tcp else v.work)
-        except zmq.ZMQError:
-            pass
-        sock = self.results.pop(eid, None)
-        if sock is not None:
-            sock.close(0)
+        for conn, ep in ((self.pull, v.work_tcp if self.remote else v.work),
+                         (self.affine, v.control_tcp if self.remote else v.control)):
+            if ep:
+                try:
+                    conn.disconnect(ep)
+                except zmq.ZMQError:
+                    pass
+        push = self.results.pop(eid, None)
+        if push is not None:
+            push.close(0)
         log.info("disconnected from edge", edge=eid)
 
     # --- frames -----------------------------------------------------------------
@@ -198,7 +211,7 @@ class Worker:
                 self.count("drop_unknown_protocol", len(frame.packets))
                 return
             for pkt in frame.packets:
-                self._result(frame, side.control(bytes(pkt), frame.addr, now))
+                self._result(frame, side.control(bytes(pkt), frame.addr, now, frame.edge))
         elif frame.kind == frames.INITIATE:
             self.initiate(frame, now)
         else:
@@ -265,24 +278,36 @@ class Worker:
         except zmq.Again:
             pass
 
+    def tick_protocols(self, now: float) -> None:
+        """The protocols' timers (retransmissions): what is due goes out through its edge."""
+        for number, side in self.sides.items():
+            for out in side.tick(now):
+                self._send(out.edge, Frame(frames.UDP_SEND, out.edge, 0, 0, out.addr, out.datagrams, proto=number))
+
     def serve(self, stop: list[bool]) -> None:
         self.clone.request_snapshot(time.time())
-        next_tick = 0.0
+        next_tick = next_timers = 0.0
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.affine, zmq.POLLIN)
         while not stop[0]:
             self.clone.register(poller)
-            ready = dict(poller.poll(200))
+            ready = dict(poller.poll(100))
             now = time.time()
             self.clone.handle_ready(ready, now)
-            if self.pull in ready:
+            for sock in (self.pull, self.affine):
+                if sock not in ready:
+                    continue
                 for _ in range(64):
-                    bufs = frames.recv_parts(self.pull)
+                    bufs = frames.recv_parts(sock)
                     if bufs is None:
                         break
                     t0 = time.perf_counter()
                     self.handle(bufs, now)
                     self.frame_stats.observe(bufs[0], time.perf_counter() - t0)
+            if now >= next_timers:
+                self.tick_protocols(now)
+                next_timers = now + 0.1
             if now >= next_tick:
                 self.clone.tick(now)
                 self.report()

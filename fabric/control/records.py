@@ -14,6 +14,7 @@ Keys of the key-value store:
     peer/<base64 key>   a peer (PeerRecord)
     session/<id>        a session (SessionRecord)
     edge/<id>           where an edge takes work (announced from its reports)
+    worker/<id>         a worker that reports (edges pick one by affinity among them)
     pending/<index>     a handshake the fabric initiated (WireGuard's; its own format)
 """
 
@@ -32,6 +33,7 @@ SERVER = b"server"
 PEER = b"peer/"
 SESSION = b"session/"
 EDGE = b"edge/"
+WORKER = b"worker/"
 PENDING = b"pending/"
 
 
@@ -49,6 +51,15 @@ def session_key(sid: int) -> bytes:
 
 def edge_key(eid: int) -> bytes:
     return EDGE + b"%d" % eid
+
+
+def worker_key(wid: int) -> bytes:
+    return WORKER + b"%d" % wid
+
+
+def worker_identity(wid: int) -> bytes:
+    """The routing id a worker's DEALER gives itself on every edge's control ROUTER."""
+    return b"w%d" % wid
 
 
 def pending_key(index: int) -> bytes:
@@ -214,13 +225,14 @@ class EdgeRecord:
     result: str
     work_tcp: str | None = None
     result_tcp: str | None = None
+    control: str | None = None  # ROUTER for control datagrams with an affinity
+    control_tcp: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "work": self.work, "result": self.result}
-        if self.work_tcp:
-            d["work_tcp"] = self.work_tcp
-        if self.result_tcp:
-            d["result_tcp"] = self.result_tcp
+        for name in ("work_tcp", "result_tcp", "control", "control_tcp"):
+            if getattr(self, name):
+                d[name] = getattr(self, name)
         return d
 
     @classmethod
@@ -231,4 +243,4 @@ class EdgeRecord:
             v = d.get(name)
             return v if isinstance(v, str) and v else None
         return cls(_int(d, "id", 65536), str(d.get("work") or ""), str(d.get("result") or ""),
-                   opt("work_tcp"), opt("result_tcp"))
+                   opt("work_tcp"), opt("result_tcp"), opt("control"), opt("control_tcp"))

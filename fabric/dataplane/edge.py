@@ -32,6 +32,7 @@ each protocol's policy says (EdgeSide.keepalive, unanswered_after).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import socket
 import struct
@@ -51,11 +52,13 @@ from fabric.control.records import (
     EDGE,
     PEER,
     SESSION,
+    WORKER,
     PeerRecord,
     RecordError,
     SessionRecord,
     key_id,
     key_public,
+    worker_identity,
 )
 from fabric.dataplane import ippacket, sockfilter, tun, udp
 from fabric.dataplane.engine import CryptoEngine
@@ -68,7 +71,7 @@ from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
 from fabric.protocols import registry
-from fabric.protocols.base import FORWARD, EdgeSide, Protocol, Reply
+from fabric.protocols.base import FORWARD, EdgeSide, Forward, Protocol, Reply
 
 log = Log("edge")
 
@@ -219,7 +222,7 @@ class Edge:
         self.auth = zmqcurve.Authenticator(self.ctx, sd) if self.curve else None
         server_opts = self.curve.server if self.curve else None
         client_opts = self.curve.client if self.curve else None
-        self.tcp = zmqcurve.tcp_endpoints(tcp, 2) if tcp else []
+        self.tcp = zmqcurve.tcp_endpoints(tcp, 3) if tcp else []
         self.work = self.ctx.socket(zmq.PUSH)
         zmqcurve.apply(self.work, server_opts)
         self.work.setsockopt(zmq.SNDHWM, 1000)
@@ -231,7 +234,15 @@ class Edge:
         self.result.setsockopt(zmq.RCVHWM, 1000)
         self.result.setsockopt(zmq.LINGER, 0)
         self.result.bind(sd.edge_result(eid))
-        for sock, ep in zip((self.work, self.result), self.tcp, strict=False):
+        # control datagrams for one worker in particular (Forward: a protocol's affinity)
+        self.control = self.ctx.socket(zmq.ROUTER)
+        zmqcurve.apply(self.control, server_opts)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.SNDHWM, 1000)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(sd.edge_control(eid))
+        self.workers: set[int] = set()  # the workers the broker lists (worker/<id>)
+        for sock, ep in zip((self.work, self.result, self.control), self.tcp, strict=False):
             try:
                 sock.bind(ep)
             except zmq.ZMQError as exc:
@@ -270,6 +281,10 @@ class Edge:
                 self.install_session(record)
                 if record.id not in self.sessions:  # refused (stale): keep no keys
                     self.engine.remove(record.id)
+            elif key.startswith(WORKER):
+                wid = key_id(key, WORKER)
+                if wid is not None:
+                    self.workers.add(wid)
             elif not key.startswith(EDGE):
                 for lst in self.listeners.values():
                     lst.side.on_record(key, v)
@@ -297,6 +312,10 @@ class Edge:
         sid = key_id(key, SESSION)
         if sid is not None:
             self._remove_session(sid)
+            return
+        wid = key_id(key, WORKER)
+        if wid is not None:
+            self.workers.discard(wid)
             return
         pub = key_public(key)
         if pub is not None:
@@ -435,6 +454,9 @@ class Edge:
                 verdict = side.control(data, addr, now)
                 if verdict is FORWARD:
                     forward[addr].append(data)
+                elif isinstance(verdict, Forward):
+                    self._push_to(verdict.affinity, Frame(frames.HANDSHAKE, self.id, 0, 0, addr, [data],
+                                                          proto=lst.protocol.number))
                 elif isinstance(verdict, Reply):
                     try:
                         lst.sock.sendto(verdict.datagram, sa)
@@ -485,6 +507,27 @@ class Edge:
         self.counters["frames_pushed"] += 1  # with packets_pushed: the batch size
         self.counters["packets_pushed"] += len(frame.packets)
         return True
+
+    def worker_for(self, affinity: bytes) -> int | None:
+        """The worker `affinity` picks: the same on every edge that lists the same workers
+        (rendezvous hashing: a worker joining or leaving moves only its own share)."""
+        if not self.workers:
+            return None
+        return max(self.workers, key=lambda w: hashlib.blake2s(affinity + b"%d" % w, digest_size=8).digest())
+
+    def _push_to(self, affinity: bytes, frame: Frame) -> None:
+        """Send a control frame to the worker its affinity picks; to any worker if that
+        one is not connected to this edge (its state is lost then: the peer retries)."""
+        wid = self.worker_for(affinity)
+        if wid is not None:
+            try:
+                self.control.send(worker_identity(wid), zmq.NOBLOCK | zmq.SNDMORE)
+                frames.send_parts(self.control, frame.encode())
+                self.counters["frames_affine"] += 1
+                return
+            except zmq.ZMQError:  # EHOSTUNREACH (ROUTER_MANDATORY) or a full queue
+                self.counters["affine_worker_unreachable"] += 1
+        self._push(frame)
 
     # --- send path ------------------------------------------------------------------
 
@@ -853,7 +896,9 @@ class Edge:
         rep = {
             "role": "edge", "id": self.id, "pid": os.getpid(),
             "work": self.sd.edge_work(self.id), "result": self.sd.edge_result(self.id),
-            **({"work_tcp": self.tcp[0], "result_tcp": self.tcp[1]} if self.tcp else {}),
+            "control": self.sd.edge_control(self.id),
+            **({"work_tcp": self.tcp[0], "result_tcp": self.tcp[1], "control_tcp": self.tcp[2]}
+               if self.tcp else {}),
             "port": self.port, "counters": dict(self.counters), "gauges": metrics.edge_gauges(self),
             **({"metrics": self.metrics_addr} if self.metrics_addr else {}),
             "peers": {p.public: p.stats for p in self.peers.values()},
@@ -932,7 +977,7 @@ class Edge:
         if self.auth is not None:
             self.auth.stop()
         self.clone.close()
-        for s in (self.work, self.result, self.stats):
+        for s in (self.work, self.result, self.control, self.stats):
             s.close(0)
         for lst in self.listeners.values():
             if lst.sock is not None:

@@ -68,6 +68,10 @@ class StateDir:
     def edge_result(self, edge_id: int) -> str:
         return self.ipc(f"edge-{edge_id}-result")
 
+    def edge_control(self, edge_id: int) -> str:
+        """ROUTER: control datagrams for one worker in particular (a protocol's affinity)."""
+        return self.ipc(f"edge-{edge_id}-control")
+
     @property
     def server_key(self) -> Path:
         return self.root / "server.key"

@@ -80,7 +80,16 @@ class Split:
     drops: dict[str, int] = field(default_factory=dict)
 
 
-FORWARD = "forward"  # EdgeSide.control: hand the datagram to a worker
+FORWARD = "forward"  # EdgeSide.control: hand the datagram to any worker
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """EdgeSide.control: hand the datagram to the one worker that `affinity` picks (the
+    same on every edge: rendezvous hashing over the workers the broker lists), for a
+    control protocol whose state lives in one worker (OpenVPN's TLS)."""
+
+    affinity: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +131,10 @@ class EdgeSide:
         so its samples (see `filter_program`) may be among them."""
         raise NotImplementedError
 
-    def control(self, datagram: bytes, addr: bytes, now: float) -> str | Reply:
-        """FORWARD, a Reply, or a drop reason for one control datagram from packed
-        address `addr` (control.frames.pack_addr). Called once per batch's control
-        datagrams, after its data."""
+    def control(self, datagram: bytes, addr: bytes, now: float) -> str | Reply | Forward:
+        """FORWARD, a Forward (to one worker), a Reply, or a drop reason for one control
+        datagram from packed address `addr` (control.frames.pack_addr). Called once per
+        batch's control datagrams, after its data."""
         return "unexpected_control"
 
     def begin(self, now: float) -> None:
@@ -191,9 +200,13 @@ class WorkerSide:
     def on_record(self, key: bytes, value: dict[str, Any] | None) -> None:
         """A record other than peers and sessions (None: deleted)."""
 
-    def control(self, datagram: bytes, addr: bytes, now: float) -> ControlResult:
-        """A forwarded control datagram from `addr`."""
+    def control(self, datagram: bytes, addr: bytes, now: float, edge: int = 0) -> ControlResult:
+        """A forwarded control datagram from `addr`, through edge `edge`."""
         raise NotImplementedError
+
+    def tick(self, now: float) -> list[Outgoing]:
+        """Called about every 0.1 s: datagrams due now (retransmissions, timeouts)."""
+        return []
 
     def initiate(self, peer: bytes, addr: bytes, now: float) -> ControlResult:
         """Start a handshake to `peer` at `addr` (the edge has traffic for it)."""
@@ -202,6 +215,16 @@ class WorkerSide:
     def pending_count(self) -> int:
         """Handshakes this worker holds in progress (a gauge)."""
         return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """WorkerSide.tick: datagrams to `addr`, sent through edge `edge` (any edge can: they
+    share the port)."""
+
+    edge: int
+    addr: bytes
+    datagrams: list[bytes]
 
 
 @dataclass(slots=True)

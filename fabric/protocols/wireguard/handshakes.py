@@ -77,7 +77,7 @@ class WgWorker(WorkerSide):
             return None
         return SessionRecord.from_wire(reply["session"])
 
-    def control(self, datagram: bytes, addr: bytes, now: float) -> ControlResult:
+    def control(self, datagram: bytes, addr: bytes, now: float, edge: int = 0) -> ControlResult:
         if self.static is None:
             return self._drop("not_ready")
         try:
