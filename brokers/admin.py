@@ -53,7 +53,7 @@ class AdminRequests:
         about = {name: a.describe() for name, a in self.b.authorities.items()}
         return {
             "ok": True, **about.get(DEFAULT_PROTOCOL, {}), "protocols": about, "addresses": self.b.addresses,
-            "listen_port": self.b.listen_port, "endpoint": self.b.endpoint,
+            "listen_port": self.b.listen_port, "ports": self.b.ports, "endpoint": self.b.endpoint,
         }
 
     def _fresh_reports(self, now: float) -> list[dict[str, Any]]:
@@ -163,6 +163,9 @@ class AdminRequests:
         protocol = req.get("protocol") or DEFAULT_PROTOCOL
         if protocol not in self.b.protocols:
             raise ValueError(f"unknown protocol {protocol!r}; this fabric speaks {', '.join(self.b.protocols)}")
+        if protocol not in self.b.ports:
+            raise ValueError(f"this fabric does not serve {protocol}: give it a port (e.g. `fabric up "
+                             f"--{protocol}-port PORT`, or [{protocol}] port in the config file) and restart")
         made = self.b.authorities[protocol].new_peer(req)
         if made.public in self.b.peers:
             raise ValueError(f"that public key belongs to peer {self.b.peers[made.public].name!r} already")
@@ -178,7 +181,7 @@ class AdminRequests:
             "public_key": b64(made.public),
             **made.reply,
             "allowed_ips": nets,
-            "listen_port": self.b.listen_port,
+            "listen_port": self.b.ports[protocol],
             "endpoint": self.b.endpoint,
             "networks": [str(i.network) for i in self.b.interfaces],
         }

@@ -44,7 +44,15 @@ from fabric.ops.log import Log
 from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
 from fabric.protocols import registry
-from fabric.protocols.base import Authority, NewSession, Protocol, Publish, SetupError
+from fabric.protocols.base import (
+    Authority,
+    EndSessions,
+    NewSession,
+    Protocol,
+    Publish,
+    ServerSetup,
+    SetupError,
+)
 
 log = Log("broker")
 
@@ -63,7 +71,11 @@ class Broker:
         slots: int = DEFAULT_SLOTS,
         tcp: str | None = None,
         protocols: dict[str, Protocol] | None = None,
+        ports: dict[str, int] | None = None,
+        options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """`ports`: the protocols this fabric serves, each on its UDP port (default:
+        WireGuard on `listen_port`); `options`: a protocol's own settings by name."""
         self.sd = state_dir
         self.tcp = tcp
         if isinstance(addresses, str):
@@ -71,6 +83,7 @@ class Broker:
         self.addresses = list(addresses)
         self.interfaces = [ipaddress.ip_interface(a) for a in self.addresses]
         self.listen_port = listen_port
+        self.ports = dict(ports) if ports else {DEFAULT_PROTOCOL: listen_port}
         self.endpoint = endpoint
         self.slots = slots
         self.epoch = secrets.randbits(63)
@@ -89,9 +102,12 @@ class Broker:
         self.metrics_addr: str | None = None  # its own /metrics endpoint (admin status lists all)
         self.admin_requests = AdminRequests(self)
         identities: list[tuple[bytes, dict[str, Any]]] = []
-        for authority in self.authorities.values():  # e.g. WireGuard's server.key, made on first start
+        for name, authority in self.authorities.items():  # e.g. WireGuard's server.key, made on first start
+            if name not in self.ports:
+                continue  # not served: no identity made
+            setup = ServerSetup(self.sd.root, tuple(self.interfaces), self.ports[name], (options or {}).get(name, {}))
             try:
-                identities += authority.start(self.sd.root)
+                identities += authority.start(setup)
             except SetupError as exc:
                 raise ConfigError(str(exc)) from None
         self._load_state()
@@ -263,6 +279,16 @@ class Broker:
             if verdict.event:
                 self.count(verdict.event)
             return {"ok": True}
+        if isinstance(verdict, EndSessions):
+            ended = [sid for sid in verdict.ids if self.sessions.get(sid) is not None
+                     and self.sessions[sid].peer == peer.public]
+            for sid in ended:
+                self._delete_session(sid)
+            if ended:
+                self.count(verdict.event, len(ended))
+                self._persist()
+                log.info("sessions ended", peer=peer.name, sessions=",".join(map(str, ended)))
+            return {"ok": True, "ended": ended}
         if verdict.unpublish is not None:
             self._publish(verdict.unpublish, None)
         reply = self._new_session(peer, verdict, now)
@@ -274,6 +300,10 @@ class Broker:
 
     def _new_session(self, peer: Peer, new: NewSession, now: float) -> dict[str, Any]:
         proto = self.protocols[peer.protocol]
+        for sid in [sid for sid, s in self.sessions.items()  # a data key names one session
+                    if (s.protocol == peer.protocol and s.data_key == new.data_key)
+                    or (sid in new.ends and s.peer == peer.public)]:
+            self._delete_session(sid)
         used = {s.slot for s in self.sessions.values()}
         mine = sorted((s.created, sid) for sid, s in self.sessions.items() if s.peer == peer.public)
         while len(mine) >= proto.max_sessions_per_peer:
@@ -328,7 +358,7 @@ class Broker:
     def tick(self, now: float) -> None:
         changed = False
         for sid, s in list(self.sessions.items()):
-            if now - s.created > self.protocols[s.protocol].keep_time:  # WireGuard 6.3: keys erased
+            if now > self.protocols[s.protocol].forget_at(s):  # WireGuard 6.3: keys erased
                 self._delete_session(sid)
                 changed = True
         if changed:
@@ -464,11 +494,12 @@ class Broker:
 
 
 def run(state_dir: StateDir, addresses: list[str], listen_port: int, endpoint: str | None,
-        config_peers: list[PeerConfig], tcp: str | None = None, metrics_addr: str | None = None) -> int:
+        config_peers: list[PeerConfig], tcp: str | None = None, metrics_addr: str | None = None,
+        ports: dict[str, int] | None = None, options: dict[str, dict[str, Any]] | None = None) -> int:
     state_dir.ensure()
     lock = state_dir.lock("broker")
     exporter = metrics.start(metrics_addr, "broker", 0)
-    broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers, tcp=tcp)
+    broker = Broker(state_dir, addresses, listen_port, endpoint, config_peers, tcp=tcp, ports=ports, options=options)
     if exporter is not None:
         broker.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.broker_metrics(f, broker, EDGE_GONE_AFTER)

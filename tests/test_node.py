@@ -73,7 +73,7 @@ class Node:
         os.environ["FABRIC_NO_GRO"] = "1"  # every packet whole on the fake TUN
         self.sd = StateDir.at(root / "state").ensure()
         self.ctx = zmq.Context()
-        self.broker = Broker(self.sd, [f"{SERVER_IP}/24"], 51820, None, [], protocols=protocols)
+        self.broker = Broker(self.sd, [f"{SERVER_IP}/24"], 51820, None, [], protocols=protocols, ports=ports)
         self.broker.bind(self.ctx)
         self.net, self.tun = FakeNet(), FakeTun()
         self.edge = Edge(self.sd, 0, tun_name="fake0", io=FakeIO(self.net, SERVER_UDP[0], self.tun),

@@ -118,7 +118,11 @@ class Worker:
                 self.peers[peer.public] = peer
                 self.engine.set_peer(peer)
             elif key.startswith(SESSION):
-                self.engine.install(SessionRecord.from_wire(v))
+                record = SessionRecord.from_wire(v)
+                self.engine.install(record)
+                proto = self.protocols.get(record.protocol)
+                if proto is not None:
+                    self.sides[proto.number].on_session(record)
             elif key.startswith(EDGE):
                 self._connect_edge(EdgeRecord.from_wire(v))
             else:
@@ -137,6 +141,8 @@ class Worker:
             self.engine.remove_peer(pub)
         elif sid is not None:
             self.engine.remove(sid)
+            for side in self.sides.values():
+                side.on_session_gone(sid)
         elif eid is not None:
             self._disconnect_edge(eid)
         else:

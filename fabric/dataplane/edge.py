@@ -340,7 +340,7 @@ class Edge:
             self.counters["stale_session"] += 1
             return
         s = EdgeSession(sid, record.slot, record.peer, record.public(), lst,
-                        record.created + lst.protocol.lifetime)
+                        lst.protocol.expires(record))
         self.sessions[sid] = s
         lst.by_key[record.data_key] = sid
         lst.filter_dirty = True

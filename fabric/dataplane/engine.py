@@ -65,7 +65,7 @@ class CryptoEngine:
         if keys is None:
             return False
         self.sessions[record.id] = keys
-        self.expires[record.id] = record.created + proto.lifetime
+        self.expires[record.id] = proto.expires(record)
         return True
 
     def remove(self, sid: int) -> None:

@@ -11,7 +11,8 @@ from fabric.protocols.base import Protocol
 
 def registry() -> dict[str, Protocol]:
     """Every protocol fabric speaks, by name."""
+    from fabric.protocols.openvpn import OpenVPN
     from fabric.protocols.wireguard import WireGuard
 
-    protos: list[Protocol] = [WireGuard()]
+    protos: list[Protocol] = [WireGuard(), OpenVPN()]
     return {p.name: p for p in protos}

@@ -37,6 +37,7 @@ edge or a worker alike).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import typing
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -200,6 +201,12 @@ class WorkerSide:
     def on_record(self, key: bytes, value: dict[str, Any] | None) -> None:
         """A record other than peers and sessions (None: deleted)."""
 
+    def on_session(self, record: SessionRecord) -> None:
+        """A session of this protocol was published (with its keys)."""
+
+    def on_session_gone(self, sid: int) -> None:
+        """A session was deleted (replaced, expired, ended, or its peer removed)."""
+
     def control(self, datagram: bytes, addr: bytes, now: float, edge: int = 0) -> ControlResult:
         """A forwarded control datagram from `addr`, through edge `edge`."""
         raise NotImplementedError
@@ -239,7 +246,8 @@ class ControlResult:
 @dataclass(slots=True)
 class NewSession:
     """Authority.commit: make this session (the broker adds id, slot, peer, protocol,
-    created), then call `on_commit`; `unpublish`: a record to delete with it."""
+    created), then call `on_commit`; `unpublish`: a record to delete with it; `ends`:
+    sessions it ends (e.g. an OpenVPN client's previous connection)."""
 
     data_key: int
     params: dict[str, Any]
@@ -248,6 +256,7 @@ class NewSession:
     endpoint: bytes
     on_commit: Callable[[], None] | None = None
     unpublish: bytes | None = None
+    ends: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +266,27 @@ class Publish:
     key: bytes
     value: dict[str, Any]
     event: str = ""
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What Authority.start gets: the state directory, the server's tunnel addresses
+    (the TUN's, one per family), this protocol's UDP port, and the protocol's own
+    settings (its table in the TOML file, e.g. `[openvpn]`)."""
+
+    root: Path
+    interfaces: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
+    port: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EndSessions:
+    """Authority.commit: end these sessions (the peer said goodbye, e.g. OpenVPN's
+    EXIT), and count `event`."""
+
+    ids: tuple[int, ...]
+    event: str = "sessions_ended"
 
 
 class SetupError(ValueError):
@@ -276,15 +306,16 @@ class PeerProvision:
 class Authority:
     """A protocol's rules at the broker: what a worker may commit.
 
-    `commit` returns a NewSession, a Publish, or a refusal reason; the broker
-    assigns the session's id and slot, publishes and persists. `state()` and
+    `commit` returns a NewSession, a Publish, an EndSessions or a refusal reason; the
+    broker assigns the session's id and slot, publishes and persists (a new session
+    replaces one of the same protocol with the same data key). `state()` and
     `load()` carry the protocol's own persistent state in broker.state. `start`
     sets up the protocol's server identity (made on first start, kept in the
     state directory) and `new_peer` a peer's keys for `fabric peer add`."""
 
     protocol: Protocol
 
-    def start(self, root: Path) -> list[tuple[bytes, dict[str, Any]]]:
+    def start(self, setup: ServerSetup) -> list[tuple[bytes, dict[str, Any]]]:
         """At broker start: records to publish (e.g. the server identity); SetupError."""
         return []
 
@@ -304,7 +335,7 @@ class Authority:
         return PeerProvision(os.urandom(32))
 
     def commit(self, req: dict[str, Any], peer: PeerRecord, sessions: Iterable[SessionRecord],
-               now: float) -> NewSession | Publish | str:
+               now: float) -> NewSession | Publish | EndSessions | str:
         return "bad_request"
 
     def tick(self, now: float) -> list[tuple[bytes, dict[str, Any] | None]]:
@@ -362,6 +393,15 @@ class Protocol:
     lifetime: float  # a session neither sends nor receives once this old (seconds)
     keep_time: float  # the broker forgets a session (and its keys) once this old
     max_sessions_per_peer: int  # the broker keeps at most this many per peer
+
+    def expires(self, record: SessionRecord) -> float:
+        """When a session stops sending and receiving (wall time): `lifetime` after it
+        began, unless the protocol says otherwise per session."""
+        return record.created + self.lifetime
+
+    def forget_at(self, record: SessionRecord) -> float:
+        """When the broker forgets a session and its keys."""
+        return record.created + self.keep_time
 
     def edge(self, count: Callable[[str, int], None], shared_load: Any = None) -> EdgeSide:
         raise NotImplementedError

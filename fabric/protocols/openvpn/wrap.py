@@ -129,8 +129,15 @@ def _check_pid(packet: bytes, packet_id: int, net_time: int) -> None:
 class ControlWrap(Protocol):
     """What TlsCrypt, TlsAuth and NoWrap have in common."""
 
-    overhead: int  # bytes the wrapping adds to an unwrapped packet
-    replay_protected: bool  # unwrap returns a packet id and time to check
+    @property
+    def overhead(self) -> int:
+        """Bytes the wrapping adds to an unwrapped packet."""
+        ...
+
+    @property
+    def replay_protected(self) -> bool:
+        """Unwrap returns a packet id and time to check."""
+        ...
 
     def wrap(self, packet: bytes, packet_id: int, net_time: int) -> bytes: ...
 

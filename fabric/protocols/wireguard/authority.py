@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from fabric.control.records import SERVER, PeerRecord, SessionRecord, pending_key
@@ -27,6 +26,7 @@ from fabric.protocols.base import (
     PeerProvision,
     Protocol,
     Publish,
+    ServerSetup,
     SetupError,
 )
 from fabric.protocols.wireguard import crypto
@@ -58,11 +58,11 @@ class WgAuthority(Authority):
 
     # --- the server and its peers ----------------------------------------------------
 
-    def start(self, root: Path) -> list[tuple[bytes, dict[str, Any]]]:
+    def start(self, setup: ServerSetup) -> list[tuple[bytes, dict[str, Any]]]:
         """The server's static key pair: `server.key` in the state directory (0600),
         made on the first start. Published as `server` (edges check mac1 and make
         cookies with the public half; workers handshake with the private one)."""
-        path = root / "server.key"
+        path = setup.root / "server.key"
         if path.exists():
             try:
                 self.private = crypto.key_from_base64(path.read_text())
