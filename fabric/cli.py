@@ -6,10 +6,19 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fabric import __version__
 from fabric.ops import log as logmod
-from fabric.ops.config import DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_TUN, ConfigError
+from fabric.ops.config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_OPENVPN_PORT,
+    DEFAULT_PORT,
+    DEFAULT_TUN,
+    ConfigError,
+)
+
+PROTOCOLS = ("wireguard", "openvpn")
 
 
 def _port(text: str) -> int:
@@ -104,6 +113,10 @@ def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: i
     return child_address(base, role, ident, edges) if base and ident is not None else None
 
 
+def _openvpn_port(p: argparse.ArgumentParser, hlp: str) -> None:
+    p.add_argument("--openvpn-port", metavar="PORT", type=_port, help=hlp)
+
+
 def _state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="keys, state and sockets (default $FABRIC_STATE_DIR or /var/lib/fabric)")
@@ -141,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _state_dir(up)
     up.add_argument("--config", help="TOML configuration file")
     up.add_argument("--listen-port", type=_port, help=f"UDP port (default {DEFAULT_PORT})")
+    _openvpn_port(up, f"also serve OpenVPN on this UDP port (e.g. {DEFAULT_OPENVPN_PORT}), with the "
+                      "config's [openvpn] options or the defaults (default: [openvpn] port, else off)")
     up.add_argument("--listen", default="::", help="UDP address to bind (default :: = all, IPv4 and IPv6)")
     up.add_argument("--address", type=_cidrs, help=f"server tunnel address(es) with prefix, comma-separated for IPv4 and IPv6 (default {DEFAULT_ADDRESS})")
     up.add_argument("--edges", type=_count, help="edge processes (default: number of cores)")
@@ -157,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--config", help="TOML configuration file (peers, [server] address)")
     br.add_argument("--address", type=_cidrs, help=f"server tunnel address(es) with prefix, comma-separated for IPv4 and IPv6 (default {DEFAULT_ADDRESS})")
     br.add_argument("--listen-port", type=_port, help=f"the UDP port edges use (default {DEFAULT_PORT})")
+    _openvpn_port(br, "serve OpenVPN too, on this UDP port of the edges, with the config's [openvpn] "
+                      "options or the defaults (default: [openvpn] port, else off)")
     br.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     br.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also listen on tcp PORT..PORT+4 (pub, snapshot, commit, stats, admin); needs `fabric keys init`")
@@ -168,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--config", help="TOML configuration file ([server] listen_port, tun, address, state_dir)")
     ed.add_argument("--listen", default="::", help="UDP address to bind (default ::)")
     ed.add_argument("--listen-port", type=_port, help=f"UDP port (default {DEFAULT_PORT})")
+    _openvpn_port(ed, "also listen for OpenVPN on this UDP port (default: [openvpn] port, else off)")
     ed.add_argument("--tun", help=f"multiqueue TUN device (default {DEFAULT_TUN})")
     ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
@@ -231,16 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     peer = sub.add_parser("peer", help="add or remove peers at runtime")
     psub = peer.add_subparsers(dest="action", metavar="ACTION")
     psub.required = True
-    add = psub.add_parser("add", help="add a peer and print its wg-quick config")
+    hlp = "add a peer and print its client config (wg-quick file, or .ovpn profile with --openvpn)"
+    add = psub.add_parser("add", help=hlp, description=hlp[0].upper() + hlp[1:] + ".")
     add.add_argument("name")
+    add.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                     help="the peer's wire protocol (default wireguard); the fabric must serve it")
+    add.add_argument("--openvpn", action="store_true",
+                     help="an OpenVPN peer: print an inline .ovpn profile (same as --protocol openvpn)")
     add.add_argument("--allowed-ip", action="append", type=_network, dest="allowed_ips",
                      help="tunnel address(es) of the peer (default: next free address)")
     add.add_argument("--endpoint", type=_endpoint, help="HOST:PORT to write into the client config")
-    add.add_argument("--public-key", help="use this client public key instead of generating a key pair")
-    add.add_argument("--preshared-key", action="store_true", help="also generate a preshared key")
+    add.add_argument("--public-key", help="use this client public key instead of generating a key pair (WireGuard)")
+    add.add_argument("--preshared-key", action="store_true", help="also generate a preshared key (WireGuard)")
     add.add_argument("--keepalive", type=int, default=0, help="server-side persistent keepalive, seconds")
     add.add_argument("--output", "-o", help="write the config to this file (0600) instead of stdout")
-    add.add_argument("--qr", action="store_true", help="also print the config as a QR code (for phone apps)")
+    add.add_argument("--qr", action="store_true",
+                     help="also print the config as a QR code (for the WireGuard phone apps)")
     _client(add)
     rm = psub.add_parser("remove", help="remove a peer and end its sessions")
     rm.add_argument("name")
@@ -360,13 +384,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         ep, opts = _admin_target(args)
         st = admin.request(ep, {"op": "status"}, timeout=args.timeout, curve=opts)
         sessions = admin.request(ep, {"op": "sessions"}, timeout=args.timeout, curve=opts)["sessions"]
+        server = admin.request(ep, {"op": "server"}, timeout=args.timeout, curve=opts)
     except admin.Unreachable as exc:
         if args.json:
             print(admin.dump({"health": "unreachable", "problems": [str(exc)], "summary": f"fabric unreachable: {exc}"}))
         print(f"fabric: unreachable: {exc}", file=sys.stderr)
         return 2
     pids = [st["broker"]["pid"], *(p["pid"] for p in st.get("processes", []) if p.get("alive"))]
-    view = render.status_view(st, sessions, time.time(), render.cpu_percent(pids))
+    view = render.status_view(st, sessions, time.time(), render.cpu_percent(pids), server=server)
     if args.json:
         print(admin.dump(view))
     else:
@@ -384,6 +409,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         return 0
     if args.keepalive < 0 or args.keepalive > 65535:
         raise ConfigError("--keepalive must be 0 to 65535 seconds")
+    protocol = peer_protocol(args)
     if args.public_key:
         from fabric.protocols.wireguard.crypto import key_from_base64
 
@@ -392,10 +418,11 @@ def cmd_peer(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--public-key: {exc}") from None
     reply = admin.request(ep, {
-        "op": "peer_add", "name": args.name, "allowed_ips": args.allowed_ips,
+        "op": "peer_add", "name": args.name, "protocol": protocol, "allowed_ips": args.allowed_ips,
         "public_key": args.public_key, "psk": args.preshared_key, "keepalive": args.keepalive,
     }, timeout=args.timeout, curve=opts)
-    endpoint = args.endpoint or reply.get("endpoint") or admin.default_endpoint(reply["listen_port"])
+    reply.setdefault("protocol", protocol)
+    endpoint = admin.client_endpoint(reply, protocol, args.endpoint)
     text = admin.client_config(reply, endpoint)
     qr = render.qr_text(text) if args.qr else None
     if args.json:
@@ -418,11 +445,61 @@ def cmd_peer(args: argparse.Namespace) -> int:
     return 0
 
 
+# flags of `fabric peer add` that only a WireGuard peer has: what to say instead
+WIREGUARD_ONLY = {
+    "public_key": ("--public-key", "an OpenVPN peer gets a key and certificate made by the fabric, "
+                                   "inline in its profile"),
+    "preshared_key": ("--preshared-key", "OpenVPN's control channel is protected by the server's "
+                                         "tls-crypt/tls-auth key, inline in the profile"),
+    "qr": ("--qr", "the phone apps scan WireGuard configs only; copy the .ovpn profile (--output FILE)"),
+}
+
+
+def peer_protocol(args: argparse.Namespace) -> str:
+    """The protocol of `fabric peer add` (--protocol, or --openvpn); UsageError for
+    contradicting flags or WireGuard-only flags on another protocol."""
+    protocol = args.protocol or ("openvpn" if args.openvpn else "wireguard")
+    if args.openvpn and protocol != "openvpn":
+        raise UsageError(f"--openvpn contradicts --protocol {protocol}: give one of them")
+    if protocol != "wireguard":
+        for dest, (flag, why) in WIREGUARD_ONLY.items():
+            if getattr(args, dest, None):
+                raise UsageError(f"{flag} is for WireGuard peers, not with --protocol {protocol}: {why}")
+    return protocol
+
+
+class UsageError(ConfigError):
+    """A combination of command-line arguments that cannot work (exit 2 with usage)."""
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """Checks across arguments, made before a command does anything; UsageError."""
+    if args.command == "peer" and args.action == "add":
+        peer_protocol(args)
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` came from, for its usage line."""
+    path = [args.command, *(v for k in ("action", "what", "keys_action", "config_action")
+                            if isinstance(v := getattr(args, k, None), str))]
+    p = parser
+    for name in path:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            break
+        p = subs[0].choices[name]
+    return p
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fabric.ops import admin, config
 
     try:
         cfg = config.load(args.file)
+        try:
+            config.require_protocols(cfg.server.ports())  # e.g. [openvpn] on a fabric without OpenVPN
+        except ConfigError as exc:
+            raise ConfigError(f"{args.file}: {exc}") from None
     except ConfigError as exc:
         if not args.json:
             raise
@@ -441,11 +518,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from fabric.ops.paths import StateDir
 
     cfg = config.load(args.config)
+    ports, options = config.served(cfg.server, args.listen_port, args.openvpn_port)
+    config.require_protocols(ports)
     sd = StateDir.at(args.state_dir or cfg.server.state_dir)
     preflight.for_broker(sd)
-    return broker.run(sd, args.address or cfg.server.addresses, args.listen_port or cfg.server.listen_port,
+    more = len(ports) > 1  # WireGuard alone: nothing extra (the broker's default)
+    return broker.run(sd, args.address or cfg.server.addresses, ports["wireguard"],
                       args.endpoint or cfg.server.endpoint, cfg.peers, tcp=args.tcp,
-                      metrics_addr=_metrics_for(args, cfg.server.metrics, "broker", 0, cfg.server.edges))
+                      metrics_addr=_metrics_for(args, cfg.server.metrics, "broker", 0, cfg.server.edges),
+                      ports=ports if more else None, options=options if more else None)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -455,13 +536,17 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config).server
     addresses = args.address or (cfg.addresses if args.config else None)
-    port = args.listen_port or cfg.listen_port
-    preflight.for_edge(args.listen, port if not args.no_reuseport else port + args.id,
-                       not args.no_reuseport, args.tun or cfg.tun)
+    ports, _ = config.served(cfg, args.listen_port, args.openvpn_port)
+    config.require_protocols(ports)
+    port, ovpn = ports["wireguard"], ports.get("openvpn")
+    shift = 0 if not args.no_reuseport else args.id  # edge i binds port+i without SO_REUSEPORT
+    preflight.for_edge(args.listen, port + shift, not args.no_reuseport, args.tun or cfg.tun,
+                       ovpn + shift if ovpn else None)
+    served: dict[str, Any] = {"ports": ports} if len(ports) > 1 else {}
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
-                    args.listen_port or cfg.listen_port, args.tun or cfg.tun, addresses, not args.no_reuseport,
+                    port, args.tun or cfg.tun, addresses, not args.no_reuseport,
                     tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges),
-                    crypto=args.crypto or cfg.crypto)
+                    crypto=args.crypto or cfg.crypto, **served)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -491,6 +576,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_usage(args)
+    except UsageError as exc:
+        _subparser(parser, args).error(str(exc))
     args.verbose += getattr(args, "sub_verbose", 0)
     logmod.setup(args.verbose)
     handlers = {

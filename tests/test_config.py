@@ -270,3 +270,197 @@ def test_parse_fuzz_only_config_errors(data: dict[str, Any]) -> None:
     for p in cfg.peers:
         for n in p.allowed_ips:
             assert owner.setdefault(n, p.name) == p.name
+
+
+# --- [openvpn] ----------------------------------------------------------------------------
+
+def test_openvpn_is_off_without_its_table() -> None:
+    s = parse({}).server
+    assert s.openvpn is None
+    assert s.ports() == {"wireguard": config.DEFAULT_PORT}
+
+
+def test_empty_openvpn_table_serves_openvpn_with_the_defaults() -> None:
+    s = parse({"openvpn": {}}).server
+    assert s.openvpn == {"port": 1194, "data_ciphers": ["AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"],
+                         "wrap": "tls-crypt", "reneg_sec": 3600, "ping": 10, "ping_restart": 60, "push": []}
+    assert s.ports() == {"wireguard": 51820, "openvpn": 1194}
+    assert s.openvpn == config.openvpn_defaults()
+
+
+OPENVPN_FILE = """
+[server]
+listen_port = 51999
+
+[openvpn]
+port = 1195
+data_ciphers = ["chacha20-poly1305", "AES-256-GCM"]
+wrap = "tls-auth"
+reneg_sec = 0
+ping = 5
+ping_restart = 30
+push = ["route 198.18.60.0 255.255.255.0", "dhcp-option DNS 198.18.0.53"]
+"""
+
+
+def test_openvpn_table_from_a_file(tmp_path: Path) -> None:
+    s = load(write(tmp_path, OPENVPN_FILE)).server
+    assert s.openvpn == {
+        "port": 1195, "data_ciphers": ["CHACHA20-POLY1305", "AES-256-GCM"],  # spelled as OpenVPN does
+        "wrap": "tls-auth", "reneg_sec": 0, "ping": 5, "ping_restart": 30,
+        "push": ["route 198.18.60.0 255.255.255.0", "dhcp-option DNS 198.18.0.53"],
+    }
+    assert s.ports() == {"wireguard": 51999, "openvpn": 1195}
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"data_ciphers": "AES-128-GCM:AES-256-GCM"}, ["AES-128-GCM", "AES-256-GCM"]),  # OpenVPN's own spelling
+    ({"push": "route 198.18.61.0 255.255.255.0"}, None),  # one option as a string
+    ({"wrap": "none"}, None),
+    ({"ping": 1, "ping_restart": 2}, None),
+])
+def test_openvpn_values_that_are_fine(table: dict[str, Any], key: Any) -> None:
+    o = parse({"openvpn": table}).server.openvpn
+    assert o is not None
+    if key is not None:
+        assert o["data_ciphers"] == key
+    if isinstance(table.get("push"), str):
+        assert o["push"] == [table["push"]]
+
+
+BAD_OPENVPN: list[tuple[str, Any, str, str]] = [
+    ("not a table", 5, "openvpn", "table"),
+    ("unknown key", {"colour": "blue"}, "openvpn.colour", "known keys"),
+    ("port zero", {"port": 0}, "openvpn.port", "1 to 65535"),
+    ("port too big", {"port": 65536}, "openvpn.port", "1 to 65535"),
+    ("port string", {"port": "1194"}, "openvpn.port", "not a port"),
+    ("port bool", {"port": True}, "openvpn.port", "not a port"),
+    ("unknown cipher", {"data_ciphers": ["AES-256-CBC"]}, "openvpn.data_ciphers", "AES-256-GCM"),
+    ("no cipher", {"data_ciphers": []}, "openvpn.data_ciphers", "no cipher"),
+    ("cipher twice", {"data_ciphers": ["AES-256-GCM", "aes-256-gcm"]}, "openvpn.data_ciphers", "twice"),
+    ("ciphers not a list", {"data_ciphers": 5}, "openvpn.data_ciphers", "list"),
+    ("cipher not a string", {"data_ciphers": [5]}, "openvpn.data_ciphers", "list"),
+    ("bad wrap", {"wrap": "tls-crypt-v2"}, "openvpn.wrap", '"tls-crypt", "tls-auth", "none"'),
+    ("wrap not a string", {"wrap": 1}, "openvpn.wrap", "tls-crypt"),
+    ("reneg negative", {"reneg_sec": -1}, "openvpn.reneg_sec", "0 to"),
+    ("reneg float", {"reneg_sec": 1.5}, "openvpn.reneg_sec", "whole number"),
+    ("reneg over a day", {"reneg_sec": 86401}, "openvpn.reneg_sec", "0 to 86400"),
+    ("ping_restart over a day", {"ping_restart": 86401}, "openvpn.ping_restart", "1 to 86400"),
+    ("ping zero", {"ping": 0}, "openvpn.ping", "1 to"),
+    ("ping_restart not above ping", {"ping": 10, "ping_restart": 10}, "openvpn.ping_restart", "more than ping"),
+    ("ping above the default restart", {"ping": 120}, "openvpn.ping_restart", "more than ping (120)"),
+    ("ping_restart zero", {"ping_restart": 0}, "openvpn.ping_restart", "1 to"),
+    ("push with a comma", {"push": ["route 198.18.60.0 255.255.255.0,route-gateway 1.2.3.4"]},
+     "openvpn.push[0]", "comma"),
+    ("push with a newline", {"push": ["dhcp-option DNS 198.18.0.53", "route 1.2.3.0\nroute 4.5.6.0"]},
+     "openvpn.push[1]", "line break"),
+    ("push with a carriage return", {"push": ["route 1.2.3.0 255.255.255.0\r"]}, "openvpn.push[0]", "line break"),
+    ("push empty option", {"push": [""]}, "openvpn.push[0]", "non-empty"),
+    ("push not a string", {"push": [5]}, "openvpn.push[0]", "string"),
+    ("push not a list", {"push": 5}, "openvpn.push", "list"),
+]
+
+
+@pytest.mark.parametrize("table, where, hint", [(t, w, h) for _, t, w, h in BAD_OPENVPN],
+                         ids=[i for i, _, _, _ in BAD_OPENVPN])
+def test_bad_openvpn_table_names_the_key(table: Any, where: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse({"openvpn": table})
+    assert where in str(exc.value) and hint in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("data", [
+    {"server": {"listen_port": 1194}, "openvpn": {}},  # the default OpenVPN port given to WireGuard
+    {"openvpn": {"port": 51820}},  # the default WireGuard port given to OpenVPN
+    {"server": {"listen_port": 4000}, "openvpn": {"port": 4000}},
+])
+def test_one_port_for_both_protocols_is_refused(data: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(data)
+    msg = str(exc.value)
+    assert "openvpn.port" in msg and "server.listen_port" in msg and "own UDP port" in msg, msg
+
+
+def test_served_without_openvpn_is_wireguard_alone() -> None:
+    s = parse({"server": {"listen_port": 51999}}).server
+    assert config.served(s) == ({"wireguard": 51999}, {})
+    assert config.served(s, listen_port=4000) == ({"wireguard": 4000}, {})
+
+
+def test_served_openvpn_port_flag_turns_openvpn_on_with_defaults() -> None:
+    ports, options = config.served(parse({}).server, openvpn_port=1300)
+    assert ports == {"wireguard": 51820, "openvpn": 1300}
+    defaults = config.openvpn_defaults()
+    del defaults["port"]
+    assert options == {"openvpn": defaults}  # the table minus its port
+
+
+def test_served_openvpn_port_flag_moves_the_files_table(tmp_path: Path) -> None:
+    s = load(write(tmp_path, OPENVPN_FILE)).server
+    ports, options = config.served(s, openvpn_port=1300)
+    assert ports == {"wireguard": 51999, "openvpn": 1300}
+    assert options["openvpn"]["wrap"] == "tls-auth" and "port" not in options["openvpn"]
+    assert s.openvpn is not None and s.openvpn["port"] == 1195  # the parsed config is left alone
+    options["openvpn"]["push"].append("x")
+    assert "x" not in s.openvpn["push"]
+    assert config.served(s)[0] == {"wireguard": 51999, "openvpn": 1195}
+
+
+@pytest.mark.parametrize("listen_port, openvpn_port, data, names", [
+    (None, 51820, {}, ["--openvpn-port", "--listen-port"]),
+    (1194, None, {"openvpn": {}}, ["--listen-port", "[openvpn] port"]),
+    (4000, 4000, {}, ["--listen-port", "--openvpn-port"]),
+    (None, 4000, {"server": {"listen_port": 4000}}, ["[server] listen_port", "--openvpn-port"]),
+])
+def test_served_one_port_for_both_names_where_each_came_from(listen_port: int | None, openvpn_port: int | None,
+                                                             data: dict[str, Any], names: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config.served(parse(data).server, listen_port, openvpn_port)
+    msg = str(exc.value)
+    assert "its own port" in msg and all(n in msg for n in names), msg
+
+
+def test_require_protocols(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fabric.protocols
+
+    config.require_protocols(["wireguard"])
+    real = fabric.protocols.registry
+    monkeypatch.setattr(fabric.protocols, "registry", lambda: {k: v for k, v in real().items() if k != "openvpn"})
+    with pytest.raises(ConfigError) as exc:
+        config.require_protocols(["wireguard", "openvpn"])
+    assert "cannot serve openvpn" in str(exc.value) and "--openvpn-port" in str(exc.value)
+    monkeypatch.setattr(fabric.protocols, "registry", lambda: {**real(), "openvpn": object()})
+    config.require_protocols(["wireguard", "openvpn"])
+
+
+openvpn_tables = table({}, {
+    "port": mostly(st.sampled_from([1194, 51820, 4000])),
+    "data_ciphers": mostly(st.lists(st.sampled_from(["AES-256-GCM", "aes-128-gcm", "CHACHA20-POLY1305"]),
+                                    max_size=3)),
+    "wrap": mostly(st.sampled_from(["tls-crypt", "tls-auth", "none"])),
+    "reneg_sec": mostly(st.integers(0, 100000)),
+    "ping": mostly(st.integers(1, 100)),
+    "ping_restart": mostly(st.integers(1, 200)),
+    "push": mostly(st.lists(st.sampled_from(["route 10.0.0.0 255.0.0.0", "a,b", "x\ny", ""]), max_size=2)),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={"server": mostly(servers), "openvpn": mostly(openvpn_tables)}))
+def test_parse_fuzz_openvpn_only_config_errors(data: dict[str, Any]) -> None:
+    try:
+        cfg = parse(data)
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    o = cfg.server.openvpn
+    if "openvpn" not in data:
+        assert o is None and set(cfg.server.ports()) == {"wireguard"}
+        return
+    assert o is not None and set(o) == set(config.openvpn_defaults())
+    ports = cfg.server.ports()
+    assert ports["openvpn"] == o["port"] != ports["wireguard"]
+    assert o["data_ciphers"] and set(o["data_ciphers"]) <= set(config.OPENVPN_CIPHERS)
+    assert len(set(o["data_ciphers"])) == len(o["data_ciphers"])
+    assert o["wrap"] in config.OPENVPN_WRAPS and o["reneg_sec"] >= 0 and o["ping_restart"] > o["ping"] >= 1
+    assert all(opt and "," not in opt and "\n" not in opt for opt in o["push"])

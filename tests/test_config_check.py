@@ -50,6 +50,12 @@ def peer(name: str, key: str, *ips: str) -> dict[str, Any]:
     ({"peer": [{"name": "a", "publickey": KEY_A}]}, "peer[0].publickey", "public_key"),
     ({"peers": []}, "peers", "[[peer]]"),
     ({"sever": {}}, "sever", "[server]"),
+    ({"openvpm": {}}, "openvpm", "[openvpn]"),
+    ({"open_vpn": {}}, "open_vpn", "[openvpn]"),
+    ({"openvpn": {"prot": 1194}}, "openvpn.prot", "port"),
+    ({"openvpn": {"data_cipher": ["AES-256-GCM"]}}, "openvpn.data_cipher", "data_ciphers"),
+    ({"openvpn": {"ping-restart": 60}}, "openvpn.ping-restart", "ping_restart"),
+    ({"openvpn": {"reneg": 60}}, "openvpn.reneg", "reneg_sec"),
 ])
 def test_typo_names_the_key_and_the_nearest_one(data: dict[str, Any], where: str, guess: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -63,6 +69,12 @@ def test_unrelated_unknown_key_lists_the_known_ones() -> None:
         parse({"server": {"colour": "blue"}})
     assert "server.colour" in str(exc.value) and "listen_port" in str(exc.value)
     assert "did you mean" not in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse({"openvpn": {"colour": "blue"}})
+    assert "openvpn.colour" in str(exc.value) and "data_ciphers" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse({"colour": {}})
+    assert "[server], [openvpn] and [[peer]]" in str(exc.value)
 
 
 @pytest.mark.parametrize("a, b", [
@@ -199,6 +211,95 @@ def test_check_broken_file_one_line_exit_1(tmp_path: Path, text: str, expected: 
     assert js.returncode == 1
     data = json.loads(js.stdout)
     assert data["ok"] is False and expected in data["error"]
+
+
+OPENVPN = GOOD + """
+[openvpn]
+port = 1195
+wrap = "tls-auth"
+push = ["route 198.18.60.0 255.255.255.0"]
+"""
+
+
+@pytest.fixture
+def with_openvpn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fabric.protocols.registry() with OpenVPN in it, whether or not this build has it yet."""
+    import fabric.protocols
+
+    real = fabric.protocols.registry
+    monkeypatch.setattr(fabric.protocols, "registry", lambda: {"openvpn": object(), **real()})
+
+
+def test_check_shows_the_openvpn_port(tmp_path: Path, with_openvpn: None, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, OPENVPN)
+    assert cli.main(["config", "check", path]) == 0
+    out = capsys.readouterr().out
+    assert "51999/udp" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("openvpn"))
+    assert "1195/udp" in line and "tls-auth" in line and "AES-256-GCM:AES-128-GCM:CHACHA20-POLY1305" in line
+    assert "push 1 option" in line
+    assert cli.main(["config", "check", write(tmp_path, GOOD)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert not any("openvpn" in x for x in lines)  # nothing about OpenVPN when it is off
+
+
+def test_check_json_shows_the_openvpn_table(tmp_path: Path, with_openvpn: None,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "check", write(tmp_path, OPENVPN), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True and data["ports"] == {"wireguard": 51999, "openvpn": 1195}
+    assert data["openvpn"]["port"] == 1195 and data["openvpn"]["wrap"] == "tls-auth"
+    assert data["openvpn"]["push"] == ["route 198.18.60.0 255.255.255.0"]
+    assert cli.main(["config", "check", write(tmp_path, GOOD), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ports"] == {"wireguard": 51999} and data["openvpn"] is None
+
+
+def test_check_openvpn_on_a_fabric_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import fabric.protocols
+
+    real = fabric.protocols.registry
+    monkeypatch.setattr(fabric.protocols, "registry", lambda: {k: v for k, v in real().items() if k != "openvpn"})
+    path = write(tmp_path, OPENVPN)
+    assert cli.main(["config", "check", path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and path in err[0] and "cannot serve openvpn" in err[0] and "[openvpn]" in err[0], err
+    assert cli.main(["config", "check", path, "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and "cannot serve openvpn" in data["error"]
+
+
+def test_check_openvpn_as_a_command(tmp_path: Path) -> None:
+    """The real command: the summary with OpenVPN's port where this fabric speaks it,
+    else one line saying it does not."""
+    from fabric.protocols import registry
+
+    cp = check(write(tmp_path, OPENVPN))
+    if "openvpn" in registry():
+        assert cp.returncode == 0, cp.stderr
+        assert "1195/udp" in cp.stdout
+    else:
+        assert cp.returncode == 1 and "cannot serve openvpn" in cp.stderr and "Traceback" not in cp.stderr
+
+
+BROKEN_OPENVPN = [
+    ("same port", "[server]\nlisten_port = 1194\n[openvpn]\n", "openvpn.port: 1194 is server.listen_port"),
+    ("push comma", '[openvpn]\npush = ["route 198.18.60.0 255.255.255.0,foo"]\n', "openvpn.push[0]"),
+    ("bad wrap", '[openvpn]\nwrap = "tls-crypt-v2"\n', "openvpn.wrap"),
+    ("typo", "[openvpn]\nping_restrat = 60\n", "did you mean 'ping_restart'"),
+]
+
+
+@pytest.mark.parametrize("text, expected", [(t, e) for _, t, e in BROKEN_OPENVPN],
+                         ids=[i for i, _, _ in BROKEN_OPENVPN])
+def test_check_broken_openvpn_table(tmp_path: Path, text: str, expected: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, text)
+    assert cli.main(["config", "check", path]) == 1
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert cap.out == "" and len(lines) == 1 and path in lines[0] and expected in lines[0], lines
 
 
 def test_check_missing_file(tmp_path: Path) -> None:

@@ -100,6 +100,45 @@ def test_udp_port_range_with_no_reuseport() -> None:
         preflight.check_udp_ports("127.0.0.1", range(65535, 65537))
 
 
+def test_openvpn_port_in_use_names_its_flag(udp_blocker: tuple[socket.socket, int]) -> None:
+    _, port = udp_blocker
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as free:
+        free.bind(("127.0.0.1", 0))
+        wg = free.getsockname()[1]
+    with pytest.raises(PreflightError) as exc:
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": wg, "openvpn": port}, 2, True)
+    msg = str(exc.value)
+    assert f"UDP port {port} is in use" in msg and "--openvpn-port or [openvpn] port" in msg, msg
+    assert "--listen-port" not in msg
+    with pytest.raises(PreflightError) as exc:  # the WireGuard port still names its own flag
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": port, "openvpn": wg}, 2, True)
+    assert "--listen-port or [server] listen_port" in str(exc.value)
+    with pytest.raises(PreflightError, match="--openvpn-port"):  # an edge of its own checks it too
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": wg, "openvpn": port}, 1, True, ours=True)
+
+
+def test_openvpn_port_range_out_of_range_names_its_flag() -> None:
+    with pytest.raises(PreflightError) as exc:
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": 51820, "openvpn": 65535}, 2, False)
+    assert "out of range" in str(exc.value) and "--openvpn-port" in str(exc.value)
+
+
+def test_protocol_ports_must_be_apart() -> None:
+    with pytest.raises(PreflightError) as exc:
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": 4000, "openvpn": 4000}, 2, True)
+    assert "UDP port 4000 is given to both WireGuard and OpenVPN" in str(exc.value)
+    assert "--openvpn-port" in str(exc.value)
+    # edge i binds port+i with --no-reuseport: 4000-4002 and 4002-4004 overlap
+    with pytest.raises(PreflightError) as exc:
+        preflight.check_protocol_ports("127.0.0.1", {"wireguard": 4000, "openvpn": 4002}, 3, False)
+    msg = str(exc.value)
+    assert "WireGuard (4000-4002)" in msg and "OpenVPN (4002-4004)" in msg and "--no-reuseport" in msg, msg
+    assert preflight.edge_ports({"wireguard": 4000, "openvpn": 4002}, 3, True) == {
+        "wireguard": range(4000, 4001), "openvpn": range(4002, 4003)}
+    assert preflight.edge_ports({"wireguard": 4000, "openvpn": 4003}, 3, False) == {
+        "wireguard": range(4000, 4003), "openvpn": range(4003, 4006)}
+
+
 def test_listen_address_not_on_this_host() -> None:
     with pytest.raises(PreflightError, match="not an address of this host"):
         preflight.check_udp_ports("198.18.254.254", [PORT])

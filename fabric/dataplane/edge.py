@@ -996,14 +996,15 @@ def _usable_cpus() -> set[int]:
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
         reuseport: bool, tcp: str | None = None, metrics_addr: str | None = None,
-        crypto: str = "auto") -> int:
+        crypto: str = "auto", ports: dict[str, int] | None = None) -> int:
+    """`ports`: each protocol's UDP port (default: WireGuard on `port`)."""
     # The broker may start later: ZeroMQ connects whenever it appears, and until
     # then the edge has no sessions and counts what it drops.
     sd.ensure()
     lock = sd.lock(f"edge-{eid}")
     exporter = metrics.start(metrics_addr, "edge", eid)  # a taken port fails before the TUN is touched
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
-                tcp=tcp, crypto=crypto)
+                tcp=tcp, crypto=crypto, ports=ports)
     if exporter is not None:
         edge.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.edge_metrics(f, edge)

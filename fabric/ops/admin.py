@@ -99,6 +99,23 @@ def client_config(reply: dict[str, Any], endpoint: str) -> str:
     return proto.client_profile(reply, endpoint)
 
 
+def client_endpoint(reply: dict[str, Any], protocol: str, given: str | None = None) -> str:
+    """HOST:PORT for the client config of the peer `peer_add` made: `given` (--endpoint);
+    else the fabric's endpoint (`[server] endpoint`, whose port is WireGuard's: another
+    protocol keeps its host and takes the reply's listen_port, that protocol's port);
+    else this host's address and the reply's port."""
+    if given:
+        return given
+    port = int(reply["listen_port"])
+    configured = reply.get("endpoint")
+    if configured:
+        if protocol == "wireguard":
+            return str(configured)
+        host, _, _ = str(configured).rpartition(":")
+        return f"{host}:{port}"
+    return default_endpoint(port)
+
+
 def default_endpoint(listen_port: int) -> str:
     """This host's first global address: good enough on a LAN; pass --endpoint otherwise."""
     try:

@@ -13,6 +13,15 @@
     metrics = "127.0.0.1:9580"       # Prometheus endpoints: broker 9580, edges 9581.., workers after
                                      # them, `fabric up` last (off when absent)
 
+    [openvpn]                        # optional: serve OpenVPN 2.6 clients too (off when absent)
+    port = 1194                      # its UDP port (default 1194; not the WireGuard port)
+    data_ciphers = ["AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305"]   # default: all three
+    wrap = "tls-crypt"               # control channel: "tls-crypt" (default), "tls-auth" or "none"
+    reneg_sec = 3600                 # renegotiate data keys this often (0: never; at most 86400)
+    ping = 10                        # keepalive: ping every 10 s, restart after 60 s of silence
+    ping_restart = 60
+    push = ["route 198.18.60.0 255.255.255.0", "dhcp-option DNS 198.18.0.53"]   # extra options
+
     [[peer]]
     name = "laptop"
     public_key = "base64..."
@@ -23,10 +32,12 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +46,12 @@ from fabric.protocols.wireguard.crypto import key_from_base64
 DEFAULT_PORT = 51820
 DEFAULT_ADDRESS = "198.18.100.1/24"
 DEFAULT_TUN = "fabric0"
+DEFAULT_OPENVPN_PORT = 1194
+OPENVPN_CIPHERS = ("AES-256-GCM", "AES-128-GCM", "CHACHA20-POLY1305")
+OPENVPN_WRAPS = ("tls-crypt", "tls-auth", "none")
+# the protocols' names in fabric.protocols.registry()
+WIREGUARD = "wireguard"
+OPENVPN = "openvpn"
 
 
 class ConfigError(ValueError):
@@ -61,6 +78,15 @@ class ServerConfig:
     state_dir: str | None = None
     endpoint: str | None = None
     metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/ops/metrics.py)
+    # the [openvpn] table with every key filled in (openvpn_defaults()), None when OpenVPN is off
+    openvpn: dict[str, Any] | None = None
+
+    def ports(self) -> dict[str, int]:
+        """The UDP port of each protocol served, by protocol name (WireGuard always)."""
+        out = {WIREGUARD: self.listen_port}
+        if self.openvpn is not None:
+            out[OPENVPN] = int(self.openvpn["port"])
+        return out
 
 
 @dataclass
@@ -121,6 +147,9 @@ def _key(value: Any, where: str) -> bytes:
 
 _SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "crypto", "state_dir", "endpoint", "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
+_OPENVPN_KEYS = {"port", "data_ciphers", "wrap", "reneg_sec", "ping", "ping_restart", "push"}
+_SECTIONS = {"server": "[server]", "openvpn": "[openvpn]", "peer": "[[peer]]"}
+_MAX_SECONDS = 86400  # reneg_sec, ping, ping_restart: at most a day (as the OpenVPN authority takes them)
 
 
 def _unknown(where: str, key: str, known: set[str]) -> ConfigError:
@@ -152,12 +181,12 @@ def parse_peer_name(value: Any, where: str) -> str:
 
 def parse(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document."""
-    unknown = set(data) - {"server", "peer"}
+    unknown = set(data) - set(_SECTIONS)
     if unknown:
         name = sorted(unknown)[0]
-        guess = difflib.get_close_matches(name.lower(), ["server", "peer"], n=1, cutoff=0.6)
-        hint = f"did you mean [{guess[0]}]?" if guess == ["server"] else (
-            "did you mean [[peer]]?" if guess else "the sections are [server] and [[peer]]")
+        guess = difflib.get_close_matches(name.lower(), list(_SECTIONS), n=1, cutoff=0.6)
+        hint = f"did you mean {_SECTIONS[guess[0]]}?" if guess else (
+            "the sections are [server], [openvpn] and [[peer]]")
         raise ConfigError(f"unknown section {name!r}; {hint}")
     cfg = Config()
     srv = data.get("server", {})
@@ -202,6 +231,12 @@ def parse(data: dict[str, Any]) -> Config:
         if not isinstance(srv["metrics"], str):
             raise ConfigError(f"server.metrics: {srv['metrics']!r} must be a string \"HOST:PORT\", e.g. \"127.0.0.1:9580\"")
         s.metrics = format_address(*parse_address(srv["metrics"], "server.metrics"))
+    if "openvpn" in data:
+        s.openvpn = parse_openvpn(data["openvpn"])
+        if s.openvpn["port"] == s.listen_port:
+            raise ConfigError(
+                f"openvpn.port: {s.listen_port} is server.listen_port (WireGuard's port) too; give each protocol "
+                f"its own UDP port, e.g. port = {DEFAULT_OPENVPN_PORT if s.listen_port != DEFAULT_OPENVPN_PORT else 1195}")
     peers = data.get("peer", [])
     if not isinstance(peers, list):
         raise ConfigError("peer: peers are an array of tables; write [[peer]] for each")
@@ -237,6 +272,123 @@ def parse(data: dict[str, Any]) -> Config:
         cfg.warnings += _check_against_server(where, nets, s)
     check_overlaps([(p.name, p.allowed_ips) for p in cfg.peers])
     return cfg
+
+
+def openvpn_defaults(port: int = DEFAULT_OPENVPN_PORT) -> dict[str, Any]:
+    """The [openvpn] table an empty `[openvpn]` (or `--openvpn-port PORT`) stands for."""
+    return {"port": port, "data_ciphers": list(OPENVPN_CIPHERS), "wrap": "tls-crypt",
+            "reneg_sec": 3600, "ping": 10, "ping_restart": 60, "push": []}
+
+
+def _ciphers(value: Any, where: str) -> list[str]:
+    """A list of OpenVPN data cipher names (or OpenVPN's own "A:B" string), spelled
+    as OpenVPN does, in order, each once."""
+    items = value.split(":") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+        raise ConfigError(f"{where}: must be a list of cipher names, e.g. [\"AES-256-GCM\", \"CHACHA20-POLY1305\"]")
+    out: list[str] = []
+    for c in items:
+        name = next((k for k in OPENVPN_CIPHERS if k == c.strip().upper()), None)
+        if name is None:
+            raise ConfigError(f"{where}: {c!r} is not a data cipher fabric offers; use "
+                              + ", ".join(f'"{k}"' for k in OPENVPN_CIPHERS))
+        if name in out:
+            raise ConfigError(f"{where}: {name} is listed twice; name each cipher once")
+        out.append(name)
+    if not out:
+        raise ConfigError(f"{where}: no cipher given; leave the key out for all of "
+                          + ", ".join(OPENVPN_CIPHERS))
+    return out
+
+
+def _push(value: Any, where: str) -> list[str]:
+    """Extra options pushed to clients, one option per string (OpenVPN joins them with
+    commas in its PUSH_REPLY, so an option may hold no comma and no line break)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: must be a list of options, e.g. [\"route 198.18.60.0 255.255.255.0\"]")
+    out = []
+    for i, opt in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(opt, str) or not opt.strip():
+            raise ConfigError(f"{at}: {opt!r} must be an option as a non-empty string, e.g. "
+                              "\"dhcp-option DNS 198.18.0.53\"")
+        if "," in opt:
+            raise ConfigError(f"{at}: {opt!r} holds a comma, which ends an option in OpenVPN's push message; "
+                              "put each option in a string of its own")
+        if any(c in opt for c in "\n\r\0"):
+            raise ConfigError(f"{at}: {opt!r} holds a line break; put each option in a string of its own, on one line")
+        out.append(opt.strip())
+    return out
+
+
+def parse_openvpn(table: Any, where: str = "openvpn") -> dict[str, Any]:
+    """The [openvpn] table: every key filled in (openvpn_defaults() for those left out)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table ([openvpn])")
+    for key in table:
+        if key not in _OPENVPN_KEYS:
+            raise _unknown(f"{where}.{key}", key, _OPENVPN_KEYS)
+    out = openvpn_defaults()
+    if "port" in table:
+        out["port"] = parse_port(table["port"], f"{where}.port")
+    if "data_ciphers" in table:
+        out["data_ciphers"] = _ciphers(table["data_ciphers"], f"{where}.data_ciphers")
+    if "wrap" in table:
+        if table["wrap"] not in OPENVPN_WRAPS:
+            raise ConfigError(f"{where}.wrap: {table['wrap']!r} is not a control channel wrapping; use one of "
+                              + ", ".join(f'"{w}"' for w in OPENVPN_WRAPS))
+        out["wrap"] = table["wrap"]
+    if "reneg_sec" in table:
+        out["reneg_sec"] = _int(table["reneg_sec"], f"{where}.reneg_sec", 0, _MAX_SECONDS)
+    if "ping" in table:
+        out["ping"] = _int(table["ping"], f"{where}.ping", 1, _MAX_SECONDS)
+    if "ping_restart" in table:
+        out["ping_restart"] = _int(table["ping_restart"], f"{where}.ping_restart", 1, _MAX_SECONDS)
+    if out["ping_restart"] <= out["ping"]:
+        raise ConfigError(f"{where}.ping_restart: {out['ping_restart']} must be more than ping ({out['ping']}), "
+                          f"e.g. {max(60, out['ping'] * 6)}")
+    if "push" in table:
+        out["push"] = _push(table["push"], f"{where}.push")
+    return out
+
+
+def served(s: ServerConfig, listen_port: int | None = None,
+           openvpn_port: int | None = None) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """The protocols a process serves, from the config and its flags: (ports by protocol,
+    each protocol's own options). `--openvpn-port` turns OpenVPN on (with the file's
+    [openvpn] table if any, else the defaults) or moves it. WireGuard alone gives
+    ({"wireguard": port}, {})."""
+    wg = listen_port or s.listen_port
+    ovpn = copy.deepcopy(s.openvpn) if s.openvpn is not None else None
+    if openvpn_port:
+        ovpn = {**(ovpn or openvpn_defaults()), "port": openvpn_port}
+    if ovpn is None:
+        return {WIREGUARD: wg}, {}
+    port = int(ovpn.pop("port"))
+    if port == wg:
+        wg_from = ("--listen-port" if listen_port else "[server] listen_port" if wg != DEFAULT_PORT
+                   else "its default; --listen-port or [server] listen_port")
+        ov_from = "--openvpn-port" if openvpn_port else "[openvpn] port"
+        raise ConfigError(f"UDP port {port} is given to WireGuard ({wg_from}) and to OpenVPN ({ov_from}); "
+                          f"give each protocol its own port, e.g. --openvpn-port "
+                          f"{DEFAULT_OPENVPN_PORT if wg != DEFAULT_OPENVPN_PORT else 1195}")
+    return {WIREGUARD: wg, OPENVPN: port}, {OPENVPN: ovpn}
+
+
+def require_protocols(names: Iterable[str]) -> None:
+    """Every protocol named must be one this build of fabric speaks
+    (fabric.protocols.registry()); a ConfigError with the fix otherwise."""
+    from fabric.protocols import registry
+
+    known = registry()
+    for name in names:
+        if name not in known:
+            how = ("--openvpn-port and the [openvpn] table" if name == OPENVPN
+                   else f"--{name}-port and the [{name}] table")
+            raise ConfigError(f"this fabric cannot serve {name} yet (it speaks {', '.join(sorted(known))}): "
+                              f"leave out {how}, or update fabric")
 
 
 def _check_against_server(where: str, nets: list[str], s: ServerConfig) -> list[str]:
@@ -313,6 +465,8 @@ def summary(cfg: Config) -> dict[str, Any]:
         "crypto": s.crypto,
         "state_dir": s.state_dir,
         "endpoint": s.endpoint,
+        "ports": s.ports(),
+        "openvpn": s.openvpn,
         "peers": [{"name": p.name, "allowed_ips": p.allowed_ips, "preshared_key": p.preshared_key is not None,
                    "persistent_keepalive": p.persistent_keepalive} for p in cfg.peers],
         "warnings": cfg.warnings,
@@ -328,6 +482,11 @@ def format_summary(path: str, cfg: Config) -> str:
         f"  processes    {s.edges} edges, {s.workers} workers, crypto {s.crypto}",
         f"  state dir    {s.state_dir or '(default: $FABRIC_STATE_DIR or /var/lib/fabric)'}",
     ]
+    if s.openvpn is not None:
+        o = s.openvpn
+        lines.append(f"  openvpn      {o['port']}/udp, {o['wrap']}, ciphers {':'.join(o['data_ciphers'])}, "
+                     f"reneg {o['reneg_sec']}s, ping {o['ping']}/{o['ping_restart']}s"
+                     + (f", push {len(o['push'])} option{'s' * (len(o['push']) != 1)}" if o["push"] else ""))
     if s.endpoint:
         lines.append(f"  endpoint     {s.endpoint}")
     lines.append(f"  peers        {len(cfg.peers)}" + (":" if cfg.peers else " (add them with `fabric peer add`)"))

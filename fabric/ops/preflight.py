@@ -20,6 +20,12 @@ from fabric.dataplane.tun import IFF_MULTI_QUEUE, TUN_DEVICE
 from fabric.ops.paths import StateDir
 
 CAP_NET_ADMIN = 12
+# where an operator changes each protocol's UDP port (named in a port error)
+PORT_FIX = {
+    "wireguard": "--listen-port or [server] listen_port",
+    "openvpn": "--openvpn-port or [openvpn] port",
+}
+PROTOCOL_NAMES = {"wireguard": "WireGuard", "openvpn": "OpenVPN"}
 
 
 class PreflightError(RuntimeError):
@@ -87,16 +93,17 @@ def check_tun_name(name: str, sys_net: str = "/sys/class/net") -> None:
         )
 
 
-def bind_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
+def bind_udp(listen: str, port: int, reuseport: bool, fix: str = PORT_FIX["wireguard"]) -> socket.socket:
     """A UDP socket bound to listen:port (`::` is dual-stack, falling back to IPv4 on a
-    host without IPv6). Errors are PreflightError, one line with the fix. Edges open
-    their socket with it; the preflight probe opens one and closes it again."""
+    host without IPv6). Errors are PreflightError, one line with the fix (`fix`: the
+    flag or config key that sets this port). Edges open their socket with it; the
+    preflight probe opens one and closes it again."""
     family = socket.AF_INET6 if ":" in listen else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
     except OSError:
         if family == socket.AF_INET6 and listen == "::":
-            return bind_udp("0.0.0.0", port, reuseport)
+            return bind_udp("0.0.0.0", port, reuseport, fix)
         raise PreflightError(f"cannot open a UDP socket for {listen}: this host has no IPv6; use --listen 0.0.0.0") from None
     try:
         if family == socket.AF_INET6:
@@ -108,11 +115,11 @@ def bind_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
     except OSError as exc:
         sock.close()
         if family == socket.AF_INET6 and listen == "::" and exc.errno == errno.EADDRNOTAVAIL:
-            return bind_udp("0.0.0.0", port, reuseport)
+            return bind_udp("0.0.0.0", port, reuseport, fix)
         if exc.errno == errno.EADDRINUSE:
             raise PreflightError(
                 f"UDP port {port} is in use on {listen} by another program (`ss -ulpn sport = :{port}` "
-                "shows which): stop it, or pick another port (--listen-port or [server] listen_port)"
+                f"shows which): stop it, or pick another port ({fix})"
             ) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise PreflightError(
@@ -122,22 +129,58 @@ def bind_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
             raise PreflightError(
                 f"cannot bind UDP port {port}: permission denied; run as root or use a port above 1023"
             ) from None
-        raise PreflightError(f"cannot bind UDP {listen}:{port}: {exc.strerror}; fix --listen/--listen-port") from None
+        raise PreflightError(f"cannot bind UDP {listen}:{port}: {exc.strerror}; fix --listen or "
+                             f"the port ({fix})") from None
     except (socket.gaierror, UnicodeError):
         sock.close()
         raise PreflightError(f"--listen {listen!r} is not an IP address; use e.g. :: or 0.0.0.0") from None
 
 
-def check_udp_ports(listen: str, ports: Iterable[int], reuseport: bool = False) -> None:
+def check_udp_ports(listen: str, ports: Iterable[int], reuseport: bool = False,
+                    fix: str = PORT_FIX["wireguard"]) -> None:
     """The ports must be free. With reuseport, sockets of our own SO_REUSEPORT group
-    (other edges of this fabric, same user) do not count as in use."""
+    (other edges of this fabric, same user) do not count as in use. `fix`: the flag or
+    config key that sets these ports, named in the error."""
     for port in ports:
         if not 1 <= port <= 65535:
             raise PreflightError(
                 f"UDP port {port} is out of range (edge i binds port+i with --no-reuseport): "
-                "pick a lower --listen-port or fewer --edges"
+                f"pick a lower port ({fix}) or fewer --edges"
             )
-        bind_udp(listen, port, reuseport).close()
+        bind_udp(listen, port, reuseport, fix).close()
+
+
+def edge_ports(ports: dict[str, int], edges: int, reuseport: bool) -> dict[str, range]:
+    """The UDP ports each protocol's edges bind: its port, or port..port+edges-1 with
+    --no-reuseport (edge i binds port+i)."""
+    n = 1 if reuseport else max(1, edges)
+    return {name: range(p, p + n) for name, p in ports.items()}
+
+
+def check_protocol_ports(listen: str, ports: dict[str, int], edges: int, reuseport: bool,
+                         ours: bool = False) -> None:
+    """Each protocol's ports (by name, e.g. {"wireguard": 51820, "openvpn": 1194}) are
+    apart from the others' and free; `ours`: sockets of our own SO_REUSEPORT group do
+    not count (an edge joining the others)."""
+    spans = edge_ports(ports, edges, reuseport)
+    names = list(spans)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = spans[a], spans[b]
+            if ra.start < rb.stop and rb.start < ra.stop:
+                what = (f"UDP port {ra.start} is given to both {PROTOCOL_NAMES.get(a, a)} and "
+                        f"{PROTOCOL_NAMES.get(b, b)}" if len(ra) == 1 and ra == rb else
+                        f"the UDP ports of {PROTOCOL_NAMES.get(a, a)} ({_span(ra)}) and "
+                        f"{PROTOCOL_NAMES.get(b, b)} ({_span(rb)}) overlap (edge i binds port+i with --no-reuseport)")
+                raise PreflightError(f"{what}: give each protocol its own ports "
+                                     f"({PORT_FIX.get(b, f'--{b}-port')})")
+    for name, span in spans.items():
+        check_udp_ports(listen, span, reuseport=ours and reuseport,
+                        fix=PORT_FIX.get(name, f"--{name}-port or [{name}] port"))
+
+
+def _span(r: range) -> str:
+    return str(r.start) if len(r) == 1 else f"{r.start}-{r[-1]}"
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -206,21 +249,28 @@ def check_not_running(sd: StateDir) -> None:
             )
 
 
-def for_up(sd: StateDir, listen: str, port: int, edges: int, reuseport: bool, tun_name: str) -> None:
-    """Everything `fabric up` needs, checked in the order an operator would fix it."""
+def for_up(sd: StateDir, listen: str, port: int, edges: int, reuseport: bool, tun_name: str,
+           openvpn_port: int | None = None) -> None:
+    """Everything `fabric up` needs, checked in the order an operator would fix it
+    (`openvpn_port`: OpenVPN's port too, when it is served)."""
     check_net_admin("fabric up")
     check_tun_device()
     check_state_dir(sd)
     check_not_running(sd)
     check_tun_name(tun_name)
-    check_udp_ports(listen, [port] if reuseport else range(port, port + edges))
+    check_protocol_ports(listen, _ports(port, openvpn_port), edges, reuseport)
 
 
-def for_edge(listen: str, port: int, reuseport: bool, tun_name: str) -> None:
+def for_edge(listen: str, port: int, reuseport: bool, tun_name: str, openvpn_port: int | None = None) -> None:
+    """One edge: `port` (and `openvpn_port`) are the ports this edge binds itself."""
     check_net_admin("fabric edge")
     check_tun_device()
     check_tun_name(tun_name)
-    check_udp_ports(listen, [port], reuseport=reuseport)
+    check_protocol_ports(listen, _ports(port, openvpn_port), 1, True, ours=reuseport)
+
+
+def _ports(port: int, openvpn_port: int | None) -> dict[str, int]:
+    return {"wireguard": port, **({"openvpn": openvpn_port} if openvpn_port else {})}
 
 
 def for_broker(sd: StateDir) -> None:

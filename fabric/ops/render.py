@@ -218,8 +218,9 @@ def load_line(load: dict[str, Any]) -> str | None:
 
 
 def status_view(st: dict[str, Any], sessions: list[dict[str, Any]] | None, now: float,
-                cpu: dict[int, float | None] | None = None) -> dict[str, Any]:
-    """The whole fabric at a glance, from the broker's `status` reply (and `sessions`).
+                cpu: dict[int, float | None] | None = None, server: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole fabric at a glance, from the broker's `status` reply (and `sessions`;
+    `server`, its `server` reply, adds the UDP port of each protocol served).
 
     One row per (role, id): its newest process; older pids of the same role and id
     count as restarts. Health: "up" (reported within the broker's liveness window),
@@ -254,6 +255,9 @@ def status_view(st: dict[str, Any], sessions: list[dict[str, Any]] | None, now: 
         "pid": b["pid"], "uptime": round(now - started, 1) if started else None, "epoch": b.get("epoch"),
         "seq": b.get("seq"), "cpu_percent": cpu.get(b["pid"]), "metrics": b.get("metrics"),
     }
+    ports = served_ports(server)
+    if ports is not None:
+        broker["ports"] = ports
     n_up = {role: sum(1 for r in rows if r["role"] == role and r["health"] == "up") for role in ("edge", "worker")}
     n_sessions = int(st.get("sessions", len(sessions or [])))
     counts = (f"{n_up['edge']} edge{'s' * (n_up['edge'] != 1)}, "
@@ -270,6 +274,22 @@ def status_view(st: dict[str, Any], sessions: list[dict[str, Any]] | None, now: 
     }
 
 
+def served_ports(server: dict[str, Any] | None) -> dict[str, int] | None:
+    """{protocol: UDP port} from the broker's `server` reply (one from before "ports":
+    WireGuard on its listen_port); None without a reply."""
+    if not server:
+        return None
+    ports = server.get("ports")
+    if isinstance(ports, dict) and ports:
+        return {str(k): int(v) for k, v in ports.items()}
+    return {"wireguard": int(server["listen_port"])} if "listen_port" in server else None
+
+
+def ports_text(ports: dict[str, int]) -> str:
+    """"wireguard 51820/udp  openvpn 1194/udp" (`fabric status`'s broker line)."""
+    return "  ".join(f"{name} {port}/udp" for name, port in ports.items())
+
+
 def _opt(v: Any, fmt: str = "{}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -280,6 +300,8 @@ def status_tables(view: dict[str, Any], now: float) -> list[Table | str]:
             f"  cpu {_opt(b['cpu_percent'], '{:.1f}%')}")
     if b.get("metrics"):
         line += f"  metrics {b['metrics']}"
+    if len(b.get("ports") or {}) > 1:  # more than WireGuard: name each protocol's port
+        line += f"  {ports_text(b['ports'])}"
     procs = Table(
         ["ROLE", "ID", "PID", "HEALTH", "LAST REPORT", "RESTARTS", "PKT/S", "DROPS", "DROPS/S", "CPU%", "METRICS"],
         [[

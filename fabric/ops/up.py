@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     for w in cfg.warnings:
         log.warning(w)
     sd = StateDir.at(args.state_dir or s.state_dir)
-    port = args.listen_port or s.listen_port
+    served, _ = config.served(s, args.listen_port, args.openvpn_port)
+    config.require_protocols(served)
+    port, ovpn = served["wireguard"], served.get("openvpn")
     addresses = args.address or s.addresses
     address = ",".join(addresses)
     tun_name = args.tun or s.tun
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     mbase = getattr(args, "metrics", None) or s.metrics
     ports = metrics.layout(mbase, edges, workers) if mbase else {}
     # before anything is created or started: one line naming the cause and the fix
-    preflight.for_up(sd, args.listen, port, edges, not args.no_reuseport, tun_name)
+    preflight.for_up(sd, args.listen, port, edges, not args.no_reuseport, tun_name, openvpn_port=ovpn)
     metrics.check_free(ports.values())
     mflag = {name: ["--metrics", addr] for name, addr in ports.items()}
     sd.ensure()
@@ -74,13 +76,15 @@ def run(args: argparse.Namespace) -> int:
     os.write(up_lock, f"{os.getpid()}\n".encode())
     base = [sys.executable, "-m", "fabric"] + (["-" + "v" * args.verbose] if args.verbose else [])
     sdir = ["--state-dir", str(sd.root)]
-    broker = Child("broker", base + ["broker", *sdir, "--address", address, "--listen-port", str(port)]
+    # OpenVPN's port to broker and edges; the broker reads the rest of [openvpn] from --config
+    oflag = ["--openvpn-port", str(ovpn)] if ovpn else []
+    broker = Child("broker", base + ["broker", *sdir, "--address", address, "--listen-port", str(port), *oflag]
                    + (["--endpoint", endpoint] if endpoint else []) + (["--config", args.config] if args.config else [])
                    + mflag.get("broker", []))
     children = [broker]
     for i in range(edges):
         children.append(Child(f"edge-{i}", base + ["edge", *sdir, "--id", str(i), "--listen", args.listen,
-                                                   "--listen-port", str(port), "--tun", tun_name]
+                                                   "--listen-port", str(port), *oflag, "--tun", tun_name]
                               + (["--no-reuseport"] if args.no_reuseport else []) + ["--crypto", crypto]
                               + mflag.get(f"edge-{i}", [])))
     for j in range(workers):
@@ -103,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
         server = request(sd.admin, {"op": "server"}, curve=_admin_curve(sd))
         key = server["public_key"]
         print(
-            f"fabric up: listening on UDP port {port}, tunnel {address} on {tun_name}\n"
+            f"fabric up: listening on UDP port {port}"
+            + (f" (WireGuard) and {ovpn} (OpenVPN)" if ovpn else "") + f", tunnel {address} on {tun_name}\n"
             f"  public key {key}\n"
-            f"  add a client: fabric peer add NAME --state-dir {sd.root}\n"
+            f"  add a client: fabric peer add NAME --state-dir {sd.root}"
+            + (" (add --openvpn for an OpenVPN profile)" if ovpn else "") + "\n"
             f"  sessions:     fabric admin sessions --state-dir {sd.root}"
             + (f"\n  metrics:      http://{ports['broker']}/metrics (broker) ... http://{ports['up']}/metrics"
                " (this supervisor); `fabric admin status` lists each" if ports else ""),

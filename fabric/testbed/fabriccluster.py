@@ -47,7 +47,9 @@ def fabric_env() -> dict[str, str]:
 class FabricCluster:
     """fabric processes in ``topo.server_ns``: either ``fabric up`` (mode="up")
     or one broker, N edges and M workers started separately (mode="separate").
-    Admin and peer commands run in ``admin_ns`` (default: the host namespace)."""
+    Admin and peer commands run in ``admin_ns`` (default: the host namespace).
+    ``openvpn_port``: serve OpenVPN too, on that UDP port (``--openvpn-port`` to
+    ``fabric up``, or to the broker and every edge)."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class FabricCluster:
         admin_ns: str | None = None,
         reuseport: bool = True,
         crypto: str | None = None,
+        openvpn_port: int | None = None,
     ) -> None:
         if mode not in ("separate", "up"):
             raise ValueError("mode must be 'separate' or 'up'")
@@ -78,6 +81,9 @@ class FabricCluster:
         self.reuseport = reuseport
         # where edges run the AEAD (`--crypto`); None: fabric's default
         self.crypto_args = ["--crypto", crypto] if crypto else []
+        self.openvpn_port = openvpn_port
+        # `--openvpn-port P` for up, the broker and each edge; nothing without OpenVPN
+        self.openvpn_args = ["--openvpn-port", str(openvpn_port)] if openvpn_port else []
         self.args: dict[str, tuple[str, ...]] = {}
         # extra command-line flags per role, e.g. {"broker": ["--tcp", "198.18.1.1:52000"]}
         self.extra: dict[str, list[str]] = {}
@@ -109,8 +115,8 @@ class FabricCluster:
     def add_edge(self, i: int) -> subprocess.Popen[bytes]:
         self._spawn(
             f"edge{i}", "edge", "--state-dir", str(self.state_dir), "--id", str(i),
-            "--listen-port", str(self.listen_port), "--tun", self.tun, "--address", self.address,
-            *([] if self.reuseport else ["--no-reuseport"]), *self.crypto_args,
+            "--listen-port", str(self.listen_port), *self.openvpn_args, "--tun", self.tun,
+            "--address", self.address, *([] if self.reuseport else ["--no-reuseport"]), *self.crypto_args,
         )
         return self.procs[f"edge{i}"]
 
@@ -158,6 +164,7 @@ class FabricCluster:
                 sd,
                 "--listen-port",
                 str(self.listen_port),
+                *self.openvpn_args,
                 "--address",
                 self.address,
                 "--edges",
@@ -170,7 +177,9 @@ class FabricCluster:
                 *self.crypto_args,
             )
         else:
-            self._spawn("broker", "broker", "--state-dir", sd, "--address", self.address)
+            # with OpenVPN the broker learns both ports (they must differ; peer_add answers each)
+            ports = ["--listen-port", str(self.listen_port), *self.openvpn_args] if self.openvpn_args else []
+            self._spawn("broker", "broker", "--state-dir", sd, "--address", self.address, *ports)
             # edges and workers expect the broker's run/ directory and sockets:
             # start them once the broker answers admin requests
             self.wait_admin(timeout)
@@ -184,6 +193,7 @@ class FabricCluster:
                     str(i),
                     "--listen-port",
                     str(self.listen_port),
+                    *self.openvpn_args,
                     "--tun",
                     self.tun,
                     "--address",
@@ -230,13 +240,18 @@ class FabricCluster:
             )
             tun_ok = f" {self.server_ip}/" in addr.stdout
             udp = self.topo.udp_listeners(self.topo.server_ns, self.listen_port)
+            ovpn = (self.topo.udp_listeners(self.topo.server_ns, self.openvpn_port)
+                    if self.openvpn_port else 1)
             admin_ok = (
-                tun_ok and udp > 0 and self.admin("peers", "--json", check=False).returncode == 0
+                tun_ok and udp > 0 and ovpn > 0
+                and self.admin("peers", "--json", check=False).returncode == 0
             )
             status = (
-                f"tun address={tun_ok} udp sockets on {self.listen_port}={udp} admin={admin_ok}"
+                f"tun address={tun_ok} udp sockets on {self.listen_port}={udp}"
+                + (f" on {self.openvpn_port} (openvpn)={ovpn}" if self.openvpn_port else "")
+                + f" admin={admin_ok}"
             )
-            if tun_ok and udp > 0 and admin_ok:
+            if tun_ok and udp > 0 and ovpn > 0 and admin_ok:
                 return
             if time.monotonic() >= deadline:
                 break
@@ -259,15 +274,28 @@ class FabricCluster:
         return self.cli("admin", *args, "--state-dir", str(self.state_dir), check=check)
 
     def peer_add(
-        self, name: str, endpoint: str | None = None, allowed_ip: str | None = None
+        self, name: str, endpoint: str | None = None, allowed_ip: str | None = None,
+        openvpn: bool = False,
     ) -> str:
-        """``fabric peer add``; returns the client config it printed."""
+        """``fabric peer add`` (``--openvpn`` with `openvpn`); returns the client config
+        (wg-quick file or .ovpn profile) it printed."""
         args = ["peer", "add", name, "--state-dir", str(self.state_dir)]
+        if openvpn:
+            args.append("--openvpn")
         if endpoint:
             args += ["--endpoint", endpoint]
         if allowed_ip:
             args += ["--allowed-ip", allowed_ip]
         return self.cli(*args).stdout
+
+    def add_ovpn_peer(self, name: str, k: int = 1, allowed_ip: str | None = None) -> str:
+        """``fabric peer add NAME --openvpn --endpoint HOST:PORT``, HOST the server's
+        underlay address facing client k (as for WireGuard clients), PORT the
+        OpenVPN port; returns the inline .ovpn profile it printed."""
+        if not self.openvpn_port:
+            raise FabricError("this FabricCluster serves no OpenVPN: give it openvpn_port=PORT")
+        return self.peer_add(name, endpoint=f"{self.topo.server_underlay(k)}:{self.openvpn_port}",
+                             allowed_ip=allowed_ip, openvpn=True)
 
     def peer_remove(self, name: str) -> None:
         self.cli("peer", "remove", name, "--state-dir", str(self.state_dir))
