@@ -101,6 +101,7 @@ class AdminRequests:
                 "slot": s.slot,
                 "receiver_index": s.data_key,  # the key its data datagrams carry (WireGuard's receiver index)
                 "initiator": s.initiator,
+                **self.b.protocols[s.protocol].describe(s),
                 "packets_per_edge": per_edge.get(sid, {}),
                 "packets_per_worker": per_worker.get(sid, {}),
             })
@@ -129,6 +130,7 @@ class AdminRequests:
                 "rx_packets": t[2],
                 "tx_packets": t[3],
                 "persistent_keepalive": p.keepalive,
+                "cipher": newest.get("cipher") if newest else None,
                 "sessions": len(mine),
                 "source": p.source,
             })

@@ -343,6 +343,8 @@ class Broker:
         report = clean
         role, rid = report["role"], report["id"]
         self.reports.add(report, now)
+        for sid in report["ended"]:
+            self._end(sid, "goodbye in the data")
         if role == "edge":
             value = {"id": rid, "work": report.get("work", ""), "result": report.get("result", ""),
                      **{k: report[k] for k in ("work_tcp", "result_tcp", "control", "control_tcp")
@@ -355,7 +357,51 @@ class Broker:
             if worker_key(rid) not in self.kv:
                 self._publish(worker_key(rid), {"id": rid})
 
+    def _end(self, sid: int, why: str) -> None:
+        """A peer said goodbye on session `sid`: end it and what its protocol ends with it."""
+        record = self.sessions.get(sid)
+        if record is None:
+            return
+        ids = self.authorities[record.protocol].ended(record, self.sessions.values())
+        ended = [i for i in ids if i in self.sessions and self.sessions[i].peer == record.peer]
+        for i in ended:
+            self._delete_session(i)
+        if ended:
+            self.count("sessions_ended", len(ended))
+            self._persist()
+            peer = self.peers.get(record.peer)
+            log.info("sessions ended", peer=peer.name if peer else "?", sessions=",".join(map(str, ended)),
+                     reason=why)
+
+    def _end_silent(self, now: float) -> None:
+        """Peers whose protocol has a silence limit (OpenVPN's ping-restart) and whose
+        sessions received nothing that long, on any edge: their sessions end."""
+        limits = {name: a.silence_limit() for name, a in self.authorities.items()}
+        if not any(limits.values()):
+            return
+        last_rx: dict[int, float] = {}
+        for _, r in self.reports.latest.values():
+            for sid, info in r.get("sessions", {}).items():
+                last_rx[sid] = max(last_rx.get(sid, 0.0), info.get("last_rx", 0.0))
+        newest: dict[bytes, float] = {}
+        for sid, s in self.sessions.items():
+            if limits.get(s.protocol):
+                newest[s.peer] = max(newest.get(s.peer, 0.0), s.created, last_rx.get(sid, 0.0))
+        for pub, seen in newest.items():
+            peer = self.peers.get(pub)
+            limit = limits.get(peer.protocol) if peer else None
+            if peer is None or not limit or now - seen <= limit:
+                continue
+            gone = [sid for sid, s in self.sessions.items() if s.peer == pub]
+            for sid in gone:
+                self._delete_session(sid)
+            self.count("sessions_silent", len(gone))
+            self._persist()
+            log.info("sessions ended", peer=peer.name, sessions=",".join(map(str, gone)),
+                     reason=f"nothing received for {limit:g}s")
+
     def tick(self, now: float) -> None:
+        self._end_silent(now)
         changed = False
         for sid, s in list(self.sessions.items()):
             if now > self.protocols[s.protocol].forget_at(s):  # WireGuard 6.3: keys erased

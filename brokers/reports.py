@@ -46,6 +46,10 @@ def sanitize_report(r: Any) -> dict[str, Any] | None:
     if not isinstance(gauges, dict) or not all(isinstance(k, str) and _small_int(v) for k, v in gauges.items()):
         return None
     out["gauges"] = gauges
+    ended = r.get("ended", [])
+    if not isinstance(ended, list) or len(ended) > 4096 or not all(_small_int(v) for v in ended):
+        return None
+    out["ended"] = ended
     for key in ("work", "result", "work_tcp", "result_tcp", "control", "control_tcp", "metrics"):
         if key in r:
             if not isinstance(r[key], str) or len(r[key]) > 200:

@@ -28,7 +28,7 @@ NOW = 1_700_000_000.0
 PEERS = [
     {"name": "alice", "public_key": "A" * 43 + "=", "allowed_ips": ["198.19.100.2/32"],
      "endpoint": "198.18.1.2:40000", "latest_handshake": NOW - 30, "rx_bytes": 2048, "tx_bytes": 100,
-     "sessions": 1},
+     "sessions": 1, "cipher": "CHACHA20-POLY1305"},
     {"name": "bob", "protocol": "toy", "public_key": "B" * 43 + "=", "allowed_ips": ["198.19.100.3/32", "fd00::3/128"],
      "endpoint": "", "latest_handshake": None, "rx_bytes": 0, "tx_bytes": 0, "sessions": 0},
 ]
@@ -42,6 +42,8 @@ def test_peer_rows_from_a_fixed_reply() -> None:
     assert t.rows[0] == ["alice", "wg", "198.19.100.2/32", "198.18.1.2:40000", "30s ago", "2.0 KiB",
                          "100 B", "1"]
     assert t.rows[1][:5] == ["bob", "toy", "198.19.100.3/32, fd00::3/128", "-", "never"]
+    ovpn = {**PEERS[1], "protocol": "openvpn", "cipher": "AES-256-GCM"}
+    assert render.peers_table([ovpn], NOW).rows[0][1] == "ovpn/aes256"  # the negotiated cipher
 
 
 def test_tables_are_plain_and_whole_when_not_a_terminal() -> None:

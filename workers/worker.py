@@ -278,6 +278,7 @@ class Worker:
             "counters": {**self.counters, **self.frame_stats.counters()}, "gauges": metrics.worker_gauges(self),
             **({"metrics": self.metrics_addr} if self.metrics_addr else {}),
             "sessions": {sid: {"packets": n} for sid, n in self.session_packets.items()},
+            **self.engine.take_ended(),
         }
         try:
             self.stats.send(msgpack.packb(rep, use_bin_type=True), zmq.NOBLOCK)

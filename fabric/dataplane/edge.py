@@ -344,6 +344,7 @@ class Edge:
         self.sessions[sid] = s
         lst.by_key[record.data_key] = sid
         lst.filter_dirty = True
+        lst.side.on_session(s.record)
         peer = self.peers.get(s.peer)
         if peer is not None:
             peer.sessions.append(sid)
@@ -362,6 +363,7 @@ class Edge:
         s = self.sessions.pop(sid, None)
         if s is None:
             return
+        s.listener.side.on_session_gone(sid)
         by_key = s.listener.by_key
         if by_key.get(s.record.data_key) == sid:
             del by_key[s.record.data_key]
@@ -903,6 +905,7 @@ class Edge:
             **({"metrics": self.metrics_addr} if self.metrics_addr else {}),
             "peers": {p.public: p.stats for p in self.peers.values()},
             "sessions": sessions,
+            **self.engine.take_ended(),
         }
         try:
             self.stats.send(msgpack.packb(rep, use_bin_type=True), zmq.NOBLOCK)

@@ -23,7 +23,9 @@ from fabric.control import frames
 from fabric.control.frames import Frame
 from fabric.control.records import PeerRecord, SessionRecord
 from fabric.dataplane import gro, ippacket
-from fabric.protocols.base import Protocol, SessionKeys
+from fabric.protocols.base import END_SESSION, Protocol, SessionKeys
+
+MAX_ENDED = 4096  # sessions ended per report (the peer repeats its goodbye)
 
 
 class CryptoEngine:
@@ -43,6 +45,7 @@ class CryptoEngine:
         self.sessions: dict[int, SessionKeys] = {}
         self.expires: dict[int, float] = {}  # session id -> the protocol's end of its life
         self.allowed: dict[bytes, ippacket.PrefixTable[bool]] = {}  # peer -> its allowed IPs
+        self.ended: set[int] = set()  # sessions whose peer said goodbye (reported, then ended)
 
     def set_peer(self, peer: PeerRecord) -> None:
         table: ippacket.PrefixTable[bool] = ippacket.PrefixTable()
@@ -67,6 +70,13 @@ class CryptoEngine:
         self.sessions[record.id] = keys
         self.expires[record.id] = proto.expires(record)
         return True
+
+    def take_ended(self) -> dict[str, list[int]]:
+        """For a report: the sessions whose peer said goodbye since the last one."""
+        if not self.ended:
+            return {}
+        out, self.ended = sorted(self.ended), set()
+        return {"ended": out[:MAX_ENDED]}
 
     def remove(self, sid: int) -> None:
         self.sessions.pop(sid, None)
@@ -109,6 +119,8 @@ class CryptoEngine:
         plain, counters, sizes = s.open(frame.packets, allowed.lookup, drops)
         for reason, n in drops.items():
             self.count("drop_" + reason, n)
+        if drops.get(END_SESSION):  # the peer said goodbye inside the data (OpenVPN's OCC_EXIT)
+            self.ended.add(s.sid)
         self.count("decrypted", len(plain))
         if self.packets is not None:
             self.packets[s.sid] = self.packets.get(s.sid, 0) + len(plain)

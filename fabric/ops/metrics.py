@@ -340,8 +340,15 @@ def broker_metrics(f: Families, broker: Any, gone_after: float) -> None:
             f.counter("fabric_peer_packets", "Packets per peer at the edges' UDP sockets (all edges)", p,
                       peer=name, public_key=key, protocol=proto, direction=direction)
     newest: dict[bytes, float] = {}
+    ciphers: dict[tuple[str, str, str], int] = {}
     for s in _copy(lambda: list(broker.sessions.values())):
         newest[s.peer] = max(newest.get(s.peer, 0.0), s.created)
+        name, proto = peers.get(s.peer, ("?", s.protocol))
+        cipher = str(broker.protocols[s.protocol].describe(s).get("cipher") or "")
+        ciphers[(name, proto, cipher)] = ciphers.get((name, proto, cipher), 0) + 1
+    for (name, proto, cipher), n in sorted(ciphers.items()):
+        f.gauge("fabric_peer_sessions", "Sessions per peer, by protocol and data cipher", n,
+                peer=name, protocol=proto, cipher=cipher)
     for pub, (name, proto) in sorted(peers.items(), key=lambda kv: kv[1]):
         f.gauge("fabric_peer_latest_handshake_seconds", "Unix time of the peer's newest session (0: none)",
                 newest.get(pub, 0.0), peer=name, public_key=key_to_base64(pub), protocol=proto)

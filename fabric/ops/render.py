@@ -127,9 +127,17 @@ def _num(v: float) -> str:
 SHORT_PROTOCOL = {"wireguard": "wg", "openvpn": "ovpn"}  # in tables; --json says it whole
 
 
+SHORT_CIPHER = {"AES-256-GCM": "aes256", "AES-128-GCM": "aes128", "CHACHA20-POLY1305": "chacha"}
+
+
 def _proto(row: dict[str, Any]) -> str:
+    """The protocol, and the data cipher where the protocol negotiates one (ovpn/aes256)."""
     name = str(row.get("protocol", "wireguard"))
-    return SHORT_PROTOCOL.get(name, name)
+    short = SHORT_PROTOCOL.get(name, name)
+    cipher = row.get("cipher")
+    if name != "wireguard" and cipher:
+        short += "/" + SHORT_CIPHER.get(str(cipher), str(cipher).lower())
+    return short
 
 
 def peers_table(peers: Sequence[dict[str, Any]], now: float) -> Table:
@@ -138,7 +146,7 @@ def peers_table(peers: Sequence[dict[str, Any]], now: float) -> Table:
         ago(p.get("latest_handshake"), now), size(p.get("rx_bytes", 0)), size(p.get("tx_bytes", 0)),
         str(p.get("sessions", 0)),
     ] for p in peers]
-    # the public keys are in --json: 80 columns hold the rest, the protocol included
+    # the public keys are in --json: 80 columns hold the rest, the protocol (and cipher) included
     return Table(["PEER", "PROTO", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE", "RX", "TX", "SESSIONS"], rows,
                  empty="no peers; add one with `fabric peer add NAME`", right={5, 6, 7})
 

@@ -126,6 +126,12 @@ class EdgeSide:
     def on_record(self, key: bytes, value: dict[str, Any]) -> None:
         """A record other than peers and sessions (e.g. `server`)."""
 
+    def on_session(self, record: SessionRecord) -> None:
+        """A session of this protocol was installed (its public copy)."""
+
+    def on_session_gone(self, sid: int) -> None:
+        """A session of this protocol was removed."""
+
     # --- receive
     def split(self, datagrams: Sequence[bytes], sources: Sequence[Any], filtered: bool) -> Split:
         """Classify a batch by header. `filtered`: the socket filter is attached,
@@ -342,6 +348,15 @@ class Authority:
         """Once a second: records to publish (None: delete)."""
         return []
 
+    def ended(self, record: SessionRecord, sessions: Iterable[SessionRecord]) -> tuple[int, ...]:
+        """The peer said goodbye on `record` (END_SESSION): the sessions that end with it."""
+        return (record.id,)
+
+    def silence_limit(self) -> float | None:
+        """A peer whose sessions received nothing this long is gone: the broker ends
+        them (OpenVPN's ping-restart on the server side); None: never."""
+        return None
+
     def forget_peer(self, public: bytes) -> list[tuple[bytes, dict[str, Any] | None]]:
         """A peer was removed: what to unpublish."""
         return []
@@ -361,6 +376,9 @@ class Authority:
         """Restore `state()` (also from an older broker.state: fields may be missing)."""
 
 
+END_SESSION = "end_session"  # SessionKeys.open's drop reason for a goodbye in the data
+
+
 class SessionKeys:
     """The AEAD of one session, shared by edges (inline) and workers.
 
@@ -368,7 +386,9 @@ class SessionKeys:
     plaintexts that authenticated, their counters, the datagrams' sizes, and drop
     counts; an empty plaintext is a keepalive. The inner packet checks that do not
     depend on the protocol (IP length, the source against the peer's allowed IPs)
-    happen in the same pass: `allowed(source_address) -> bool`.
+    happen in the same pass: `allowed(source_address) -> bool`. A datagram that ends
+    the session (OpenVPN's OCC_EXIT) is counted as END_SESSION: the edge or worker
+    reports the session and the broker ends it (Authority.ended).
     `seal` turns plaintexts into datagrams with counters counter0, counter0 + 1, ...
     """
 
@@ -402,6 +422,10 @@ class Protocol:
     def forget_at(self, record: SessionRecord) -> float:
         """When the broker forgets a session and its keys."""
         return record.created + self.keep_time
+
+    def describe(self, record: SessionRecord) -> dict[str, Any]:
+        """Public facts of a session for `fabric admin` and the metrics (e.g. its cipher)."""
+        return {}
 
     def edge(self, count: Callable[[str, int], None], shared_load: Any = None) -> EdgeSide:
         raise NotImplementedError

@@ -57,6 +57,11 @@ class OpenVPN(Protocol):
     def forget_at(self, record: SessionRecord) -> float:
         return self.expires(record) + 60.0
 
+    def describe(self, record: SessionRecord) -> dict[str, Any]:
+        p = record.params
+        return {"cipher": p.get("cipher"), "key_id": p.get("key_id"), "peer_id": p.get("peer_id"),
+                "key_derivation": "tls-ekm" if p.get("ekm") else "prf", "data_format": "v1" if p.get("v1") else "v2"}
+
     def edge(self, count: Callable[[str, int], None], shared_load: Any = None) -> Any:
         from fabric.protocols.openvpn.edgeside import OvpnEdge
 

@@ -207,10 +207,19 @@ class OvpnAuthority(Authority):
             return "no_peer_id"
         endpoint = req.get("endpoint", b"")
         params = {"peer_id": peer_id, "key_id": key_id, "cipher": cipher, "client_sid": client_sid,
-                  "server_sid": server_sid, "lifetime": self.lifetime, "ekm": bool(req.get("ekm"))}
+                  "server_sid": server_sid, "lifetime": self.lifetime, "ekm": bool(req.get("ekm")), "v1": bool(req.get("v1"))}
         return NewSession(peer_id << 3 | key_id, params, keys, False,
                           endpoint if isinstance(endpoint, bytes) else b"",
                           ends=tuple(s.id for s in mine if s.params.get("client_sid") != client_sid))
+
+    def ended(self, record: SessionRecord, sessions: Iterable[SessionRecord]) -> tuple[int, ...]:
+        """OCC_EXIT on one key ends the connection: every session of its client session id."""
+        client = record.params.get("client_sid")
+        return tuple(s.id for s in sessions if s.peer == record.peer and s.params.get("client_sid") == client)
+
+    def silence_limit(self) -> float | None:
+        """ping-restart on the server's side (the value pushed to clients)."""
+        return float(self.config.ping_restart) if self.config is not None else None
 
     def forget_peer(self, public: bytes) -> list[tuple[bytes, dict[str, Any] | None]]:
         self.peer_ids.pop(public, None)

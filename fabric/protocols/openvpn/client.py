@@ -388,12 +388,8 @@ class OvpnClient:
         self._wrap_pid = 0
         self._net_time = (int(now) if net_time is None else int(net_time)) & 0xFFFFFFFF
         self._replay = ReplayWindow() if self._wrapper.replay_protected else None
-        # ssl_pkt.c write_control_auth: the SoftEther workaround
-        softether = wrap == "none" and not iv_proto & km.IV_PROTO_TLS_KEY_EXPORT
-        self._ack_max = SOFTETHER_ACK_MAX if softether else RELIABLE_ACK_SIZE
-        self._piggyback_max = min(CONTROL_SEND_ACK_MAX, self._ack_max)
         # ssl.c write_outgoing_tls_ciphertext / calc_control_channel_frame_overhead
-        overhead = (1 + SID_SIZE + 1 + PACKET_ID_SIZE * self._piggyback_max + SID_SIZE
+        overhead = (1 + SID_SIZE + 1 + PACKET_ID_SIZE * CONTROL_SEND_ACK_MAX + SID_SIZE
                     + PACKET_ID_SIZE + self._wrapper.overhead + _DATAGRAM_OVERHEAD)
         self.tls_chunk = max(16, tls_mtu - overhead)
 
@@ -943,18 +939,26 @@ class OvpnClient:
 
     # --- control channel: send ----------------------------------------------------
 
+    def _ack_max(self) -> int:
+        """Acks in a P_ACK_V1: RELIABLE_ACK_SIZE, but 4 for a client without wrapping
+        whose keys do not come from tls-ekm (ssl_pkt.c write_control_auth, the
+        SoftEther workaround)."""
+        if self.wrap == "none" and not self.ekm:
+            return SOFTETHER_ACK_MAX
+        return RELIABLE_ACK_SIZE
+
     def _flush_control(self, ks: _KeyState, now: float) -> None:
         """reliable.c reliable_send for what is due, acks piggy-backed (at most
         CONTROL_SEND_ACK_MAX), then a P_ACK_V1 for acks still pending (ssl.c tls_process)."""
         if self.closed is not None:
             return
         for message_id, payload in ks.send.due(now):
-            acks = ks.recv.acks_to_send(self._piggyback_max) if self.server_session_id else []
+            acks = ks.recv.acks_to_send(CONTROL_SEND_ACK_MAX) if self.server_session_id else []
             self._emit(ControlPacket(
                 ks.send.opcode(message_id), ks.key_id, self.session_id, tuple(acks),
                 self.server_session_id if acks else None, message_id, payload))
-        if ks.recv.has_pending_acks and self.server_session_id is not None:
-            acks = ks.recv.acks_to_send(self._ack_max)
+        while ks.recv.has_pending_acks and self.server_session_id is not None:
+            acks = ks.recv.acks_to_send(self._ack_max())
             self._emit(ControlPacket(P_ACK_V1, ks.key_id, self.session_id, tuple(acks),
                                      self.server_session_id))
 

@@ -63,6 +63,7 @@ class KeyExchanged:
     cipher: str
     keys: km.DataKeys
     ekm: bool
+    v1: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ class ControlSession:
         self.peer_id: int | None = None
         self.cipher: str | None = None
         self.ekm = False
+        self.v1 = False  # P_DATA_V1: a client without peer-id
         self.iv_proto = 0
         self.pushed = False
         self.closing_at: float | None = None
@@ -249,9 +251,9 @@ class ControlSession:
             raise TlsError("refused_certificate", "not a peer of this fabric (removed?)")
         if self.cipher is None:  # the first key: negotiate (ssl_ncp.c)
             self.iv_proto = km.iv_proto(msg.peer_info)
-            if not self.iv_proto & IV_PROTO_DATA_V2:
-                ks.tls.write(b"AUTH_FAILED,fabric needs a client with P_DATA_V2 (OpenVPN 2.4 or later)\0")
-                raise TlsError("protocol", "client without P_DATA_V2 (IV_PROTO)")
+            # ssl.c: without IV_PROTO_DATA_V2 the client takes no peer-id and sends P_DATA_V1,
+            # which edges match by its address (no float then, as in mudp.c)
+            self.v1 = not self.iv_proto & IV_PROTO_DATA_V2
             cipher = km.select_cipher_for(msg, self.config.ciphers)
             if cipher is None:
                 ks.tls.write(b"AUTH_FAILED,no common data cipher\0")
@@ -268,7 +270,7 @@ class ControlSession:
         assert self.cipher is not None
         ks.state = "keys"
         self._events.append(KeyExchanged(ks.key_id, fp, self.cipher, km.data_keys(key2, self.cipher, True),
-                                         self.ekm))
+                                         self.ekm, self.v1))
 
     def committed(self, key_id: int, session: SessionRecord, now: float) -> None:
         """The broker made the key's session: it becomes the primary key."""
@@ -322,7 +324,7 @@ class ControlSession:
             else:
                 opts.append(f"ifconfig-ipv6 {client.ip}/{net.network.prefixlen} {net.ip}")
         opts += [f"ping {cfg.ping}", f"ping-restart {cfg.ping_restart}", *cfg.push]
-        if self.peer_id is not None:
+        if self.peer_id is not None and not self.v1:
             opts.append(f"peer-id {self.peer_id}")
         if self.cipher is not None:
             opts.append(f"cipher {self.cipher}")

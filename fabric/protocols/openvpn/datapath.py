@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from fabric.control.records import RecordError, SessionRecord
 from fabric.dataplane import ippacket
-from fabric.protocols.base import SessionKeys
+from fabric.protocols.base import END_SESSION, SessionKeys
 from fabric.protocols.openvpn.constants import (
     OCC_EXIT,
     OCC_MAGIC,
@@ -48,7 +48,7 @@ class OvpnKeys(SessionKeys):
     """One key id's data keys: cipher, keys and implicit IVs of both directions."""
 
     __slots__ = ("sid", "peer", "created", "cipher", "peer_id", "key_id", "_seal", "_open",
-                 "_seal_iv", "_open_iv", "_first")
+                 "_seal_iv", "_open_iv", "_first", "v1")
 
     def __init__(self, record: SessionRecord) -> None:
         keys, params = record.keys or {}, record.params
@@ -70,8 +70,11 @@ class OvpnKeys(SessionKeys):
         self._seal = aead(ek).encrypt
         self._open = aead(dk).decrypt
         self._seal_iv, self._open_iv = ei, di
-        # the first byte and peer-id of what we send: op 9 | key id, then the peer-id
-        self._first = bytes([(P_DATA_V2 << 3) | key_id]) + peer_id.to_bytes(3, "big")
+        # what goes before the packet id of what we send: op 9 | key id and the peer-id,
+        # or op 6 | key id for a client without peer-id (P_DATA_V1: its AAD is the packet id)
+        self.v1 = bool(params.get("v1"))
+        self._first = bytes([(P_DATA_V1 << 3) | key_id]) if self.v1 else \
+            bytes([(P_DATA_V2 << 3) | key_id]) + peer_id.to_bytes(3, "big")
 
     def open(self, datagrams: Sequence[bytes | memoryview], allowed: Callable[[bytes], Any],
              drops: dict[str, int]) -> tuple[list[bytes], list[int], list[int]]:
@@ -91,8 +94,8 @@ class OvpnKeys(SessionKeys):
             else:
                 drops["bad_opcode"] = drops.get("bad_opcode", 0) + 1
                 continue
-            if size < head + TAG or pkt[0] & 7 != self.key_id:
-                reason = "short" if size < head + TAG else "bad_key_id"
+            if size <= head + TAG or pkt[0] & 7 != self.key_id:  # crypto.c: "missing payload"
+                reason = "short" if size <= head + TAG else "bad_key_id"
                 drops[reason] = drops.get(reason, 0) + 1
                 continue
             (pid,) = unpack(pkt, head - 4)
@@ -105,7 +108,7 @@ class OvpnKeys(SessionKeys):
             if len(pt) == 16 and pt == PING_STRING:  # ping.c: a keepalive, not for the TUN
                 pt = b""
             elif pt[:16] == OCC_MAGIC:  # occ.c: in TLS mode only OCC_EXIT comes
-                reason = "end_session" if pt[16:17] == bytes([OCC_EXIT]) else "occ"
+                reason = END_SESSION if pt[16:17] == bytes([OCC_EXIT]) else "occ"
                 drops[reason] = drops.get(reason, 0) + 1
                 continue
             elif pt:
@@ -127,11 +130,11 @@ class OvpnKeys(SessionKeys):
         return plain, counters, sizes
 
     def seal(self, counter0: int, packets: Sequence[bytes | memoryview]) -> list[bytes]:
-        seal, iv, first, pack = self._seal, self._seal_iv, self._first, _U32.pack
+        seal, iv, first, pack, v1 = self._seal, self._seal_iv, self._first, _U32.pack, self.v1
         out: list[bytes] = []
         for i, pkt in enumerate(packets):
             pid = pack(counter0 + i)
             head = first + pid
-            ct = seal(pid + iv, bytes(pkt) if len(pkt) else PING_STRING, head)  # empty: a ping
+            ct = seal(pid + iv, bytes(pkt) if len(pkt) else PING_STRING, pid if v1 else head)  # empty: a ping
             out.append(head + ct[-TAG:] + ct[:-TAG])
         return out

@@ -3,8 +3,9 @@ without state, the rest of the control channel pinned to one worker, the timer p
 
 * P_DATA_V2 (openvpn-protocol.md 3.1): grouped by data key = peer-id << 3 | key id,
   the packet id being the counter the session table checks and the AEAD's nonce.
-  P_DATA_V1 carries no peer-id: fabric always pushes one, so a V1 packet comes from a
-  client too old for it (before 2.4) and is counted as `data_v1`.
+  P_DATA_V1 carries no peer-id: a client that announced no P_DATA_V2 (IV_PROTO) is pushed
+  none, and its packets are matched by their source address to its session's peer-id,
+  as mudp.c does; such a client cannot float.
 * P_CONTROL_HARD_RESET_CLIENT_V2 (1.1): answered here with the server's hard reset,
   whose session id is a cookie (server.py), as OpenVPN 2.6 answers statelessly
   (ssl_pkt.c tls_reset_standalone); bounded per source and per edge, so a flood of
@@ -16,13 +17,15 @@ without state, the rest of the control channel pinned to one worker, the timer p
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fabric.control.records import PeerRecord
+from fabric.control.records import PeerRecord, SessionRecord
 from fabric.dataplane.ratelimit import TokenBucket
 from fabric.protocols.base import EdgeSide, Forward, Keepalive, Protocol, Reply, Split
 from fabric.protocols.openvpn.constants import (
+    DATA_V1_MIN_SIZE,
     DATA_V2_MIN_SIZE,
     P_CONTROL_HARD_RESET_CLIENT_V2,
     P_CONTROL_HARD_RESET_CLIENT_V3,
@@ -44,6 +47,17 @@ CONTROL_PER_SOURCE = 200.0  # a TLS handshake is about ten packets each way
 CONTROL_BURST = 100.0
 CONTROL_PER_EDGE = 10000.0
 _EDGE = b"edge"
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
+def _packed(sa: Any) -> bytes:
+    """A socket address as the 18 bytes of a session's endpoint (v4 as v4-mapped v6)."""
+    host, port = str(sa[0]), int(sa[1])
+    if ":" in host:
+        raw = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    else:
+        raw = _V4_MAPPED + socket.inet_aton(host)
+    return raw + port.to_bytes(2, "big")
 
 
 class OvpnEdge(EdgeSide):
@@ -55,6 +69,8 @@ class OvpnEdge(EdgeSide):
         self.resets_edge = TokenBucket(RESETS_PER_EDGE, RESETS_PER_EDGE)
         self.control_src = TokenBucket(CONTROL_PER_SOURCE, CONTROL_BURST)
         self.control_edge = TokenBucket(CONTROL_PER_EDGE, CONTROL_PER_EDGE)
+        self.v1_peers: dict[bytes, int] = {}  # a P_DATA_V1 client's address -> its peer-id
+        self.v1_sessions: dict[int, bytes] = {}  # session id -> that address
         # the server cannot start a connection: no initiations, nothing staged
         self.unanswered_after = None
         self.handshake_retry = math.inf
@@ -91,12 +107,39 @@ class OvpnEdge(EdgeSide):
                 else:
                     got[0].append(pkt)
                     got[1].append(pid)
-            elif P_FIRST_OPCODE <= op <= P_LAST_OPCODE and op != P_DATA_V1:
+            elif op == P_DATA_V1:
+                peer_id = self.v1_peers.get(_packed(src)) if self.v1_peers and len(pkt) >= DATA_V1_MIN_SIZE else None
+                pid = int.from_bytes(pkt[1:5], "big") if peer_id is not None else 0
+                if peer_id is None or not pid:
+                    reason = "v1_unknown_source" if peer_id is None else "zero_packet_id"
+                    drops[reason] = drops.get(reason, 0) + 1
+                    continue
+                key = (peer_id << 3) | (pkt[0] & 7)
+                got = groups.get((key, src))
+                if got is None:
+                    groups[(key, src)] = ([pkt], [pid])
+                else:
+                    got[0].append(pkt)
+                    got[1].append(pid)
+            elif P_FIRST_OPCODE <= op <= P_LAST_OPCODE:
                 control.append((pkt, src))
             else:
-                reason = "data_v1" if op == P_DATA_V1 else "bad_opcode"
-                drops[reason] = drops.get(reason, 0) + 1
+                drops["bad_opcode"] = drops.get("bad_opcode", 0) + 1
         return out
+
+    # --- sessions: clients without peer-id are known by their address (mudp.c) -------------
+
+    def on_session(self, record: SessionRecord) -> None:
+        if record.params.get("v1") and len(record.endpoint) == 18:
+            peer_id = record.params.get("peer_id")
+            if isinstance(peer_id, int):
+                self.v1_peers[record.endpoint] = peer_id
+                self.v1_sessions[record.id] = record.endpoint
+
+    def on_session_gone(self, sid: int) -> None:
+        addr = self.v1_sessions.pop(sid, None)
+        if addr is not None and addr not in self.v1_sessions.values():
+            self.v1_peers.pop(addr, None)
 
     def control(self, datagram: bytes, addr: bytes, now: float) -> str | Reply | Forward:
         cfg = self.config

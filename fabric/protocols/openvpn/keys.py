@@ -62,8 +62,6 @@ class KeyMethodError(ValueError):
         self.reason = reason
 
 
-KeyError_ = KeyMethodError
-
 
 # --- key method 2 messages ----------------------------------------------------------------
 

@@ -146,6 +146,7 @@ class OvpnWorker(WorkerSide):
                               fresh=False)
         conn.peer, conn.cipher = record.peer, str(record.params.get("cipher"))
         conn.ekm = bool(record.params.get("ekm"))
+        conn.v1 = bool(record.params.get("v1"))
         conn.primary = int(record.params.get("key_id", 0))
         peer_id = record.params.get("peer_id")
         conn.peer_id = peer_id if isinstance(peer_id, int) else None
@@ -174,7 +175,7 @@ class OvpnWorker(WorkerSide):
         k = ev.keys
         reply = self.host.commit({
             "protocol": NAME, "role": "session", "peer": ev.peer, "key_id": ev.key_id, "cipher": ev.cipher,
-            "ekm": ev.ekm, "encrypt_key": k.encrypt_key, "encrypt_iv": k.encrypt_implicit_iv,
+            "ekm": ev.ekm, "v1": ev.v1, "encrypt_key": k.encrypt_key, "encrypt_iv": k.encrypt_implicit_iv,
             "decrypt_key": k.decrypt_key, "decrypt_iv": k.decrypt_implicit_iv,
             "client_sid": conn.client_sid, "server_sid": conn.server_sid, "endpoint": conn.addr,
         })

@@ -42,6 +42,9 @@ class WireGuard(Protocol):
         self.keep_time = SESSION_KEEP_TIME
         self.max_sessions_per_peer = MAX_SESSIONS_PER_PEER
 
+    def describe(self, record: SessionRecord) -> dict[str, Any]:
+        return {"cipher": "CHACHA20-POLY1305"}  # whitepaper 5.4.6: AEAD
+
     def edge(self, count: Callable[[str, int], None], shared_load: Any = None) -> Any:
         from fabric.protocols.wireguard.edgeside import WgEdge
 
