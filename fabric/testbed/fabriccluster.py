@@ -65,6 +65,7 @@ class FabricCluster:
         reuseport: bool = True,
         crypto: str | None = None,
         openvpn_port: int | None = None,
+        openvpn_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in ("separate", "up"):
             raise ValueError("mode must be 'separate' or 'up'")
@@ -84,6 +85,9 @@ class FabricCluster:
         self.openvpn_port = openvpn_port
         # `--openvpn-port P` for up, the broker and each edge; nothing without OpenVPN
         self.openvpn_args = ["--openvpn-port", str(openvpn_port)] if openvpn_port else []
+        # the [openvpn] table's other settings (reneg_sec, wrap, ...): a config file for
+        # the broker (or `fabric up`), which reads them from it
+        self.openvpn_options = dict(openvpn_options or {})
         self.args: dict[str, tuple[str, ...]] = {}
         # extra command-line flags per role, e.g. {"broker": ["--tcp", "198.18.1.1:52000"]}
         self.extra: dict[str, list[str]] = {}
@@ -152,14 +156,25 @@ class FabricCluster:
             log_path=self.topo.log_dir / f"fabric-{label}.log",
         )
 
+    def _config_args(self) -> list[str]:
+        if not self.openvpn_options:
+            return []
+        path = self.topo.workdir / "fabric.toml"
+        lines = ["[openvpn]", f"port = {self.openvpn_port or 1194}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.openvpn_options.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return ["--config", str(path)]
+
     def start(self, timeout: float = 30.0) -> FabricCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
         sd = str(self.state_dir)
+        config = self._config_args()
         if self.mode == "up":
             self._spawn(
                 "up",
                 "up",
+                *config,
                 "--state-dir",
                 sd,
                 "--listen-port",
@@ -179,7 +194,7 @@ class FabricCluster:
         else:
             # with OpenVPN the broker learns both ports (they must differ; peer_add answers each)
             ports = ["--listen-port", str(self.listen_port), *self.openvpn_args] if self.openvpn_args else []
-            self._spawn("broker", "broker", "--state-dir", sd, "--address", self.address, *ports)
+            self._spawn("broker", "broker", *config, "--state-dir", sd, "--address", self.address, *ports)
             # edges and workers expect the broker's run/ directory and sockets:
             # start them once the broker answers admin requests
             self.wait_admin(timeout)
