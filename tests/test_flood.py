@@ -53,6 +53,34 @@ def test_pools_are_what_their_kind_says() -> None:
         fl.make_pool("ping-of-death", None)
 
 
+def test_openvpn_pools_unwrap_as_the_server_sees_them() -> None:
+    from fabric.protocols.openvpn.constants import P_CONTROL_HARD_RESET_CLIENT_V2
+    from fabric.protocols.openvpn.wire import ControlPacket, WireError
+    from fabric.protocols.openvpn.wrap import TlsCrypt, format_static_key
+
+    key = bytes(range(256))
+    server = TlsCrypt(key, server=True)
+    resets = fl.make_pool("ovpn-reset", None, 40, static_key=key)
+    sids = set()
+    for d in resets:  # each a valid hard reset of its own session (what an old profile can send)
+        packet, pid, _ = server.unwrap(d)
+        cp = ControlPacket.unpack(packet)
+        assert (cp.opcode, cp.message_id, cp.acks) == (P_CONTROL_HARD_RESET_CLIENT_V2, 0, ())
+        sids.add(cp.session_id)
+    assert len(sids) == 40
+    junk = fl.make_pool("ovpn-junk", None, 40)
+    assert all(d[0] == 7 << 3 for d in junk)
+    for d in junk:
+        with pytest.raises(WireError):
+            server.unwrap(d)
+    profile = f"client\n<tls-crypt>\n{format_static_key(key)}</tls-crypt>\n"
+    assert fl.static_key_of_profile(profile) == key
+    with pytest.raises(fl.FloodError, match="no <tls-crypt>"):
+        fl.static_key_of_profile("client\n")
+    with pytest.raises(fl.FloodError, match="--ovpn-profile"):
+        fl.make_pool("ovpn-reset", None)
+
+
 @pytest.mark.parametrize("dst", ["10.0.0.1", "172.16.0.1", "192.168.1.1", "8.8.8.8", "2001:db8::1", "example.org"])
 def test_refuses_anything_but_the_test_network(dst: str) -> None:
     with pytest.raises(fl.FloodError):

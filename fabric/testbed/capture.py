@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,16 +14,36 @@ from fabric.testbed.netns import Topology, TopologyError, tail
 
 # --------------------------------------------------------------------------- captures
 
+_NO_UDP_GSO = """
+import sys
+from pyroute2 import Ethtool
+e = Ethtool()
+f = e.get_features(sys.argv[1])
+f.features["tx-udp-segmentation"].enable = False
+e.set_features(sys.argv[1], f)
+if e.get_features(sys.argv[1]).features["tx-udp-segmentation"].enable:
+    sys.exit("tx-udp-segmentation stays on")
+"""
+
 
 class Capture:
     """tcpdump of UDP on one interface of a namespace, for checks after the fact.
 
     Only the first `snaplen` bytes of each frame are kept: enough for the
-    WireGuard header (type, receiver index, counter).
+    WireGuard header (type, receiver index, counter) or OpenVPN's (opcode, peer-id,
+    packet id).
+
+    A sender with UDP GSO (the fabric's edges) hands a batch of datagrams to the
+    interface as one buffer, and tcpdump would see only the first datagram's header.
+    With `segments=True` the interface's UDP segmentation offload is switched off
+    first (ethtool's tx-udp-segmentation, through pyroute2), so the kernel splits
+    every batch before the capture point and each datagram shows on its own.
     """
 
-    def __init__(self, topo: Topology, ns: str, iface: str, bpf: str = "udp", snaplen: int = 128) -> None:
+    def __init__(self, topo: Topology, ns: str, iface: str, bpf: str = "udp", snaplen: int = 128,
+                 segments: bool = False) -> None:
         self.topo = topo
+        self.iface, self.segments = iface, segments
         self.path = topo.workdir / f"capture-{iface}-{time.monotonic_ns()}.pcap"
         self.argv = ["tcpdump", "-i", iface, "-n", "-U", "-B", "16384", "-s", str(snaplen),
                      "-w", str(self.path), bpf]
@@ -30,6 +51,8 @@ class Capture:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Capture:
+        if self.segments:
+            self.topo.run(self.ns, [sys.executable, "-c", _NO_UDP_GSO, self.iface])
         self.proc = self.topo.popen(self.ns, self.argv, label="tcpdump")
         log = self.topo.log_path(self.proc)
         for _ in range(100):  # tcpdump says "listening on ..." once it captures

@@ -17,6 +17,14 @@ Kinds (WireGuard, whitepaper 5.4):
 * ``short``: truncated handshakes (type 1 with 4..147 bytes);
 * ``oversized``: type 1 padded to 1400 bytes.
 
+Kinds (OpenVPN, ../shared/openvpn-protocol.md):
+
+* ``ovpn-reset``: P_CONTROL_HARD_RESET_CLIENT_V2 wrapped with the *valid*
+  tls-crypt key of a client profile (``--ovpn-profile FILE``: anyone who had a
+  profile has it), each with its own random session id and the current time: a
+  server that kept state per first packet would grow with every one;
+* ``ovpn-junk``: the hard-reset opcode followed by random bytes (a failed unwrap).
+
 Bounded: at most ``--seconds`` (<= 600) and ``--max-packets``; destinations only
 in 198.18.0.0/15 or loopback (the test network's rule), so it cannot be pointed
 at anything but the namespaces a test built. Datagrams come from a pool built
@@ -42,7 +50,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-KINDS = ("initiation", "bad-mac1", "unknown-index", "random", "short", "oversized")
+KINDS = ("initiation", "bad-mac1", "unknown-index", "random", "short", "oversized", "ovpn-reset",
+         "ovpn-junk")
 ALLOWED_NETS = (
     ipaddress.ip_network("198.18.0.0/15"),
     ipaddress.ip_network("127.0.0.0/8"),
@@ -73,12 +82,45 @@ def check_destination(host: str) -> str:
 # --------------------------------------------------------------------------- datagrams
 
 
+def ovpn_resets(static_key: bytes, n: int, rand: Callable[[int], bytes] = os.urandom) -> list[bytes]:
+    """`n` hard resets a client with this tls-crypt key could send, each from its own
+    new session (the payload a 2.6 client sends: no TLVs, message id 0)."""
+    from fabric.protocols.openvpn.constants import P_CONTROL_HARD_RESET_CLIENT_V2
+    from fabric.protocols.openvpn.wire import ControlPacket
+    from fabric.protocols.openvpn.wrap import TlsCrypt
+
+    wrap = TlsCrypt(static_key, server=False)
+    now = int(time.time())
+    return [wrap.wrap(ControlPacket(P_CONTROL_HARD_RESET_CLIENT_V2, 0, rand(8), message_id=0).pack(),
+                      i + 1, now) for i in range(n)]
+
+
+def static_key_of_profile(text: str) -> bytes:
+    """The tls-crypt key inside an inline profile (FloodError if it has none)."""
+    from fabric.protocols.openvpn.wire import WireError
+    from fabric.protocols.openvpn.wrap import parse_static_key
+
+    start, end = text.find("<tls-crypt>"), text.find("</tls-crypt>")
+    if start < 0 or end < start:
+        raise FloodError("the profile has no <tls-crypt> block")
+    try:
+        return parse_static_key(text[start + len("<tls-crypt>"):end])
+    except WireError as exc:
+        raise FloodError(f"the profile's tls-crypt key: {exc}") from None
+
+
 def make_pool(kind: str, server_public: bytes | None, n: int = POOL,
-              rand: Callable[[int], bytes] = os.urandom) -> list[bytes]:
+              rand: Callable[[int], bytes] = os.urandom, static_key: bytes | None = None) -> list[bytes]:
     """`n` distinct datagrams of one kind (see the module docstring)."""
     if kind not in KINDS:
         raise FloodError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     out: list[bytes] = []
+    if kind == "ovpn-reset":
+        if static_key is None:
+            raise FloodError("--kind ovpn-reset needs a client profile with a tls-crypt key (--ovpn-profile)")
+        return ovpn_resets(static_key, n, rand)
+    if kind == "ovpn-junk":
+        return [bytes((7 << 3,)) + rand(8 + int.from_bytes(rand(1), "little") % 200) for _ in range(n)]
     if kind in ("initiation", "bad-mac1"):
         if server_public is None or len(server_public) != 32:
             raise FloodError(f"--kind {kind} needs the server's public key (--server-key)")
@@ -284,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("port", type=int)
     p.add_argument("--kind", choices=KINDS, default="initiation")
     p.add_argument("--server-key", help="the server's public key, base64 (initiation, bad-mac1)")
+    p.add_argument("--ovpn-profile", help="an OpenVPN client profile with <tls-crypt> (ovpn-reset)")
     p.add_argument("--rate", type=float, default=120_000.0, help="datagrams per second (default 120000)")
     p.add_argument("--seconds", type=float, default=10.0, help=f"at most this long (<= {MAX_SECONDS:g})")
     p.add_argument("--max-packets", type=int, default=None,
@@ -299,7 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fabric.protocols.wireguard.crypto import key_from_base64
 
             key = key_from_base64(args.server_key)
-        pool = make_pool(args.kind, key)
+        static_key = None
+        if args.ovpn_profile:
+            try:
+                text = open(args.ovpn_profile).read()
+            except OSError as exc:
+                raise FloodError(f"--ovpn-profile: {exc}") from None
+            static_key = static_key_of_profile(text)
+        pool = make_pool(args.kind, key, static_key=static_key)
         limit = args.max_packets if args.max_packets is not None else int(args.rate * args.seconds) + 1
         out = flood(args.dst, args.port, pool, args.rate, args.seconds, limit, args.ports,
                     progress=(lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else None,
