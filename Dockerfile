@@ -1,11 +1,11 @@
-# One image for every service of compose.yaml: broker, edges, workers, peer-add
-# and the demo wireguard-go client. Build: docker compose build (or docker build -t fabric-vpn:dev .)
+# One image for every service of compose.yaml: broker, edges, workers, the peer-add
+# services and the demo clients (wireguard-go, openvpn). Build: docker compose build (or docker build -t fabric-vpn:dev .)
 FROM python:3.11-slim
 
-# wireguard-go + wg/wg-quick for the demo client, iproute2 for addresses and routes,
-# ping for the client's demo traffic
+# wireguard-go + wg/wg-quick and openvpn for the demo clients, iproute2 for addresses
+# and routes, ping for the clients' demo traffic
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends wireguard-go wireguard-tools iproute2 iputils-ping \
+    && apt-get install -y --no-install-recommends wireguard-go wireguard-tools openvpn iproute2 iputils-ping \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

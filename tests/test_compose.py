@@ -48,11 +48,14 @@ def test_repo_file_topology() -> None:
     groups = p.groups()
     assert groups["edge0"] == ["edge0", "edge1"]
     assert groups["worker-1"] == ["worker-1"] and groups["worker-2"] == ["worker-2"]
-    assert set(groups) == {"broker", "edge0", "worker-1", "worker-2", "peer-add", "client"}
+    assert set(groups) == {"broker", "edge0", "worker-1", "worker-2", "peer-add", "client", "peer-add-ovpn",
+                           "ovpn-client"}
     order = p.order
     assert order.index("broker") < order.index("edge0") < order.index("edge1")
     assert order.index("peer-add") < order.index("client")
+    assert order.index("peer-add-ovpn") < order.index("ovpn-client")
     assert p.services["client"].depends_on["peer-add"] == "service_completed_successfully"
+    assert p.services["ovpn-client"].depends_on["peer-add-ovpn"] == "service_completed_successfully"
     # one state dir on one named volume for every fabric process
     fabric_services = [s for s in p.services.values() if s.role != "other"]
     assert {(s.mount_of(s.state_dir()).source, s.state_dir()) for s in fabric_services} == {  # type: ignore[union-attr]
@@ -60,13 +63,38 @@ def test_repo_file_topology() -> None:
     # addresses only from 198.18.0.0/15
     for net in p.networks.values():
         assert net.subnet.subnet_of(cluster.ALLOWED_NET)
-    assert "6 services, 7 processes in 6 network namespaces" in p.summary()
+    assert "8 services, 9 processes in 8 network namespaces" in p.summary()
     # metrics on: the broker on its own underlay address, the edges on their shared one, a port each
     metrics = {s.name: cluster._arg(s.command, "--metrics") for s in p.services.values()}
     assert metrics["broker"] == "198.18.10.4:9580" and p.services["broker"].networks == {"underlay": "198.18.10.4"}
     assert (metrics["edge0"], metrics["edge1"]) == ("198.18.10.2:9581", "198.18.10.2:9582")
     assert p.services["edge0"].networks == {"underlay": "198.18.10.2"}
     assert cluster.client_network(p) == "underlay"
+
+
+def test_repo_file_serves_openvpn() -> None:
+    """Broker and edges serve OpenVPN on 1194 beside WireGuard; an OpenVPN peer's profile goes to a
+    stock openvpn client on the underlay that pings the server."""
+    p = load(COMPOSE)
+    svcs = p.services
+    for name in ("broker", "edge0", "edge1"):
+        assert cluster._arg(svcs[name].command, "--openvpn-port") == "1194", name
+        assert cluster._arg(svcs[name].command, "--listen-port") == "51820", name
+    assert "1194:1194/udp" in svcs["edge0"].ports and "51820:51820/udp" in svcs["edge0"].ports
+    add = svcs["peer-add-ovpn"]
+    assert add.network_mode == "none" and add.depends_on == {"broker": "service_healthy"}
+    script = add.command[-1]
+    assert "fabric peer add demo-ovpn --openvpn --endpoint 198.18.10.2:1194 -o" in script, script
+    # the profile it writes is what the client reads, through the shared volume
+    assert add.environment["CLIENT_CONF"] == svcs["ovpn-client"].environment["CLIENT_CONF"] == "/client/demo-ovpn.ovpn"
+    assert add.mount_of("/client").source == svcs["ovpn-client"].mount_of("/client").source == "client"  # type: ignore[union-attr]
+    client = svcs["ovpn-client"]
+    assert client.networks == {"underlay": "198.18.10.5"}
+    assert client.labels[cluster.CHECK_LABEL] == "198.19.100.1"
+    assert 'openvpn --config "$CLIENT_CONF" &' in client.command[-1] and "$$" not in client.command[-1]
+    # which services run which client (the tools `fabric cluster up` asks for, the TUN checks)
+    assert [s.name for s in svcs.values() if cluster.runs(s, "openvpn")] == ["ovpn-client"]
+    assert [s.name for s in svcs.values() if cluster.runs(s, "wireguard-go")] == ["client"]
 
 
 def test_interpolation_like_compose() -> None:
@@ -168,6 +196,13 @@ def test_edge_needs_tun_device() -> None:
                               "add devices: [/dev/net/tun]")
 
 
+def test_openvpn_client_needs_tun() -> None:
+    anchor = "    cap_add: [NET_ADMIN]\n    devices: [/dev/net/tun]\n    environment:\n      CLIENT_CONF: /client/demo-ovpn.ovpn\n"
+    text = broken(anchor, "    environment:\n      CLIENT_CONF: /client/demo-ovpn.ovpn\n")
+    assert error_of(text) == ("compose.yaml: services.ovpn-client.cap_add: ovpn-client creates a TUN device; "
+                              "add cap_add: [NET_ADMIN]")
+
+
 def test_undeclared_volume() -> None:
     msg = error_of(broken("      - client:/client:ro", "      - clients:/client:ro"))
     assert msg == ("compose.yaml: services.client.volumes[0]: volume 'clients' is not declared; "
@@ -214,11 +249,17 @@ def test_worker_auto_id_skips_taken_ids(tmp_path: Path) -> None:
 
 
 def _checked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sessions: dict[str, float | None],
-             status_rc: int = 0) -> tuple[bool, str]:
-    """Cluster.check with the namespaces' answers faked: pings pass, each endpoint reports `sessions`."""
+             status_rc: int = 0, exited: dict[str, int] | None = None) -> tuple[bool, str]:
+    """Cluster.check with the namespaces' answers faked: pings pass, each endpoint reports `sessions`;
+    the instances in `exited` ran a real process that ended with that code."""
     from fabric.testbed.testnet import PingResult, TopologyError
 
     c = cluster.Cluster(load(COMPOSE), prefix="fabunit")
+    for inst, code in (exited or {}).items():
+        proc = subprocess.Popen(["sh", "-c", f"exit {code}"])
+        proc.wait(timeout=10)
+        c.instances[inst] = cluster._Instance(inst, c.project.services[inst], proc)
+    monkeypatch.setattr(c, "_last_line", lambda inst: f"{inst.name}: no tunnel after 60 s")
     c.topo.ns_of = {inst: c.topo.ns_name(g) for g, members in c.project.groups().items() for inst in members}
     c.topo.volume_dirs = {v: Path("/nonexistent") / v for v in c.project.volumes}
     ok = PingResult(5, 5, 0.5, "")
@@ -265,6 +306,15 @@ def test_check_fails_when_an_endpoint_does_not_answer(monkeypatch: pytest.Monkey
     assert "metrics broker http://198.18.10.4:9580/metrics (in fabunit-broker): http://198.18.10.4:9580/metrics in fabunit-broker: Connection refused  FAILED" in out
 
 
+def test_check_fails_when_a_client_script_gave_up(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    ok, out = _checked(monkeypatch, capsys, {"broker": 2, "edge0": 2, "edge1": 2},
+                       exited={"peer-add-ovpn": 0, "ovpn-client": 1})
+    assert not ok
+    assert "check: ovpn-client exited (1): ovpn-client: no tunnel after 60 s  FAILED" in out
+    assert "peer-add-ovpn exited" not in out  # a one-shot that completed is fine
+
+
 def test_check_fails_when_fabric_status_is_degraded(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     ok, out = _checked(monkeypatch, capsys, {"broker": 1, "edge0": 1, "edge1": 1}, status_rc=1)
@@ -283,7 +333,7 @@ def _cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
 def test_cli_check_good_file() -> None:
     cp = _cli("cluster", "check", str(COMPOSE))
     assert cp.returncode == 0, cp.stderr
-    assert "compose.yaml: ok: 6 services" in cp.stdout
+    assert "compose.yaml: ok: 8 services" in cp.stdout
 
 
 def test_cli_check_broken_file(tmp_path: Path) -> None:
@@ -360,30 +410,48 @@ def _leftovers(prefix: str) -> list[str]:
 
 
 @pytest.mark.netns
-def test_cluster_up_check_pings_through_wireguard_go() -> None:
+def test_cluster_up_check_pings_through_wireguard_go_and_openvpn() -> None:
     prefix = new_prefix()
-    cp = _cli("cluster", "up", str(COMPOSE), "--check", "--prefix", prefix, timeout=240)
+    cp = _cli("cluster", "up", str(COMPOSE), "--check", "--prefix", prefix, "--keep-logs", timeout=240)
     out = cp.stdout
-    assert cp.returncode == 0, f"{out}\n{cp.stderr}"
-    for step in ("creating 6 network namespaces", "creating network underlay 198.18.10.0/24",
-                 "starting broker", "waiting for broker to be healthy", "starting edge0", "starting edge1",
-                 "starting worker (2 x fabric worker --id auto)", "waiting for peer-add to complete",
-                 "starting client", "tearing down", "stopped"):
-        assert step in out, f"missing progress line {step!r}:\n{out}"
-    m = re.search(r"client -> 198\.19\.100\.1: (\d+)/(\d+) replies", out)
-    assert m and int(m.group(1)) == int(m.group(2)) > 0, out
-    # the fabric saw the demo peer's session, through the edges and both workers
-    assert re.search(r"^\d+\s+demo\s+wg\s+198\.18\.10\.3:\d+", out, re.M), out
-    assert len(re.findall(r"^worker\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
-    assert len(re.findall(r"^edge\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
-    assert re.search(r"^fabric ok: broker up .*, 2 edges, 2 workers up, 1 peer, 1 session$", out, re.M), out
-    # every metrics endpoint of the file, scraped from inside its namespace, holds the session
-    for inst, ns, addr in (("broker", "broker", "198.18.10.4:9580"), ("edge0", "edge0", "198.18.10.2:9581"),
-                           ("edge1", "edge0", "198.18.10.2:9582")):
-        m = re.search(rf"check: metrics {inst} http://{re.escape(addr)}/metrics \(in {prefix}-{ns}\): "
-                      r"fabric_sessions (\d+)$", out, re.M)
-        assert m and int(m.group(1)) >= 1, out
-    assert "FAILED" not in out
+    m = re.search(r"^logs kept in (/tmp/" + prefix + r"-\S+)$", out, re.M)
+    workdir = Path(m.group(1)) if m else None
+    try:
+        assert cp.returncode == 0, f"{out}\n{cp.stderr}"
+        for step in ("creating 8 network namespaces", "creating network underlay 198.18.10.0/24",
+                     "starting broker", "waiting for broker to be healthy", "starting edge0", "starting edge1",
+                     "starting worker (2 x fabric worker --id auto)", "waiting for peer-add to complete",
+                     "starting client", "waiting for peer-add-ovpn to complete", "starting ovpn-client",
+                     "tearing down", "stopped"):
+            assert step in out, f"missing progress line {step!r}:\n{out}"
+        for client in ("client", "ovpn-client"):
+            m = re.search(rf"check: {client} -> 198\.19\.100\.1: (\d+)/(\d+) replies", out)
+            assert m and int(m.group(1)) == int(m.group(2)) > 0, out
+        # the fabric saw both demo peers' sessions, through the edges and both workers
+        assert re.search(r"^\d+\s+demo\s+wg\s+198\.18\.10\.3:\d+", out, re.M), out
+        assert re.search(r"^\d+\s+demo-ovpn\s+ovpn/aes256\s+198\.18\.10\.5:\d+", out, re.M), out
+        assert re.search(r"^broker .*wireguard 51820/udp\s+openvpn 1194/udp", out, re.M), out
+        assert len(re.findall(r"^worker\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
+        assert len(re.findall(r"^edge\s+\d+\s+\d+\s+up", out, re.M)) == 2, out
+        assert re.search(r"^fabric ok: broker up .*, 2 edges, 2 workers up, 2 peers, 2 sessions$", out, re.M), out
+        # every metrics endpoint of the file, scraped from inside its namespace, holds both sessions
+        for inst, ns, addr in (("broker", "broker", "198.18.10.4:9580"), ("edge0", "edge0", "198.18.10.2:9581"),
+                               ("edge1", "edge0", "198.18.10.2:9582")):
+            m = re.search(rf"check: metrics {inst} http://{re.escape(addr)}/metrics \(in {prefix}-{ns}\): "
+                          r"fabric_sessions (\d+)$", out, re.M)
+            assert m and int(m.group(1)) >= 2, out
+        assert "FAILED" not in out
+        # the OpenVPN client's own script: openvpn ran the profile peer-add-ovpn wrote, then it pinged
+        assert workdir is not None, out
+        log = (workdir / "logs" / "ovpn-client.log").read_text(errors="replace")
+        assert "Initialization Sequence Completed" in log and "cipher 'AES-256-GCM'" in log, log
+        assert "ovpn-client: tunnel up, pinging 198.19.100.1 through it" in log, log
+        assert re.search(r"bytes from 198\.19\.100\.1", log), log
+        profile = (workdir / "volumes" / "client" / "demo-ovpn.ovpn").read_text()
+        assert "remote 198.18.10.2 1194" in profile and "<tls-crypt>" in profile, profile
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     assert _leftovers(prefix) == []
 
 
@@ -417,7 +485,7 @@ def test_cluster_up_stops_on_sigterm() -> None:
             lines.append(line)
             if "cluster up:" in line:
                 break
-        assert any("cluster up: 7 processes in 6 namespaces" in ln for ln in lines), "".join(lines)
+        assert any("cluster up: 9 processes in 8 namespaces" in ln for ln in lines), "".join(lines)
         assert any(ns.startswith(f"{prefix}-edge0") for ns in
                    subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
         proc.send_signal(signal.SIGTERM)
@@ -508,24 +576,25 @@ def test_readme_path_second_client(tmp_path: Path) -> None:
                                 env=fabric_env(), timeout=60)
             assert cp.returncode == 0, cp.stdout + cp.stderr
             view = json.loads(cp.stdout)
-            assert view["health"] == "ok" and view["session_count"] >= 2, view
+            assert view["health"] == "ok" and view["session_count"] >= 3, view
             by_peer = {s["peer"]: s for s in view["sessions"]}
-            assert set(by_peer) == {"demo", name}, by_peer
-            assert by_peer[name]["endpoint"].startswith("198.18.10.5:"), by_peer[name]
+            assert set(by_peer) == {"demo", "demo-ovpn", name}, by_peer
+            # the compose file's clients have .3 and .5; this namespace gets the next free address
+            assert by_peer[name]["endpoint"].startswith("198.18.10.6:"), by_peer[name]
             assert sorted((r["role"], r["health"]) for r in view["processes"]) == [
                 ("edge", "up"), ("edge", "up"), ("worker", "up"), ("worker", "up")], view["processes"]
             assert {r["metrics"] for r in view["processes"] if r["role"] == "edge"} == {
                 "198.18.10.2:9581", "198.18.10.2:9582"}
 
-            # the metrics endpoints, as printed: the edge holds both sessions, the broker knows the new peer
+            # the metrics endpoints, as printed: the edge holds all three sessions, the broker knows the new peer
             cp = subprocess.run(_hint(hints, "# edge0"), capture_output=True, text=True, timeout=60)
             assert cp.returncode == 0, cp.stderr
             edge = _samples(cp.stdout)
-            assert [v for n, _l, v in edge if n == "fabric_sessions"][0] >= 2, cp.stdout
+            assert [v for n, _l, v in edge if n == "fabric_sessions"][0] >= 3, cp.stdout
             cp = subprocess.run(_hint(hints, "# broker"), capture_output=True, text=True, timeout=60)
             assert cp.returncode == 0, cp.stderr
             broker = _samples(cp.stdout)
-            assert [v for n, _l, v in broker if n == "fabric_sessions"][0] >= 2
+            assert [v for n, _l, v in broker if n == "fabric_sessions"][0] >= 3
             assert [v for n, lab, v in broker if n == "fabric_peer_latest_handshake_seconds" and lab["peer"] == name][0] > 0
             rx = [v for n, lab, v in broker if n == "fabric_peer_packets_total" and lab["peer"] == name
                   and lab["direction"] == "rx"]

@@ -506,7 +506,7 @@ def _validate(project: Project) -> None:
                                        f"(.1 is the gateway); pick one from {subnet}")
         if s.ipc and s.ipc.startswith("service:") and s.ipc.split(":", 1)[1] not in svcs:
             raise ComposeError(f"{w}.ipc: service {s.ipc.split(':', 1)[1]!r} is not defined; use one of: {known}")
-        needs_tun = s.role == "edge" or any("wireguard-go" in a for a in s.command)
+        needs_tun = s.role == "edge" or runs(s, "wireguard-go") or runs(s, "openvpn")
         if needs_tun and not s.privileged:
             if "NET_ADMIN" not in s.cap_add:
                 raise ComposeError(f"{w}.cap_add: {s.name} creates a TUN device; add cap_add: [NET_ADMIN]")
@@ -586,6 +586,15 @@ def _validate(project: Project) -> None:
                 raise ComposeError(f"{name}: services.{e.name}.ipc: the other edges share its /dev/shm (session table); set ipc: shareable")
         elif e.ipc != f"service:{owner}":
             raise ComposeError(f"{name}: services.{e.name}.ipc: edges share the session table in /dev/shm; set ipc: \"service:{owner}\"")
+
+
+def runs(svc: Service, program: str) -> bool:
+    """Whether the service's command runs `program`: as its argv[0], or as a command of the
+    shell script it runs (`openvpn --config ...`, not `fabric broker --openvpn-port ...`)."""
+    if svc.command and Path(svc.command[0]).name == program:
+        return True
+    word = re.compile(rf"(?:^|[\s;&|(`]){re.escape(program)}(?=[\s;&|)`]|$)", re.M)
+    return any(word.search(a) for a in svc.command[1:])
 
 
 def _arg(argv: list[str], opt: str) -> str | None:
@@ -1010,7 +1019,7 @@ class Cluster:
 
     def check(self, timeout: float = 30.0, metrics_wait: float = 10.0) -> bool:
         """Ping each label's address from its service's namespace; scrape every metrics endpoint
-        for the sessions that made; show `fabric status`."""
+        for the sessions that made; fail for a process that exited with an error; show `fabric status`."""
         targets = [(s, s.labels[CHECK_LABEL]) for s in self.project.services.values() if CHECK_LABEL in s.labels]
         if not targets:
             raise TopologyError(f"--check: no service has the label {CHECK_LABEL}=ADDRESS; add it to the client")
@@ -1042,6 +1051,13 @@ class Cluster:
             self.step(f"check: metrics {inst} http://{addr}/metrics (in {ns}): "
                       + (f"fabric_sessions {sessions:g}" if sessions is not None else err)
                       + ("" if good else "  FAILED: expected at least 1 session"))
+        for started in self.instances.values():
+            # a client whose own script gave up (e.g. no tunnel) fails the check, even though
+            # the pings above, run beside it, may have worked
+            rc = started.proc.poll() if started.proc is not None else None
+            if rc not in (None, 0):
+                ok = False
+                self.step(f"check: {started.name} exited ({rc}): {self._last_line(started)}  FAILED")
         sd = str(self.topo.state_dir_of(self.broker))
         self.step("fabric status")
         cp = self.topo.run(None, fabric_argv("status", "--state-dir", sd), check=False,
@@ -1092,11 +1108,13 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError("fabric cluster up needs root (network namespaces, TUN devices): run it with sudo")
     if not os.path.exists("/dev/net/tun"):
         raise RuntimeError("/dev/net/tun is missing: load the tun module (modprobe tun)")
-    tools = ["ip", "ping"] + (["wireguard-go", "wg"] if any(
-        "wireguard-go" in " ".join(s.command) for s in project.services.values()) else [])
+    svcs = project.services.values()
+    tools = ["ip", "ping"] + (["wireguard-go", "wg"] if any(runs(s, "wireguard-go") for s in svcs) else []) + (
+        ["openvpn"] if any(runs(s, "openvpn") for s in svcs) else [])
     missing = missing_tools(tools)
     if missing:
-        raise RuntimeError(f"missing {', '.join(missing)}: run scripts/setup.sh (apt-get install wireguard-go wireguard-tools iproute2 iputils-ping)")
+        raise RuntimeError(f"missing {', '.join(missing)}: run scripts/setup.sh (apt-get install wireguard-go "
+                           "wireguard-tools openvpn iproute2 iputils-ping)")
     if args.prefix and not re.fullmatch(r"[a-z][a-z0-9]{1,9}", args.prefix):
         raise ConfigError(f"--prefix {args.prefix!r}: use 2 to 10 lowercase letters and digits, e.g. {new_prefix()}")
     for name in args.client_ns:

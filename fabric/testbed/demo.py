@@ -5,17 +5,25 @@ Creates a server namespace and one client namespace (fabric.testnet), runs
 peer, connects a wireguard-go client with the printed config, pings, runs
 iperf3 both ways, prints a summary and ``fabric status``, then removes
 everything again.
+
+``fabric demo --openvpn`` does the same with a stock OpenVPN 2.6 client
+(Debian's ``openvpn``) instead: the fabric also serves OpenVPN on UDP 1194,
+``fabric peer add demo --openvpn`` prints an inline .ovpn profile, and
+``openvpn --config`` runs it unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
 from types import FrameType
+from typing import Any
 
+from fabric.testbed.ovpnclient import OvpnClient
 from fabric.testbed.testnet import (
     FabricCluster,
     IperfError,
@@ -23,12 +31,15 @@ from fabric.testbed.testnet import (
     Topology,
     TopologyError,
     WgClient,
+    fabric_argv,
     iperf3,
     missing_tools,
 )
 
 ADDRESS = "198.19.100.1/24"
 LISTEN_PORT = 51820
+OPENVPN_PORT = 1194
+PEER = "demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the temporary directory with all logs"
+    )
+    parser.add_argument(
+        "--openvpn", action="store_true",
+        help=f"connect a stock OpenVPN 2.6 client (Debian's openvpn) instead of wireguard-go: "
+             f"the fabric also serves OpenVPN on UDP {OPENVPN_PORT}",
     )
 
 
@@ -59,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("fabric demo needs root (network namespaces, TUN devices): try sudo", file=sys.stderr)
         return 2
-    missing = missing_tools(("ip", "ss", "wireguard-go", "wg", "ping", "iperf3"))
+    openvpn = bool(getattr(args, "openvpn", False))
+    client_tools = ("openvpn",) if openvpn else ("wireguard-go", "wg")
+    missing = missing_tools(("ip", "ss", *client_tools, "ping", "iperf3"))
     if missing:
         print(f"fabric demo: missing {', '.join(missing)}; run scripts/setup.sh", file=sys.stderr)
         return 2
@@ -72,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
             f"creating namespaces {topo.server_ns} and {topo.client_ns[0]} (veth, 198.18.1.0/24)..."
         )
         topo.setup()
+        ports = f"UDP port {LISTEN_PORT}" + (
+            f", OpenVPN on UDP port {OPENVPN_PORT}" if openvpn else ""
+        )
         step(
             f"starting fabric up ({args.edges} edges, {args.workers} workers) "
-            f"in {topo.server_ns}, tunnel {ADDRESS}, UDP port {LISTEN_PORT}..."
+            f"in {topo.server_ns}, tunnel {ADDRESS}, {ports}..."
         )
         cluster = FabricCluster(
             topo,
@@ -83,36 +104,61 @@ def run(args: argparse.Namespace) -> int:
             edges=args.edges,
             workers=args.workers,
             mode="up",
+            openvpn_port=OPENVPN_PORT if openvpn else None,
         )
         cluster.start()
-        endpoint = f"{topo.server_underlay(1)}:{LISTEN_PORT}"
-        step(f"fabric peer add demo --endpoint {endpoint}")
-        conf = cluster.peer_add("demo", endpoint=endpoint)
-        print("\n".join(f"    {line}".rstrip() for line in conf.strip().splitlines()), flush=True)
-        client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf)
-        step(f"starting wireguard-go client {client.ifname} in {client.ns}...")
-        client.start()
         server_ip = cluster.server_ip
-        step(f"waiting for the handshake (ping {server_ip})...")
-        first = client.wait_ping(server_ip, timeout=20)
+        client: WgClient | OvpnClient
+        if openvpn:
+            endpoint = f"{topo.server_underlay(1)}:{OPENVPN_PORT}"
+            step(f"fabric peer add {PEER} --openvpn --endpoint {endpoint}")
+            profile = cluster.add_ovpn_peer(PEER, 1)
+            print(_abridged(profile), flush=True)
+            client = OvpnClient(topo, topo.ns_of_client(1), profile, name=PEER)
+            step(f"starting openvpn --config {client.profile_path.name} in {client.ns} "
+                 "(the profile as printed)...")
+            client.start(timeout=30)
+            client_ip = client.tunnel_ip()
+            step(f"tunnel up: {client_ip} (pushed); waiting for ping {server_ip}...")
+        else:
+            endpoint = f"{topo.server_underlay(1)}:{LISTEN_PORT}"
+            step(f"fabric peer add {PEER} --endpoint {endpoint}")
+            conf = cluster.peer_add(PEER, endpoint=endpoint)
+            print("\n".join(f"    {line}".rstrip() for line in conf.strip().splitlines()), flush=True)
+            client = WgClient(topo, topo.ns_of_client(1), topo.ifname("w1"), conf)
+            step(f"starting wireguard-go client {client.ifname} in {client.ns}...")
+            client.start()
+            client_ip = client.config.tunnel_ip()
+            step(f"waiting for the handshake (ping {server_ip})...")
+        first = topo.wait_ping(client.ns, server_ip, timeout=20)
         if not first.ok:
             raise TopologyError(f"no reply from {server_ip} through the tunnel\n{first.output}")
         step("ping client -> server (5 packets)...")
-        p_up = client.ping(server_ip, count=5)
-        client_ip = client.config.tunnel_ip()
+        p_up = topo.ping(client.ns, server_ip, count=5)
         step(f"ping server -> client {client_ip} (5 packets)...")
         p_down = topo.ping(topo.server_ns, client_ip, count=5)
         step(f"iperf3 client -> server, {args.seconds:g} s...")
-        up = _iperf(topo, client, server_ip, args.seconds, reverse=False)
+        up = _iperf(topo, client.ns, server_ip, args.seconds, reverse=False)
         step(f"iperf3 server -> client, {args.seconds:g} s...")
-        down = _iperf(topo, client, server_ip, args.seconds, reverse=True)
+        down = _iperf(topo, client.ns, server_ip, args.seconds, reverse=True)
         step("fabric status")
-        status = cluster.cli("status", "--state-dir", str(cluster.state_dir), check=False)
+        status = topo.run(None, fabric_argv("status", "--state-dir", str(cluster.state_dir)),
+                          check=False, timeout=20, env=_status_env(cluster.env))
         print(status.stdout.rstrip() or status.stderr.rstrip(), flush=True)
         cluster.check_alive()
+        if isinstance(client, OvpnClient) and not client.running:
+            raise TopologyError(f"openvpn exited (rc={client.proc.returncode if client.proc else '?'})")
 
         print("\nsummary", flush=True)
-        hs = client.latest_handshake()
+        if isinstance(client, OvpnClient):
+            session = _session_of(cluster, PEER)
+            hs = float(session.get("latest_handshake") or 0) if session else 0.0
+            cipher = session.get("cipher") if session else None
+            print(f"  client           openvpn, {client_ip}"
+                  + (f", {cipher}" if cipher else "") + f", server UDP {OPENVPN_PORT}")
+        else:
+            hs = client.latest_handshake()
+            print(f"  client           wireguard-go, {client_ip}, server UDP {LISTEN_PORT}")
         print(f"  handshake        {'%.0f s ago' % (time.time() - hs) if hs else 'none'}")
         print(
             f"  ping -> server   {p_up.received}/{p_up.transmitted}, avg RTT {_ms(p_up.rtt_avg_ms)}"
@@ -145,11 +191,52 @@ def run(args: argparse.Namespace) -> int:
         step("done")
 
 
+def _status_env(env: dict[str, str]) -> dict[str, str]:
+    """`fabric status` prints into a pipe here: as wide as this terminal, or unwrapped when
+    the demo's own output is not one (a COLUMNS inherited from elsewhere would fold the tables)."""
+    env = dict(env)
+    if sys.stdout.isatty():
+        env["COLUMNS"] = str(shutil.get_terminal_size().columns)
+    else:
+        env.pop("COLUMNS", None)
+    return env
+
+
+def _abridged(profile: str) -> str:
+    """The .ovpn profile, indented, with each inline block (keys, certificates) cut to one line."""
+    out: list[str] = []
+    block: str | None = None
+    lines = 0
+    for line in profile.strip().splitlines():
+        text = line.strip()
+        if block is None and text.startswith("<") and not text.startswith("</") and text.endswith(">"):
+            block, lines = text[1:-1], 0
+        elif block is not None and text == f"</{block}>":
+            out.append(f"<{block}> ... {lines} lines ... </{block}>")
+            block = None
+        elif block is not None:
+            lines += 1
+        else:
+            out.append(line)
+    if block is not None:  # unterminated: show what there is
+        out.append(f"<{block}> ... {lines} lines")
+    return "\n".join(f"    {line}".rstrip() for line in out)
+
+
+def _session_of(cluster: FabricCluster, peer: str) -> dict[str, Any] | None:
+    """The peer's newest session as `fabric admin sessions --json` shows it, or None."""
+    try:
+        mine = [s for s in cluster.sessions() if s.get("peer") == peer]
+    except Exception:
+        return None
+    return max(mine, key=lambda s: float(s.get("latest_handshake") or 0), default=None)
+
+
 def _iperf(
-    topo: Topology, client: WgClient, server_ip: str, seconds: float, reverse: bool
+    topo: Topology, client_ns: str, server_ip: str, seconds: float, reverse: bool
 ) -> IperfResult | None:
     try:
-        return iperf3(topo, topo.server_ns, client.ns, server_ip, seconds=seconds, reverse=reverse)
+        return iperf3(topo, topo.server_ns, client_ns, server_ip, seconds=seconds, reverse=reverse)
     except IperfError as e:
         print(f"    {e}", flush=True)
         return None
