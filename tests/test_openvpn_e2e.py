@@ -139,12 +139,13 @@ def test_three_clients_each_cipher_both_ways(topo3: Topology) -> None:
         ip4 = c.tunnel_ip()
         m = re.search(r"ifconfig-ipv6 ([0-9a-f:]+)/64", c.log)
         assert m, "no pushed ifconfig-ipv6"
-        for dst in (SERVER_IP, SERVER_IP6):
-            out = ping(topo, c.ns, dst, "-c", "5", "-i", "0.2", "-W", "2").stdout
-            assert received(out)[1] == 5, f"{name} -> {dst}: {out}"
+        # the server speaks first (the client has sent no data since it connected)
         for dst in (ip4, m.group(1)):
             out = ping(topo, topo.server_ns, dst, "-c", "5", "-i", "0.2", "-W", "2").stdout
             assert received(out)[1] == 5, f"server -> {name} {dst}: {out}"
+        for dst in (SERVER_IP, SERVER_IP6):
+            out = ping(topo, c.ns, dst, "-c", "5", "-i", "0.2", "-W", "2").stdout
+            assert received(out)[1] == 5, f"{name} -> {dst}: {out}"
     # what the operator sees: protocol and cipher per peer and session
     peers = {p["name"]: p for p in fab.peers()}
     want = {"AES-256-GCM": "aes256", "AES-128-GCM": "aes128", "CHACHA20-POLY1305": "chacha"}
