@@ -138,14 +138,25 @@ class AdminRequests:
 
     def _next_free_ips(self) -> list[str]:
         """One unused host address from each tunnel network (IPv4 and/or IPv6)."""
-        nets = [ipaddress.ip_network(n) for p in self.b.peers.values() for n in p.allowed_ips]
+        # single addresses (canonical text, as parse_network wrote them) in a set, without
+        # parsing each: thousands of peers (OpenVPN clients enrolled by CN) stay cheap
+        single: set[str] = set()
+        nets = []
+        for p in self.b.peers.values():
+            for n in p.allowed_ips:
+                addr, _, plen = n.partition("/")
+                if plen == ("128" if ":" in addr else "32"):
+                    single.add(addr)
+                else:
+                    nets.append(ipaddress.ip_network(n))
         out = []
         for iface in self.b.interfaces:
             found = None
+            wide = [n for n in nets if n.version == iface.version and n.overlaps(iface.network)]  # type: ignore[arg-type]
             for i, host in enumerate(iface.network.hosts()):
                 if i > 1 << 16:
                     break
-                if host != iface.ip and not any(host in n for n in nets):
+                if host != iface.ip and str(host) not in single and not any(host in n for n in wide):
                     found = f"{host}/{iface.max_prefixlen}"
                     break
             if found is None:

@@ -45,6 +45,7 @@ from fabric.ops.paths import StateDir
 from fabric.ops.service import stop_on_signals
 from fabric.protocols import registry
 from fabric.protocols.base import (
+    Admit,
     Authority,
     EndSessions,
     NewSession,
@@ -243,14 +244,16 @@ class Broker:
             self._persist()
 
     def _drop_peer(self, peer: Peer) -> None:
-        """Forget a peer with its sessions and pending handshakes (published)."""
+        """Forget a peer with its sessions and pending handshakes (published). The peer's
+        record goes first: a process that sees the sessions end then knows why (an
+        OpenVPN worker tells the client HALT, not RESTART)."""
+        del self.peers[peer.public]
+        self._publish(peer_key(peer.public), None)
         for sid in [sid for sid, s in self.sessions.items() if s.peer == peer.public]:
             self._delete_session(sid)
         for authority in self.authorities.values():
             for key, value in authority.forget_peer(peer.public):
                 self._publish(key, value)
-        del self.peers[peer.public]
-        self._publish(peer_key(peer.public), None)
 
     def _delete_session(self, sid: int) -> None:
         if self.sessions.pop(sid, None) is not None:
@@ -269,6 +272,8 @@ class Broker:
             return {"ok": False, "reason": "unknown_protocol"}
         pub = req.get("peer")
         peer = self.peers.get(pub) if isinstance(pub, bytes) else None
+        if req.get("admit") is True:
+            return self._admit(name, authority, peer, req, now)
         if peer is None or peer.protocol != name:
             return {"ok": False, "reason": "unknown_peer"}
         verdict = authority.commit(req, peer.record(), self.sessions.values(), now)
@@ -297,6 +302,39 @@ class Broker:
                 verdict.on_commit()
             self._persist()
         return reply
+
+    def _admit(self, protocol: str, authority: Authority, peer: Peer | None, req: dict[str, Any],
+               now: float) -> dict[str, Any]:
+        """A worker asks for the peer its handshake named (Authority.admit): the peer as it
+        is, or added now with the next free tunnel address(es); the reply carries it."""
+        if peer is not None:
+            if peer.protocol != protocol:
+                return {"ok": False, "reason": "unknown_peer"}
+            return {"ok": True, "peer": peer.value()}
+        verdict = authority.admit(req, now)
+        if isinstance(verdict, str):
+            self.count("admit_refused")
+            return {"ok": False, "reason": verdict}
+        assert isinstance(verdict, Admit)
+        if verdict.public != req.get("peer") or len(verdict.public) != 32:
+            return {"ok": False, "reason": "bad_request"}
+        try:
+            ips = self.admin_requests._next_free_ips()
+        except ValueError:
+            self.count("admit_no_address")
+            return {"ok": False, "reason": "no_free_address"}
+        names = {p.name for p in self.peers.values()}
+        name = verdict.name[:64]
+        for n in range(2, 2 + len(names) + 1):  # bounded: one of these is free
+            if name not in names:
+                break
+            tail = f"~{n}"
+            name = verdict.name[:64 - len(tail)] + tail
+        new = Peer(name, verdict.public, ips, protocol=protocol)
+        self._put_peer(new)
+        self.count(verdict.event)
+        log.info("peer enrolled", peer=name, protocol=protocol, allowed_ips=",".join(ips))
+        return {"ok": True, "peer": new.value()}
 
     def _new_session(self, peer: Peer, new: NewSession, now: float) -> dict[str, Any]:
         proto = self.protocols[peer.protocol]

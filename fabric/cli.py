@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fabric import __version__
@@ -256,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the peer's wire protocol (default wireguard); the fabric must serve it")
     add.add_argument("--openvpn", action="store_true",
                      help="an OpenVPN peer: print an inline .ovpn profile (same as --protocol openvpn)")
+    add.add_argument("--cn", metavar="CN",
+                     help="OpenVPN: register the existing client(s) whose certificate the CA signed with this "
+                          "common name; no key or profile is made, the client's own profile connects unchanged")
+    add.add_argument("--certificate", metavar="FILE",
+                     help="OpenVPN: register the existing client with this certificate (PEM); no key or profile "
+                          "is made")
     add.add_argument("--allowed-ip", action="append", type=_network, dest="allowed_ips",
                      help="tunnel address(es) of the peer (default: next free address)")
     add.add_argument("--endpoint", type=_endpoint, help="HOST:PORT to write into the client config")
@@ -275,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         demo = None  # type: ignore[assignment]
     if demo is not None:
-        dm = sub.add_parser("demo", help="run the fabric and a wireguard-go client in network namespaces")
+        dm = sub.add_parser("demo", help="run the fabric and a wireguard-go client (--openvpn: an OpenVPN one) "
+                                         "in network namespaces")
         demo.add_arguments(dm)
     import importlib
 
@@ -417,9 +425,16 @@ def cmd_peer(args: argparse.Namespace) -> int:
             key_from_base64(args.public_key)
         except ValueError as exc:
             raise ConfigError(f"--public-key: {exc}") from None
+    certificate = None
+    if args.certificate:
+        try:
+            certificate = Path(args.certificate).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--certificate {args.certificate}: cannot be read ({exc})") from None
     reply = admin.request(ep, {
         "op": "peer_add", "name": args.name, "protocol": protocol, "allowed_ips": args.allowed_ips,
         "public_key": args.public_key, "psk": args.preshared_key, "keepalive": args.keepalive,
+        **({"cn": args.cn} if args.cn else {}), **({"certificate": certificate} if certificate else {}),
     }, timeout=args.timeout, curve=opts)
     reply.setdefault("protocol", protocol)
     endpoint = admin.client_endpoint(reply, protocol, args.endpoint)
@@ -461,6 +476,11 @@ def peer_protocol(args: argparse.Namespace) -> str:
     protocol = args.protocol or ("openvpn" if args.openvpn else "wireguard")
     if args.openvpn and protocol != "openvpn":
         raise UsageError(f"--openvpn contradicts --protocol {protocol}: give one of them")
+    for flag in ("cn", "certificate"):
+        if getattr(args, flag, None) and protocol != "openvpn":
+            raise UsageError(f"--{flag} registers an existing OpenVPN client: give it with --openvpn")
+    if getattr(args, "cn", None) and getattr(args, "certificate", None):
+        raise UsageError("--cn and --certificate: give one (a client by its common name, or by its certificate)")
     if protocol != "wireguard":
         for dest, (flag, why) in WIREGUARD_ONLY.items():
             if getattr(args, dest, None):
@@ -498,6 +518,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg = config.load(args.file)
         try:
             config.require_protocols(cfg.server.ports())  # e.g. [openvpn] on a fabric without OpenVPN
+            config.check_files(cfg)  # e.g. an existing OpenVPN PKI: the files it names, checked
         except ConfigError as exc:
             raise ConfigError(f"{args.file}: {exc}") from None
     except ConfigError as exc:

@@ -21,6 +21,17 @@
     ping = 10                        # keepalive: ping every 10 s, restart after 60 s of silence
     ping_restart = 60
     push = ["route 198.18.60.0 255.255.255.0", "dhcp-option DNS 198.18.0.53"]   # extra options
+    # an existing OpenVPN server's PKI, so its client profiles connect unchanged (absolute
+    # paths, read at every broker start; see contrib/fabric.toml):
+    ca = "/etc/openvpn/server/ca.crt"        # ca, cert, key: all three, the server's
+    cert = "/etc/openvpn/server/server.crt"
+    key = "/etc/openvpn/server/server.key"
+    tls_auth = "/etc/openvpn/server/ta.key"  # or tls_crypt = PATH, or wrap = "none"
+    key_direction = 0                        # tls-auth's direction on the server (leave out: none)
+    auth = "SHA256"                          # tls-auth's HMAC digest (--auth; default SHA1)
+    crl = "/etc/openvpn/server/crl.pem"      # revoked certificates are refused (re-read on change)
+    ca_key = "/etc/openvpn/server/ca.key"    # only for new profiles (`fabric peer add --openvpn`)
+    enroll = "cn"                            # a client of the CA becomes a peer at its first connection
 
     [[peer]]
     name = "laptop"
@@ -147,7 +158,13 @@ def _key(value: Any, where: str) -> bytes:
 
 _SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "crypto", "state_dir", "endpoint", "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
-_OPENVPN_KEYS = {"port", "data_ciphers", "wrap", "reneg_sec", "ping", "ping_restart", "push"}
+_OPENVPN_KEYS = {"port", "data_ciphers", "wrap", "reneg_sec", "ping", "ping_restart", "push",
+                 # an existing server's PKI (fabric.protocols.openvpn.imported)
+                 "ca", "cert", "key", "ca_key", "tls_crypt", "tls_auth", "crl", "key_direction", "auth", "enroll"}
+_OPENVPN_FILES = {"ca": "ca.crt", "cert": "server.crt", "key": "server.key", "ca_key": "ca.key",
+                  "tls_crypt": "tc.key", "tls_auth": "ta.key", "crl": "crl.pem"}  # and an example name
+_OPENVPN_DIGESTS = ("SHA1", "SHA224", "SHA256", "SHA384", "SHA512")  # tls-auth's --auth
+_OPENVPN_ENROLL = ("none", "cn")
 _SECTIONS = {"server": "[server]", "openvpn": "[openvpn]", "peer": "[[peer]]"}
 _MAX_SECONDS = 86400  # reneg_sec, ping, ping_restart: at most a day (as the OpenVPN authority takes them)
 
@@ -351,7 +368,80 @@ def parse_openvpn(table: Any, where: str = "openvpn") -> dict[str, Any]:
                           f"e.g. {max(60, out['ping'] * 6)}")
     if "push" in table:
         out["push"] = _push(table["push"], f"{where}.push")
+    _openvpn_import(table, out, where)
     return out
+
+
+def _openvpn_import(table: dict[str, Any], out: dict[str, Any], where: str) -> None:
+    """The settings of an existing server's PKI (only those given go into `out`); the
+    files themselves are read by the broker, and by `fabric config check` (check_files)."""
+    for key in _OPENVPN_FILES:
+        if key in table:
+            path = table[key]
+            if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+                raise ConfigError(f"{where}.{key}: {path!r} must be an absolute path, e.g. "
+                                  f"\"/etc/openvpn/server/{_OPENVPN_FILES[key]}\"")
+            out[key] = path
+    trio = [k for k in ("ca", "cert", "key") if k in out]
+    if trio and len(trio) != 3:
+        missing = [k for k in ("ca", "cert", "key") if k not in out]
+        raise ConfigError(f"{where}.{missing[0]}: missing; an existing PKI needs ca, cert and key (the CA, the "
+                          "server's certificate and the server's key: the ca, cert and key lines of its "
+                          "OpenVPN config)")
+    later = [k for k in ("ca_key", "tls_crypt", "tls_auth", "crl", "key_direction", "auth", "enroll") if k in table]
+    if later and "ca" not in out:
+        raise ConfigError(f"{where}.{later[0]}: goes with an existing PKI; give ca, cert and key too (without "
+                          "them the fabric makes its own CA and keys)")
+    if "tls_crypt" in out and "tls_auth" in out:
+        raise ConfigError(f"{where}.tls_auth: give tls_crypt or tls_auth, not both (the server's config has one "
+                          "of the two lines)")
+    for key, wrap in (("tls_crypt", "tls-crypt"), ("tls_auth", "tls-auth")):
+        if key in out:
+            if "wrap" in table and table["wrap"] != wrap:
+                raise ConfigError(f"{where}.wrap: {table['wrap']!r} contradicts {key}; leave wrap out")
+            out["wrap"] = wrap
+    if "ca" in out and not ("tls_crypt" in out or "tls_auth" in out or "wrap" in table):
+        raise ConfigError(f"{where}.ca: say how the existing profiles protect the control channel: "
+                          "tls_crypt = PATH or tls_auth = PATH (the key file of the server's tls-crypt or "
+                          "tls-auth line), or wrap = \"none\" when it has neither")
+    if "key_direction" in table:
+        kd = table["key_direction"]
+        if kd not in (0, 1) or isinstance(kd, bool):
+            raise ConfigError(f"{where}.key_direction: {kd!r} must be 0 or 1, the second argument of the "
+                              "server's `tls-auth FILE 0` (or its key-direction); leave it out when there is none")
+        if "tls_auth" not in out:
+            raise ConfigError(f"{where}.key_direction: only with tls_auth")
+        out["key_direction"] = kd
+    if "auth" in table:
+        digest = str(table["auth"]).upper().replace("-", "")
+        if digest not in _OPENVPN_DIGESTS:
+            raise ConfigError(f"{where}.auth: {table['auth']!r} must be one of {', '.join(_OPENVPN_DIGESTS)} "
+                              "(the server's --auth, the tls-auth HMAC; default SHA1)")
+        if "tls_auth" not in out:
+            raise ConfigError(f"{where}.auth: only with tls_auth (with AEAD data ciphers --auth affects tls-auth only)")
+        out["auth"] = digest
+    if "enroll" in table:
+        if table["enroll"] not in _OPENVPN_ENROLL:
+            raise ConfigError(f"{where}.enroll: {table['enroll']!r} must be \"cn\" (a client of the CA becomes "
+                              "a peer at its first connection, named by its certificate's CN) or \"none\"")
+        out["enroll"] = table["enroll"]
+
+
+def check_files(cfg: Config) -> None:
+    """What `fabric config check` does beyond parsing: read the files the config names
+    and check them as the broker will at its start (an existing OpenVPN PKI: present,
+    readable, the key matches the certificate, the certificate verifies against the CA,
+    the static key and CRL formats). ConfigError naming the key, the file and the fix."""
+    ovpn = cfg.server.openvpn
+    if ovpn is None or not ovpn.get("ca"):
+        return
+    from fabric.protocols.base import SetupError
+    from fabric.protocols.openvpn import imported
+
+    try:
+        imported.load(ovpn)
+    except SetupError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def served(s: ServerConfig, listen_port: int | None = None,
@@ -487,6 +577,13 @@ def format_summary(path: str, cfg: Config) -> str:
         lines.append(f"  openvpn      {o['port']}/udp, {o['wrap']}, ciphers {':'.join(o['data_ciphers'])}, "
                      f"reneg {o['reneg_sec']}s, ping {o['ping']}/{o['ping_restart']}s"
                      + (f", push {len(o['push'])} option{'s' * (len(o['push']) != 1)}" if o["push"] else ""))
+        if o.get("ca"):
+            lines.append(f"  openvpn pki  existing: ca {o['ca']}, cert {o['cert']}"
+                         + (f", {o['wrap']} {o.get('tls_crypt') or o.get('tls_auth')}"
+                            if o.get("tls_crypt") or o.get("tls_auth") else "")
+                         + (f", crl {o['crl']}" if o.get("crl") else "")
+                         + (", new profiles (ca_key)" if o.get("ca_key") else ", no new profiles (no ca_key)")
+                         + (", enroll by CN" if o.get("enroll") == "cn" else ""))
     if s.endpoint:
         lines.append(f"  endpoint     {s.endpoint}")
     lines.append(f"  peers        {len(cfg.peers)}" + (":" if cfg.peers else " (add them with `fabric peer add`)"))

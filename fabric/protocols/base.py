@@ -266,6 +266,18 @@ class NewSession:
 
 
 @dataclass(frozen=True, slots=True)
+class Admit:
+    """Authority.admit: add this peer, which a valid handshake named before anyone added it
+    (OpenVPN's `enroll = "cn"`: a client of the operator's CA, by its certificate's CN).
+    The broker makes `name` unique, gives the peer the next free tunnel address(es),
+    publishes and persists it, and counts `event`."""
+
+    name: str
+    public: bytes
+    event: str = "peers_enrolled"
+
+
+@dataclass(frozen=True, slots=True)
 class Publish:
     """Authority.commit: publish this record (and count `event`); nothing else."""
 
@@ -343,6 +355,11 @@ class Authority:
     def commit(self, req: dict[str, Any], peer: PeerRecord, sessions: Iterable[SessionRecord],
                now: float) -> NewSession | Publish | EndSessions | str:
         return "bad_request"
+
+    def admit(self, req: dict[str, Any], now: float) -> Admit | str:
+        """A worker asks to add the peer its handshake named (a commit with `admit`: True
+        for a peer the broker does not know): Admit, or a refusal reason."""
+        return "unknown_peer"
 
     def tick(self, now: float) -> list[tuple[bytes, dict[str, Any] | None]]:
         """Once a second: records to publish (None: delete)."""

@@ -10,6 +10,7 @@ OpenVPN's source at tag v2.6.14.
     tls         TLS on memory BIOs with the RFC 5705 exporter (pyOpenSSL)
     keys        key method 2, the PRF and EKM derivations, NCP (2, 4.4)
     pki         the CA, server and client certificates, the inline .ovpn profile
+    imported    an existing server's PKI files ([openvpn] ca, cert, key, ...), checked
     server      the server's settings as edges and workers see them; the reset cookie
     edgeside    classification, stateless hard-reset replies, affinity, ping policy
     control     one client connection's control channel, sans I/O (1.3, 2, 4, 5)
@@ -85,7 +86,13 @@ class OpenVPN(Protocol):
     def client_profile(self, reply: dict[str, Any], endpoint: str) -> str:
         from fabric.protocols.openvpn.pki import inline_profile
 
+        if "cert" not in reply:  # an existing client registered (--cn, --certificate): no new profile
+            what = (f"certificates of the CA with CN {reply.get('cn')!r}" if reply.get("registered") == "cn"
+                    else f"the certificate {reply.get('fingerprint', '')[:16]}... (CN {reply.get('cn')!r})")
+            return (f"# fabric peer {reply['name']} (OpenVPN): {what}; its existing profile connects unchanged\n"
+                    f"# tunnel address {', '.join(reply.get('allowed_ips') or ())}\n")
         host, _, port = endpoint.rpartition(":")
         profile = inline_profile(host, int(port), reply["ca"].encode(), reply["cert"].encode(),
-                                 reply["key"].encode(), reply["static_key"], reply.get("wrap", "tls-crypt"))
+                                 reply["key"].encode(), reply["static_key"], reply.get("wrap", "tls-crypt"),
+                                 reply.get("extra") or (), reply.get("key_direction", 1))
         return f"# fabric peer {reply['name']} (OpenVPN)\n" + profile

@@ -105,15 +105,21 @@ class ControlSession:
 
     def __init__(self, config: ServerConfig, context: TlsContext, client_sid: bytes, server_sid: bytes,
                  addr: bytes, edge: int, now: float, verify: Callable[[bytes], bool],
-                 peers: Callable[[bytes], PeerRecord | None], fresh: bool = True) -> None:
+                 peers: Callable[[bytes], PeerRecord | None], fresh: bool = True,
+                 identify: Callable[[bytes], bytes] | None = None) -> None:
         self.config, self.context = config, context
         self.client_sid, self.server_sid = client_sid, server_sid
         self.addr, self.edge = addr, edge
         self.verify, self.peers = verify, peers
+        # the peer a certificate (DER) is: its SHA-256 by default (workerside: or its CN's identity)
+        self.identify = identify or (lambda der: hashlib.sha256(der).digest())
         self.wrap = config.wrapper()
         self.replay = ReplayWindow()
         self.wrap_id = 2 if fresh else 1
-        self.net_time = int(now)
+        # taken over, ids start again from 1: with a time after the previous holder's (its
+        # start's, which may be this very second) the client's replay window starts a new
+        # sequence (packet_id.c packet_id_test) rather than refusing them as replays
+        self.net_time = int(now) if fresh else int(now) + 1
         self.created = self.last_rx = now
         self.keys: dict[int, KeyState] = {}
         self.primary: int | None = None  # the newest active key id
@@ -244,7 +250,7 @@ class ControlSession:
         der = ks.tls.peer_certificate_der
         if der is None:
             raise TlsError("no_certificate")
-        fp = hashlib.sha256(der).digest()
+        fp = self.identify(der)
         if self.peer is not None and fp != self.peer:
             raise TlsError("refused_certificate", "another certificate than the connection's")
         if self.peers(fp) is None:

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fabric.protocols.openvpn.constants import STATIC_KEY2_SIZE
@@ -76,14 +76,15 @@ def _name(common_name: str) -> x509.Name:
 
 def _load_ca(
     ca_cert_pem: bytes, ca_key_pem: bytes
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
     try:
         cert = x509.load_pem_x509_certificate(ca_cert_pem)
         key = serialization.load_pem_private_key(ca_key_pem, password=None)
     except ValueError as e:
         raise PkiError("bad_ca", str(e)) from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PkiError("bad_ca", "CA key is not an EC key")
+    # EC (the fabric's own CA) or RSA (an imported one, e.g. easy-rsa's default)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError("bad_ca", "CA key is not an EC or RSA key")
     if cert.public_key() != key.public_key():
         raise PkiError("bad_ca", "CA key does not match the CA certificate")
     return cert, key
@@ -234,6 +235,7 @@ def inline_profile(
     static_key: str | bytes,
     wrap: str = "tls-crypt",
     extra: Iterable[str] = (),
+    key_direction: int | None = 1,
 ) -> str:
     """One client config that `openvpn --config FILE` (2.6) takes unchanged.
 
@@ -243,7 +245,8 @@ def inline_profile(
     lets a 2.6 client resolve the remote as IPv4 or IPv6 (socket.c: PROTO_UDP with
     AF_UNSPEC), so an IPv6 literal works as the remote too. No compression and no
     cipher pinning: the server pushes `cipher` from the client's IV_CIPHERS (NCP).
-    `extra` lines are appended before the inline blocks."""
+    `extra` lines are appended before the inline blocks. `key_direction`: the client's
+    tls-auth key direction (1, the other side of a server's 0; None: bidirectional)."""
     if wrap not in WRAPS:
         raise PkiError("bad_wrap", wrap)
     if not 0 < remote_port < 65536:
@@ -270,8 +273,8 @@ def inline_profile(
         "remote-cert-tls server",
         "verb 3",
     ]
-    if wrap == "tls-auth":
-        lines.append("key-direction 1")
+    if wrap == "tls-auth" and key_direction is not None:
+        lines.append(f"key-direction {key_direction}")
     for line in extra:
         if "\n" in line or "\r" in line:
             raise PkiError("bad_extra", repr(line))

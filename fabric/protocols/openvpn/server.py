@@ -7,6 +7,12 @@ tls_reset_standalone, calculate_session_id_hmac): an HMAC of the client's addres
 its session id and a time bucket, so an edge answers a hard reset without keeping
 state and a worker allocates state only for a client that echoed a valid cookie
 (the ack block of its next packet names our session id).
+
+Who a client is: the SHA-256 of its certificate's DER (a peer the fabric made, or one
+registered with its certificate), or `cn_identity` of its certificate's common name (a
+client of an existing PKI, registered or enrolled by CN). `ServerConfig.revoked` checks
+a certificate against the CRLs the operator gave (`[openvpn] crl`), as OpenVPN's
+--crl-verify does at every TLS handshake.
 """
 
 from __future__ import annotations
@@ -18,13 +24,20 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
 from fabric.control.records import RecordError
-from fabric.protocols.openvpn.constants import SID_SIZE
+from fabric.protocols.openvpn.constants import (
+    SID_SIZE,
+    TLS_AUTH_DIGEST_DEFAULT,
+    TLS_AUTH_DIGEST_SIZES,
+)
 from fabric.protocols.openvpn.keys import CIPHERS
 from fabric.protocols.openvpn.wrap import ControlWrap, NoWrap, TlsAuth, TlsCrypt
 
 SERVER_KEY = b"openvpn/server"  # the record's key
 WRAPS = ("tls-crypt", "tls-auth", "none")
+ENROLL = ("none", "cn")  # [openvpn] enroll: how a client of the CA that is no peer yet is taken
 COOKIE_BUCKET = 30  # seconds per cookie bucket; the current and the previous are valid
 _BUCKET = struct.Struct("!Q")
 
@@ -47,13 +60,21 @@ class ServerConfig:
     ping_restart: int = 60
     reneg_sec: int = 3600
     push: tuple[str, ...] = ()  # extra options pushed to every client
+    # tls-auth: the server's key direction (its `tls-auth FILE 0`; None: bidirectional, the
+    # key file's first key both ways) and --auth, the HMAC's digest
+    key_direction: int | None = 0
+    auth: str = TLS_AUTH_DIGEST_DEFAULT
+    crl: tuple[bytes, ...] = ()  # CRLs (DER) of the operator's CA: revoked certificates are refused
+    enroll: str = "none"  # "cn": a valid certificate that is no peer yet becomes one by its CN
     _wraps: dict[bool, ControlWrap] = field(default_factory=dict, compare=False, repr=False)
+    _revoked: dict[bytes, frozenset[int]] = field(default_factory=dict, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {"ca": self.ca, "cert": self.cert, "key": self.key, "static_key": self.static_key,
                 "cookie_key": self.cookie_key, "wrap": self.wrap, "ciphers": list(self.ciphers),
                 "interfaces": list(self.interfaces), "ping": self.ping, "ping_restart": self.ping_restart,
-                "reneg_sec": self.reneg_sec, "push": list(self.push)}
+                "reneg_sec": self.reneg_sec, "push": list(self.push), "key_direction": self.key_direction,
+                "auth": self.auth, "crl": list(self.crl), "enroll": self.enroll}
 
     @classmethod
     def from_wire(cls, d: Any) -> ServerConfig:
@@ -66,11 +87,21 @@ class ServerConfig:
                 tuple(str(i) for i in d.get("interfaces") or ()), int(d.get("ping", 10)),
                 int(d.get("ping_restart", 60)), int(d.get("reneg_sec", 3600)),
                 tuple(str(p) for p in d.get("push") or ()),
+                d.get("key_direction", 0), str(d.get("auth", TLS_AUTH_DIGEST_DEFAULT)),
+                tuple(_der(c) for c in d.get("crl") or ()), str(d.get("enroll", "none")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError(f"openvpn/server: {exc}") from None
         if out.wrap not in WRAPS or len(out.static_key) != 256 or len(out.cookie_key) != 32:
             raise RecordError("openvpn/server: wrap, static key (256 bytes) or cookie key (32 bytes)")
+        if out.key_direction not in (0, 1, None) or isinstance(out.key_direction, bool) \
+                or out.auth not in TLS_AUTH_DIGEST_SIZES or out.enroll not in ENROLL:
+            raise RecordError(f"openvpn/server: key_direction {out.key_direction!r}, auth {out.auth!r} "
+                              f"or enroll {out.enroll!r}")
+        try:
+            out.revoked_serials()
+        except ValueError as exc:
+            raise RecordError(f"openvpn/server: crl: {exc}") from None
         if not out.ciphers or any(c not in CIPHERS for c in out.ciphers):
             raise RecordError(f"openvpn/server: ciphers {out.ciphers!r}")
         return out
@@ -81,8 +112,9 @@ class ServerConfig:
         if got is None:
             if self.wrap == "tls-crypt":
                 got = TlsCrypt(self.static_key, server=server)
-            elif self.wrap == "tls-auth":  # the profile says key-direction 1 for clients
-                got = TlsAuth(self.static_key, 0 if server else 1)
+            elif self.wrap == "tls-auth":  # a client uses the other direction (or none, as we)
+                kd = self.key_direction
+                got = TlsAuth(self.static_key, kd if server or kd is None else 1 - kd, self.auth)
             else:
                 got = NoWrap()
             self._wraps[server] = got
@@ -90,6 +122,40 @@ class ServerConfig:
 
     def networks(self) -> list[Interface]:
         return [ipaddress.ip_interface(i) for i in self.interfaces]
+
+    def revoked_serials(self) -> dict[bytes, frozenset[int]]:
+        """Revoked serial numbers by issuer (the issuer name's DER), from `crl` (cached)."""
+        if self.crl and not self._revoked:
+            self._revoked.update(revoked_serials(self.crl))
+        return self._revoked
+
+    def revoked(self, der: bytes) -> bool:
+        """The certificate (DER) is on a CRL of its issuer (ssl_verify_openssl.c, crl-verify)."""
+        if not self.crl:
+            return False
+        cert = x509.load_der_x509_certificate(der)
+        return cert.serial_number in self.revoked_serials().get(cert.issuer.public_bytes(), frozenset())
+
+
+def _der(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"a CRL is bytes, not {type(value).__name__}")
+    return value
+
+
+def revoked_serials(crls: tuple[bytes, ...]) -> dict[bytes, frozenset[int]]:
+    """{issuer name DER: revoked serials} of DER CRLs; ValueError for one that does not parse."""
+    out: dict[bytes, set[int]] = {}
+    for der in crls:
+        crl = x509.load_der_x509_crl(der)
+        out.setdefault(crl.issuer.public_bytes(), set()).update(r.serial_number for r in crl)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def cn_identity(common_name: str) -> bytes:
+    """The identity (peer key) of a client registered by its certificate's common name:
+    any certificate the CA signed with that CN, as OpenVPN servers tell clients apart."""
+    return hashlib.sha256(b"openvpn-cn\0" + common_name.encode()).digest()
 
 
 def cookie(key: bytes, addr: bytes, client_sid: bytes, bucket: int) -> bytes:

@@ -11,6 +11,12 @@ carries both session ids: any worker can serve any session.
 Keys a key exchange produced are committed to the broker (authority.py), which
 publishes the session to every edge; the commit's reply goes back to the connection
 (control.py), which then pushes the client's options.
+
+A client certificate is accepted (TLS verify, at depth 0 after OpenSSL checked the chain)
+when it is not revoked (`[openvpn] crl`) and names a peer: its fingerprint, or its CN's
+identity (server.cn_identity). With `enroll = "cn"` an unknown CN is asked of the broker
+(a commit with `admit`), which adds the peer or says why not; the worker takes the
+peer from the reply at once (the broker publishes it to all too).
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from fabric.control.records import SessionRecord
+from fabric.control.records import PeerRecord, RecordError, SessionRecord
 from fabric.protocols.base import ControlResult, Outgoing, Protocol, WorkerHost, WorkerSide
 from fabric.protocols.openvpn.constants import P_CONTROL_SOFT_RESET_V1
 from fabric.protocols.openvpn.control import ControlSession, ExitRequested, Failed, KeyExchanged
-from fabric.protocols.openvpn.server import SERVER_KEY, ServerConfig, cookie_valid
+from fabric.protocols.openvpn.pki import PkiError, cert_common_name
+from fabric.protocols.openvpn.server import SERVER_KEY, ServerConfig, cn_identity, cookie_valid
 from fabric.protocols.openvpn.tls import TlsContext, TlsError
 from fabric.protocols.openvpn.wire import ControlPacket, WireError
 
@@ -85,8 +92,42 @@ class OvpnWorker(WorkerSide):
         return ControlResult()
 
     def _verify(self, der: bytes) -> bool:
-        peer = self.host.peers.get(hashlib.sha256(der).digest())
-        return peer is not None and peer.protocol == NAME
+        cfg = self.config
+        if cfg is not None and cfg.revoked(der):
+            self.host.count("drop_openvpn_revoked_certificate")
+            return False
+        ident = self._identify(der)
+        if self._peer(ident) is not None:
+            return True
+        if cfg is None or cfg.enroll != "cn" or ident == hashlib.sha256(der).digest():
+            return False
+        reply = self.host.commit({"protocol": NAME, "admit": True, "peer": ident, "certificate": der})
+        if reply is None or not reply.get("ok"):
+            reason = "broker_unavailable" if reply is None else str(reply.get("reason", "refused"))
+            self.host.count("drop_openvpn_enroll_" + reason)
+            return False
+        try:
+            peer = PeerRecord.from_wire(reply["peer"])
+        except (RecordError, KeyError, TypeError, ValueError):
+            self.host.count("drop_openvpn_enroll_bad_reply")
+            return False
+        if peer.public != ident or peer.protocol != NAME:
+            return False
+        self.host.peers[ident] = peer  # the broker's update brings the same record
+        self.host.count("openvpn_enrolled")
+        return True
+
+    def _identify(self, der: bytes) -> bytes:
+        """The peer a client certificate is: its fingerprint when that is a peer, else its
+        CN's identity (a client of an existing PKI); the fingerprint without a CN."""
+        fp = hashlib.sha256(der).digest()
+        if self._peer(fp) is not None:
+            return fp
+        try:
+            cn = cert_common_name(der)
+        except PkiError:
+            return fp
+        return cn_identity(cn) if cn else fp
 
     def _peer(self, public: bytes) -> Any:
         peer = self.host.peers.get(public)
@@ -119,7 +160,7 @@ class OvpnWorker(WorkerSide):
         if p.remote_session_id is not None and p.key_id == 0 and p.opcode != P_CONTROL_SOFT_RESET_V1 \
                 and cookie_valid(cfg.cookie_key, addr, p.session_id, p.remote_session_id, now):
             conn = ControlSession(cfg, ctx, p.session_id, p.remote_session_id, addr, edge, now,
-                                  self._verify, self._peer)
+                                  self._verify, self._peer, identify=self._identify)
             self.host.count("openvpn_connections")
         else:
             conn = self._take_over(p, addr, edge, now)
@@ -143,7 +184,7 @@ class OvpnWorker(WorkerSide):
         cfg, ctx = self.config, self.context
         assert cfg is not None and ctx is not None
         conn = ControlSession(cfg, ctx, p.session_id, server_sid, addr, edge, now, self._verify, self._peer,
-                              fresh=False)
+                              fresh=False, identify=self._identify)
         conn.peer, conn.cipher = record.peer, str(record.params.get("cipher"))
         conn.ekm = bool(record.params.get("ekm"))
         conn.v1 = bool(record.params.get("v1"))
