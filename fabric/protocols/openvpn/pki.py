@@ -272,6 +272,7 @@ def inline_profile(
         "persist-tun",
         "remote-cert-tls server",
         "verb 3",
+        "explicit-exit-notify 1",  # say goodbye on exit: the server ends the session at once
     ]
     if wrap == "tls-auth" and key_direction is not None:
         lines.append(f"key-direction {key_direction}")
