@@ -731,3 +731,33 @@ def test_garbage_is_counted_and_harmless(bed_factory: Callable[..., Bed], wrap: 
     other.connect()
     exchange(bed.node, bed.tun, other, "another", ip=OTHER_IP)
     assert all(t.is_alive() for t in bed.node.threads)
+
+
+# --------------------------------------------------------------------------- control messages
+
+
+def test_fuzz_control_messages_inside_tls(bed_factory: Callable[..., Bed]) -> None:
+    """What an authenticated client may write on its control channel, beside PUSH_REQUEST
+    and EXIT (hypothesis draws the strings): each unknown message is a counted drop, and
+    the connection and its data go on."""
+    bed = bed_factory("edge")
+    c = bed.client(bed.add_peer("fuzz"))
+    c.connect()
+    exchange(bed.node, bed.tun, c, "before")
+    messages = st.binary(min_size=1, max_size=300).map(lambda b: b.replace(b"\0", b"")).filter(
+        lambda b: bool(b) and b != b"PUSH_REQUEST" and not b.startswith(b"EXIT"))
+    sent: list[bytes] = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(messages)
+    def write(text: bytes) -> None:
+        sent.append(text)
+        c.ovpn._send_control(c.ovpn._primary, text)  # as the client's TLS would carry it
+        c.ovpn._advance(c.ovpn._primary, time.time())
+
+    write()
+    assert within(10, lambda: c.pump() or nap() or
+                  snapshot(bed.node.worker.counters).get("drop_control_message", 0) >= len(sent)), (
+        len(sent), snapshot(bed.node.worker.counters))
+    exchange(bed.node, bed.tun, c, "after")
+    assert c.ovpn.closed is None and [r["peer"] for r in bed.sessions()] == ["fuzz"]
