@@ -1,11 +1,14 @@
-"""``fabric bench``: parsing, ratios and the table (fast, no network), and one
-short live run of wireguard-go and the fabric in namespaces (``netns``)."""
+"""``fabric bench``: parsing, ratios and the table (fast, no network), and short
+live runs in namespaces (``netns``): wireguard-go and the fabric, and OpenVPN 2.6
+and the fabric serving the same openvpn client."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -176,7 +179,7 @@ def _runs() -> list[dict[str, Any]]:
          "server_cpu_s_per_gb": 30.0,
          "cpu_s_per_gb_by_component": {"edge": 20.0, "worker": 9.5, "broker": 0.5, "up": 0.0}},
         {"system": "fabric", "test": "tcp4-up", "mbit_s": 300.0, "server_cpu_s_per_gb": 25.0},
-        {"system": "ovpn", "test": "udp64-up", "mbit_s": 0.0, "pps": None,
+        {"system": "ovpn", "test": "udp64-up", "mbit_s": 0.0, "pps": None, "vpn": "openvpn",
          "server_cpu_s_per_gb": None, "error": "iperf3: unable to connect\nmore"},
     ]
 
@@ -203,7 +206,7 @@ def test_table() -> None:
     text = bench.format_table(runs)
     lines = text.splitlines()
     assert len(lines) == 1 + len(runs)
-    assert lines[0].split()[:4] == ["SYSTEM", "TEST", "MBIT/S", "xWG"]
+    assert lines[0].split()[:5] == ["SYSTEM", "TEST", "CLIENT", "MBIT/S", "xREF"]
     fab = next(line for line in lines if line.startswith("fabric") and "tcp1-up" in line)
     assert "250.0" in fab and "0.50" in fab and "3.00" in fab and "900" in fab
     assert "edge 20.0 worker 9.5 broker 0.5 up 0.0" in fab
@@ -336,7 +339,7 @@ def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
     for s in ("wg", "fabric"):
         assert doc["systems"][s]["rtt_ms"] > 0 and len(doc["systems"][s]["rtt_ms_rounds"]) == 2
     assert doc["rounds"] == 2 and "round 2/2" in cp.stdout
-    assert "xWG" in cp.stdout and "idle ping RTT" in cp.stdout
+    assert "xREF" in cp.stdout and "idle ping RTT" in cp.stdout
     prefixes = _prefixes(cp.stdout)
     assert len(prefixes) == 4, where  # one topology per system and round
     assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
@@ -427,7 +430,8 @@ def test_flood_tests_are_opt_in_and_named() -> None:
     assert "closed port" in bench.parse_tests("flood")[0].describe()
     from fabric.testbed.flood import KINDS
 
-    assert {t.flood for t in bench.FLOOD_TESTS} == set(KINDS)
+    # the bench's floods are WireGuard's (the flood tool's ovpn-* kinds are not bench tests)
+    assert {t.flood for t in bench.FLOOD_TESTS} == {k for k in KINDS if not k.startswith("ovpn-")}
 
 
 def test_clients_and_wg25(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,3 +495,162 @@ def test_baseline_measures_another_checkout_beside_this_one(tmp_path: Path) -> N
     with pytest.raises(SystemExit, match="no fabric/ package"):
         bench._baseline(str(tmp_path))
     assert bench._baseline(str(ROOT)) == str(ROOT)
+
+
+# --------------------------------------------------------------------------- OpenVPN clients
+
+
+def test_openvpn_systems_parse_and_plan() -> None:
+    assert bench.parse_systems("fabric-openvpn, ovpn") == ["ovpn", "fabric-ovpn"]
+    assert bench.parse_systems("FABRIC-OVPN,fabric") == ["fabric", "fabric-ovpn"]
+    a = _parser().parse_args(["--systems", "ovpn,fabric-ovpn"])
+    assert a.systems == ["ovpn", "fabric-ovpn"]
+    specs, notes = bench.plan(["ovpn", "fabric", "fabric-ovpn"], 3, 1, scaling=False, ncpu=2, crypto="workers",
+                              client="wg25", wg25="/x/wireguard-go-0.0.20250522")
+    by = {s.name: s for s in specs}
+    assert [s.name for s in specs] == ["ovpn", "fabric", "fabric-ovpn"] and not notes
+    fo = by["fabric-ovpn"]
+    # the fabric's shape applies; the wireguard-go client does not: the openvpn client of ovpn
+    assert (fo.kind, fo.edges, fo.workers, fo.crypto) == ("fabric-ovpn", 3, 1, "workers")
+    assert fo.client == by["ovpn"].client == bench.OVPN_CLIENT and fo.binary == "openvpn"
+    assert by["fabric"].client == "wg25"
+    assert (fo.vpn, fo.anchor, by["ovpn"].anchor, by["fabric"].anchor) == ("openvpn", "ovpn", "ovpn", "wg")
+    for sp in (fo, by["ovpn"]):
+        assert "openvpn 2.6 (AES-256-GCM, --disable-dco)" in sp.describe(), sp.describe()
+    assert "--openvpn-port" in fo.describe() and "3 edges, 1 workers" in fo.describe()
+    # scaling variants stay WireGuard's
+    specs, _ = bench.plan(["fabric-ovpn"], 2, 2, scaling=True, ncpu=2)
+    assert [s.name for s in specs] == ["fabric-ovpn"]
+    # --baseline: the other checkout serves the same openvpn client, in the same rounds
+    specs, notes = bench.plan(["ovpn", "fabric-ovpn"], 2, 2, scaling=False, ncpu=2, baseline="/b")
+    assert [(s.name, s.kind, s.source, s.client) for s in specs] == [
+        ("ovpn", "ovpn", None, "openvpn"), ("fabric-ovpn", "fabric-ovpn", None, "openvpn"),
+        ("fabric-ovpn-base", "fabric-ovpn", "/b", "openvpn")] and not notes
+    assert specs[2].anchor == "ovpn" and "the code in /b" in specs[2].describe()
+
+
+def test_floods_skip_openvpn_and_four_clients_skip_wireguard() -> None:
+    specs, _ = bench.plan(["wg", "ovpn", "fabric", "fabric-ovpn"], 2, 2, scaling=False, ncpu=2)
+    by = {s.name: s for s in specs}
+    tests = bench.parse_tests("tcp1-up,flood,clients4")
+    assert [t.name for t in tests] == ["tcp1-up", "clients4-up", "clients4-down", "flood"]
+    assert [t.clients for t in tests] == [1, 4, 4, 1]
+    flood, four = tests[3], tests[1]
+    assert "WireGuard" in (bench.skip_reason(by["ovpn"], flood) or "")
+    assert "WireGuard" in (bench.skip_reason(by["fabric-ovpn"], flood) or "")
+    assert bench.skip_reason(by["fabric"], flood) is None and bench.skip_reason(by["wg"], flood) is None
+    assert "OpenVPN" in (bench.skip_reason(by["wg"], four) or "")
+    assert bench.skip_reason(by["fabric-ovpn"], four) is None and bench.skip_reason(by["ovpn"], tests[0]) is None
+    # namespaces: the attacker and newcomer of the floods, or one per client
+    assert {n: bench.clients_needed(sp, tests) for n, sp in by.items()} == {
+        "wg": 3, "ovpn": 4, "fabric": 3, "fabric-ovpn": 4}
+    assert bench.clients_needed(by["fabric-ovpn"], tests[:1]) == 1
+    notes = bench.skip_notes(specs, tests)
+    assert any(n.startswith("flood: not run for ovpn, fabric-ovpn") for n in notes), notes
+    assert any(n.startswith("clients4-up: not run for wg, fabric ") for n in notes), notes
+    assert bench.skip_notes(specs, tests[:1]) == []
+    assert "4 clients" in four.describe()
+
+
+def test_openvpn_rows_are_compared_with_openvpn() -> None:
+    def row(system: str, test: str, mbit: float, cpu: float | None, vpn: str) -> dict[str, Any]:
+        return {"system": system, "test": test, "mbit_s": mbit, "server_cpu_s_per_gb": cpu, "vpn": vpn,
+                "client": "openvpn" if vpn == "openvpn" else "wg25", "pps": None, "retransmits": 5}
+    runs = [row("wg", "tcp1-up", 1000.0, 4.0, "wireguard"), row("fabric", "tcp1-up", 500.0, 8.0, "wireguard"),
+            row("ovpn", "tcp1-up", 800.0, 8.0, "openvpn"), row("fabric-ovpn", "tcp1-up", 880.0, 4.0, "openvpn"),
+            row("fabric-ovpn", "clients4-up", 1200.0, 5.0, "openvpn")]
+    bench.add_ratios(runs)
+    by = {(r["system"], r["test"]): r for r in runs}
+    fo = by["fabric-ovpn", "tcp1-up"]
+    assert fo["anchor"] == "ovpn" and fo["mbit_ratio"] == pytest.approx(1.1) and fo["cpu_ratio"] == pytest.approx(0.5)
+    assert fo["mbit_ratio_wg"] == pytest.approx(0.88) and fo["cpu_ratio_wg"] == pytest.approx(1.0)  # kept: to wg
+    assert by["ovpn", "tcp1-up"]["mbit_ratio"] == 1.0 and by["ovpn", "tcp1-up"]["anchor"] == "ovpn"
+    f = by["fabric", "tcp1-up"]
+    assert f["anchor"] == "wg" and f["mbit_ratio"] == f["mbit_ratio_wg"] == pytest.approx(0.5)
+    assert f["cpu_ratio"] == pytest.approx(2.0)
+    assert by["fabric-ovpn", "clients4-up"]["mbit_ratio"] is None  # no ovpn run of that test
+    lines = bench.format_table(runs).splitlines()
+    line = next(x for x in lines if x.startswith("fabric-ovpn") and "tcp1-up" in x)
+    assert line.split()[:5] == ["fabric-ovpn", "tcp1-up", "openvpn", "880.0", "1.10"]
+    assert line.split()[8:11] == ["4.0", "0.50", "ovpn"]
+    anchor_line = next(x for x in lines if x.startswith("ovpn"))
+    assert anchor_line.split()[10] == "-"  # the anchor itself names no REF
+    fab = next(x for x in lines if x.startswith("fabric ") and "tcp1-up" in x)
+    assert fab.split()[2] == "wg25" and fab.split()[10] == "wg"
+    # the idle RTT of each system against its own protocol's anchor
+    text = bench.format_rtt({"wg": {"rtt_ms": 0.5}, "ovpn": {"rtt_ms": 0.25, "anchor": "ovpn"},
+                             "fabric-ovpn": {"rtt_ms": 1.0, "anchor": "ovpn"}, "fabric": {"rtt_ms": 1.0}})
+    assert "x4.00 ovpn" in text and "x2.00 wg" in text and "ovpn           0.250 ms\n" in text
+
+
+def test_several_clients_are_summed() -> None:
+    one = bench.summarize_iperf(TCP_JSON, udp=False)
+    assert bench.combine_summaries([one]) == one
+    two = {**one, "mbit_s": 100.0, "bytes": 100, "retransmits": 3, "duration_s": 9.0}
+    s = bench.combine_summaries([one, two])
+    assert s["mbit_s"] == pytest.approx(600.0) and s["bytes"] == 500_000_100 and s["retransmits"] == 20
+    assert s["duration_s"] == 9.0 and s["per_client_mbit_s"] == [pytest.approx(500.0), 100.0] and s["pps"] is None
+    assert bench.combine_summaries([one, {**two, "retransmits": None}])["retransmits"] is None
+    u = bench.summarize_iperf(UDP_JSON, udp=True)
+    assert u["packets_lost"] == 1000
+    s = bench.combine_summaries([u, u])
+    assert s["pps"] == pytest.approx(3000.0) and s["packets_received"] == 6000 and s["loss_pct"] == pytest.approx(25.0)
+    t = bench.Target("198.19.100.1", "c1", lambda: {}, client_nss=["c1", "c2"])
+    assert t.clients(2) == ["c1", "c2"]
+    with pytest.raises(bench.TopologyError):
+        t.clients(4)
+    assert bench.Target("198.19.100.1", "c1", lambda: {}).clients(1) == ["c1"]
+
+
+def test_fabric_ovpn_without_openvpn_is_skipped_with_a_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bench, "missing_tools", lambda tools: [t for t in tools if t == "openvpn"])
+    assert bench.run(_parser().parse_args(["--systems", "fabric-ovpn"])) == 2
+    assert "skipping fabric-ovpn: openvpn not installed (apt-get install openvpn)" in capsys.readouterr().out
+
+
+@pytest.mark.netns
+def test_bench_openvpn_and_fabric_ovpn_one_second(tmp_path: Path) -> None:
+    """Both OpenVPN systems, the same client: one stream up, and four clients at once;
+    the flood asked for is left out with a note (WireGuard systems only)."""
+    if not shutil.which("openvpn"):
+        pytest.skip("openvpn not installed (apt-get install openvpn)")
+    out = tmp_path / "out.json"
+    t0 = time.monotonic()
+    cp = subprocess.run(
+        [sys.executable, "-m", "fabric.testbed.bench", "--seconds", "1", "--systems", "ovpn,fabric-ovpn",
+         "--tests", "tcp1-up,clients4-down,flood", "--pings", "3", "--rounds", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT,
+    )
+    elapsed = time.monotonic() - t0
+    print(cp.stdout[-6000:])
+    where = f"\nstdout:\n{cp.stdout[-6000:]}\nstderr:\n{cp.stderr[-6000:]}"
+    assert out.exists(), f"no JSON (rc {cp.returncode}){where}"
+    doc = json.loads(out.read_text())
+    assert cp.returncode == 0 and doc["errors"] == [], where
+    runs = {(r["system"], r["test"]): r for r in doc["runs"]}
+    assert set(runs) == {(s, t) for s in ("ovpn", "fabric-ovpn") for t in ("tcp1-up", "clients4-down")}, where
+    for (system, test), r in runs.items():
+        assert not r.get("error") and r["mbit_s"] > 0, r
+        assert r["client"] == "openvpn" and r["vpn"] == "openvpn" and r["anchor"] == "ovpn", r
+        assert r["server_cpu_s_per_gb"] is not None and r["server_cpu_s_per_gb"] > 0, r
+        if test == "clients4-down":
+            assert r["clients"] == 4 and len(r["per_client_mbit_s"]) == 4, r
+            assert all(m > 0 for m in r["per_client_mbit_s"]), r  # every client's stream ran
+            assert r["mbit_s"] == pytest.approx(sum(r["per_client_mbit_s"])), r
+        if system == "ovpn":
+            assert set(r["cpu_by_component"]) == {"openvpn"} and r["mbit_ratio"] == 1.0, r
+        else:
+            assert r["cpu_by_component"]["edge"] > 0 and r["mbit_ratio"] > 0 and r["cpu_ratio"] > 0, r
+    for s in ("ovpn", "fabric-ovpn"):
+        info = doc["systems"][s]
+        assert info["cipher"] == "AES-256-GCM" and "openvpn 2.6" in info["client"], info
+        assert info["rtt_ms"] > 0 and info["anchor"] == "ovpn"
+    assert any(n.startswith("flood: not run for ovpn, fabric-ovpn") for n in doc["notes"]), doc["notes"]
+    assert "xREF" in cp.stdout and re.search(r"fabric-ovpn +[\d.]+ ms +x[\d.]+ ovpn", cp.stdout), where
+    prefixes = _prefixes(cp.stdout)
+    assert len(prefixes) == 2, where
+    assert not [n for n in _netns() if n.startswith(tuple(prefixes))], "namespaces left behind"
+    assert elapsed < 180, f"took {elapsed:.0f}s{where}"

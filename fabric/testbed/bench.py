@@ -18,12 +18,22 @@ in one comparison here, their timers and wakeups competing.) The systems:
   with UDP GSO/GRO and TUN offloads), a static build given with ``--wg25 PATH``;
 * ``fabric``: a wireguard-go client (``--client wg25|wg22``: the current release,
   or Debian's 0.0.20220316) to ``fabric up`` (``--edges``/``--workers``; tunnel
-  198.19.100.0/24). Every run's JSON names the client it used.
+  198.19.100.0/24). Every run's JSON names the client it used;
+* ``fabric-ovpn``: ``fabric up --openvpn-port 1194`` and the client of ``ovpn``
+  (Debian's openvpn 2.6, ``--data-ciphers AES-256-GCM --disable-dco``) with the
+  inline profile of ``fabric peer add NAME --openvpn``, unchanged.
+
+WireGuard rows are compared with ``wg``, OpenVPN rows with ``ovpn`` (the xREF
+columns; REF names the anchor). The stock OpenVPN client is single-threaded and
+shares the two cores with the server, so it caps every OpenVPN server's
+throughput: there the server's CPU seconds per GB is the figure to compare.
 
 For every system: the idle ping RTT (average of ``--pings`` echo requests),
 then iperf3 TCP with 1 and 4 streams in both directions (client -> server,
 and ``-R``), and small-packet UDP (``-u -l 64 -b 200M``) both ways, reporting
-the packets per second that arrived and the loss. Around every iperf3 run the
+the packets per second that arrived and the loss. ``--tests clients4`` (OpenVPN
+systems only, not in the default set) adds four clients, each in a namespace of its
+own with one TCP stream, at once, both ways: their sum. Around every iperf3 run the
 CPU time (utime + stime from /proc/<pid>/stat) of the server's processes is
 read: the wireguard-go server, the openvpn server, and for the fabric every
 process of ``fabric up`` summed per role (edge, worker, broker, and ``up``, the supervisor).
@@ -38,13 +48,14 @@ namespace sends ``--flood-rate`` datagrams a second of one kind from 64 ports
 stream keeps when the server does nothing for the flood) and once at the server's
 port; the share of the ceiling is the figure. During the second, a new client in
 a third namespace starts and must ping the server within 15 s (whitepaper 5.4.7:
-a cookie reply, then mac2). WireGuard floods: not run against OpenVPN.
+a cookie reply, then mac2). WireGuard floods: not run against the OpenVPN systems
+(a note says so).
 
 ``--scaling`` adds fabric runs with 1 edge / 1 worker and 2 / 2, and the fabric
 pinned to one core and to two (``taskset -c`` on ``fabric up``, inherited by
 its children; the clients are not pinned).
 
-Prints progress, then a table with ratios to wireguard-go (Mbit/s and
+Prints progress, then a table with ratios to the anchors (Mbit/s and
 CPU-s/GB), and writes ``{"runs": [...]}`` with ``--json FILE``. Only namespaces
 created by the run and 198.18.0.0/15 are used; every process is killed and the
 namespaces are removed on the way out, also on failure, Ctrl-C or SIGTERM.
@@ -70,6 +81,7 @@ from types import FrameType
 from typing import Any
 
 from fabric.dataplane.placement import CRYPTO_MODES
+from fabric.testbed.ovpnclient import OvpnClient
 from fabric.testbed.testnet import (
     FabricCluster,
     IperfError,
@@ -82,22 +94,32 @@ from fabric.testbed.testnet import (
     gen_keypair,
     iperf3,
     missing_tools,
+    parse_iperf,
     start_wg_server,
     tail,
 )
 
-SYSTEMS = ("wg", "wg25", "ovpn", "fabric")
+SYSTEMS = ("wg", "wg25", "ovpn", "fabric", "fabric-ovpn")
 DEFAULT_SYSTEMS = ("wg", "ovpn", "fabric")  # wg25 needs a binary Debian does not ship
 _ALIASES = {
     "wg": "wg", "wireguard": "wg", "wireguard-go": "wg", "wg22": "wg",
     "wg25": "wg25",
     "ovpn": "ovpn", "openvpn": "ovpn",
     "fabric": "fabric",
+    "fabric-ovpn": "fabric-ovpn", "fabric-openvpn": "fabric-ovpn",
 }
 LABELS = {"wg": "wireguard-go 0.0.20220316 (Debian)", "wg25": "wireguard-go 0.0.20250522",
-          "ovpn": "OpenVPN 2.6", "fabric": "fabric up"}
+          "ovpn": "OpenVPN 2.6 (one process, UDP, --disable-dco)", "fabric": "fabric up",
+          "fabric-ovpn": "fabric up --openvpn-port"}
 WG25_NAME = "wireguard-go-0.0.20250522"
 CLIENTS = {"wg22": "Debian's wireguard-go 0.0.20220316", "wg25": "wireguard-go 0.0.20250522"}
+# the OpenVPN systems' client: the same for the anchor and the fabric
+OVPN_CLIENT = "openvpn"
+OVPN_CLIENT_LABEL = "Debian's openvpn 2.6 (AES-256-GCM, --disable-dco)"
+# each protocol's systems, and the anchor its rows are compared with (the xREF columns)
+OPENVPN_KINDS = ("ovpn", "fabric-ovpn")
+FABRIC_KINDS = ("fabric", "fabric-ovpn")
+ANCHORS = {"wireguard": "wg", "openvpn": "ovpn"}
 
 WG_ADDRESS = "198.19.200.1/24"
 WG_CLIENT = "198.19.200.2"
@@ -123,6 +145,7 @@ SYSTEM_TOOLS = {
     "wg25": {"wg": "wireguard-tools"},
     "ovpn": {"openvpn": "openvpn", "openssl": "openssl"},
     "fabric": {"wireguard-go": "wireguard-go", "wg": "wireguard-tools"},
+    "fabric-ovpn": {"openvpn": "openvpn"},
 }
 
 
@@ -133,6 +156,7 @@ class TestSpec:
     reverse: bool = False
     udp: bool = False
     flood: str | None = None  # a fabric.flood kind: the stream under that flood
+    clients: int = 1  # >1: that many clients, one stream each, at once (their sum reported)
 
     def iperf_extra(self) -> list[str]:
         return ["-u", "-l", str(UDP_LEN), "-b", UDP_RATE] if self.udp else []
@@ -144,6 +168,9 @@ class TestSpec:
                     "64 ports), against the same flood at a closed port; a new client meanwhile")
         if self.udp:
             return f"UDP {UDP_LEN} B at {UDP_RATE}, {way}"
+        if self.clients > 1:
+            return (f"TCP, {self.clients} clients (each its own namespace and tunnel) with one stream "
+                    f"each at once, {way}; the sum")
         return f"TCP {self.parallel} stream{'s' if self.parallel > 1 else ''}, {way}"
 
 
@@ -163,7 +190,13 @@ FLOOD_TESTS: tuple[TestSpec, ...] = (
     TestSpec("flood-short", flood="short"),
     TestSpec("flood-oversized", flood="oversized"),
 )
-ALL_TESTS = TESTS + FLOOD_TESTS
+# OpenVPN's client is one single-threaded process: several of them are what shows
+# whether the server spreads (OpenVPN systems only; not in the default set)
+MULTI_CLIENT_TESTS: tuple[TestSpec, ...] = (
+    TestSpec("clients4-up", 1, False, clients=4),
+    TestSpec("clients4-down", 1, True, clients=4),
+)
+ALL_TESTS = TESTS + MULTI_CLIENT_TESTS + FLOOD_TESTS
 
 
 @dataclass(frozen=True)
@@ -171,23 +204,70 @@ class SystemSpec:
     """One thing to measure: a system and, for the fabric, its shape."""
 
     name: str  # the "system" of the JSON runs: wg, wg25, ovpn, fabric, fabric-1e1w, fabric-1cpu ...
-    kind: str  # wg | wg25 | ovpn | fabric
+    kind: str  # wg | wg25 | ovpn | fabric | fabric-ovpn
     edges: int = 0
     workers: int = 0
     cpus: str | None = None  # taskset -c list for fabric up
     crypto: str | None = None  # fabric up --crypto (None: its default, auto)
-    client: str = "wg22"  # the wireguard-go the client runs (wg | fabric): CLIENTS
+    client: str = "wg22"  # the wireguard-go the client runs (wg | fabric): CLIENTS; OVPN_CLIENT
     binary: str = "wireguard-go"  # that client's executable (and wg25's server)
     source: str | None = None  # fabric: run this checkout's code instead of this one's (--baseline)
 
+    @property
+    def vpn(self) -> str:
+        """The protocol its client speaks: "openvpn" or "wireguard"."""
+        return "openvpn" if self.kind in OPENVPN_KINDS else "wireguard"
+
+    @property
+    def anchor(self) -> str:
+        """The system its rows are compared with (ANCHORS)."""
+        return ANCHORS[self.vpn]
+
+    def client_label(self) -> str:
+        return OVPN_CLIENT_LABEL if self.client == OVPN_CLIENT else CLIENTS.get(self.client, self.client)
+
     def describe(self) -> str:
-        if self.kind != "fabric":
+        if self.kind == "ovpn":
+            return f"{LABELS[self.kind]}, client {self.client_label()}"
+        if self.kind not in FABRIC_KINDS:
             return LABELS[self.kind]
         pin = f", pinned to CPU {self.cpus}" if self.cpus is not None else ""
         where = f", crypto in {self.crypto}" if self.crypto else ""
         code = f", the code in {self.source}" if self.source else ""
-        return (f"fabric up ({self.edges} edges, {self.workers} workers{where}{pin}{code}), "
-                f"client {CLIENTS[self.client]}")
+        return (f"{LABELS[self.kind]} ({self.edges} edges, {self.workers} workers{where}{pin}{code}), "
+                f"client {self.client_label()}")
+
+
+def skip_reason(spec: SystemSpec, test: TestSpec) -> str | None:
+    """Why `test` is not run for `spec`, or None if it is."""
+    if test.flood and spec.vpn == "openvpn":
+        return "the flood tests forge WireGuard messages: WireGuard systems only"
+    if test.clients > 1 and spec.vpn != "openvpn":
+        return (f"the {test.clients}-client tests start OpenVPN clients: OpenVPN systems only "
+                f"({', '.join(OPENVPN_KINDS)})")
+    return None
+
+
+def clients_needed(spec: SystemSpec, tests: Sequence[TestSpec]) -> int:
+    """Client namespaces a system needs for `tests`: flood tests an attacker in 2
+    and a newcomer in 3; multi-client tests one per client."""
+    n = 1
+    for t in tests:
+        if skip_reason(spec, t):
+            continue
+        n = max(n, 3 if t.flood else t.clients)
+    return n
+
+
+def skip_notes(specs: Sequence[SystemSpec], tests: Sequence[TestSpec]) -> list[str]:
+    """One line per test some of the systems leave out, and why."""
+    notes = []
+    for t in tests:
+        left = [sp.name for sp in specs if skip_reason(sp, t)]
+        if left:
+            reason = next(r for sp in specs if (r := skip_reason(sp, t)))
+            notes.append(f"{t.name}: not run for {', '.join(left)} ({reason})")
+    return notes
 
 
 # --------------------------------------------------------------------------- arguments
@@ -218,13 +298,16 @@ def parse_systems(text: str) -> list[str]:
 
 def parse_tests(text: str) -> list[TestSpec]:
     """``tcp1-up,tcp1-down`` -> those of ALL_TESTS, in their order, without duplicates;
-    ``floods`` stands for every flood test."""
+    ``floods`` stands for every flood test, ``clients4`` for both 4-client tests."""
     names = [t.name for t in ALL_TESTS]
     spell = {n: n for n in names}
     spell["floods"] = "floods"
-    want = _parse_list(text, spell, "test", [*names, "floods"], "--tests tcp1-up,tcp1-down")
+    spell["clients4"] = "clients4"
+    want = _parse_list(text, spell, "test", [*names, "floods", "clients4"], "--tests tcp1-up,tcp1-down")
     if "floods" in want:
         want |= {t.name for t in FLOOD_TESTS}
+    if "clients4" in want:
+        want |= {t.name for t in MULTI_CLIENT_TESTS}
     return [t for t in ALL_TESTS if t.name in want]
 
 
@@ -296,11 +379,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=_positive_float, default=8.0,
                         help="duration of each iperf3 run (default 8)")
     parser.add_argument("--systems", type=parse_systems, default=list(DEFAULT_SYSTEMS),
-                        help="comma-separated systems to measure: wg,wg25,ovpn,fabric "
-                             "(default wg,ovpn,fabric)")
+                        help="comma-separated systems to measure: " + ",".join(SYSTEMS)
+                             + " (default wg,ovpn,fabric; fabric-ovpn is fabric serving the "
+                             "OpenVPN client of ovpn)")
     parser.add_argument("--tests", type=parse_tests, default=list(TESTS),
                         help="comma-separated tests to run: " + ",".join(t.name for t in ALL_TESTS)
-                             + ", or floods for every flood test (default: every test but the floods)")
+                             + ", floods for every flood test (WireGuard systems), clients4 for both "
+                             "4-client tests (OpenVPN systems) (default: " + ",".join(t.name for t in TESTS)
+                             + ")")
     parser.add_argument("--client", type=parse_client, default=None,
                         help="the fabric's client: wg25 (wireguard-go 0.0.20250522, the default when "
                              "found) or wg22 (Debian's wireguard-go 0.0.20220316)")
@@ -308,7 +394,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the {WG25_NAME} executable (default: $FABRIC_WG25, or {WG25_NAME} on PATH)")
     parser.add_argument("--baseline", metavar="DIR", default=None,
                         help="also measure the fabric of another checkout (e.g. a git worktree of an "
-                             "earlier commit) as system fabric-base, in the same rounds")
+                             "earlier commit) as system fabric-base (and fabric-ovpn-base), in the same rounds")
     parser.add_argument("--flood-rate", type=_positive_rate, default=FLOOD_RATE,
                         help=f"datagrams per second of the flood tests (default {FLOOD_RATE:.0f})")
     parser.add_argument("--crypto", choices=CRYPTO_MODES, default=None,
@@ -344,6 +430,13 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
             specs.append(SystemSpec("fabric", "fabric", edges, workers, crypto=crypto))
             if baseline:
                 specs.append(SystemSpec("fabric-base", "fabric", edges, workers, crypto=crypto, source=baseline))
+        elif s == "fabric-ovpn":
+            specs.append(SystemSpec(s, s, edges, workers, crypto=crypto, client=OVPN_CLIENT, binary="openvpn"))
+            if baseline:
+                specs.append(SystemSpec("fabric-ovpn-base", s, edges, workers, crypto=crypto, client=OVPN_CLIENT,
+                                        binary="openvpn", source=baseline))
+        elif s == "ovpn":
+            specs.append(SystemSpec(s, s, client=OVPN_CLIENT, binary="openvpn"))
         elif s == "wg25":
             specs.append(SystemSpec(s, s, client="wg25", binary=wg25 or WG25_NAME))
         else:
@@ -365,8 +458,8 @@ def plan(systems: Sequence[str], edges: int, workers: int, scaling: bool,
             notes.append("scaling: one CPU only, no two-core run")
     elif scaling:
         notes.append("--scaling needs the fabric in --systems")
-    if baseline and "fabric" not in systems:
-        notes.append("--baseline needs the fabric in --systems")
+    if baseline and "fabric" not in systems and "fabric-ovpn" not in systems:
+        notes.append("--baseline needs the fabric (or fabric-ovpn) in --systems")
     binary = (wg25 or WG25_NAME) if client == "wg25" else "wireguard-go"
     specs = [replace(sp, client=client, binary=binary) if sp.kind == "fabric" else sp for sp in specs]
     return specs, notes
@@ -554,6 +647,7 @@ def summarize_iperf(raw: dict[str, Any], udp: bool) -> dict[str, Any]:
         out["pps"] = got / seconds if seconds else 0.0
         out["sent_pps"] = int(sent.get("packets", packets)) / seconds if seconds else 0.0
         out["packets_received"] = got
+        out["packets_lost"] = lost
         out["loss_pct"] = float(recv.get("lost_percent", 100.0 * lost / packets if packets else 0.0))
         out["retransmits"] = None
     else:
@@ -567,17 +661,24 @@ def per_gb(cpu_s: float, nbytes: int) -> float | None:
 
 
 def add_ratios(runs: list[dict[str, Any]], base: str = "wg") -> None:
-    """Set ``mbit_ratio_wg`` and ``cpu_ratio_wg`` on every run with a baseline
-    run of the same test (None where either side is missing or zero)."""
-    ref = {r["test"]: r for r in runs if r.get("system") == base and not r.get("error")}
+    """Set ``mbit_ratio_wg`` and ``cpu_ratio_wg`` (to `base`) on every run, and
+    ``mbit_ratio`` and ``cpu_ratio`` to the anchor of its protocol (``anchor``: wg
+    for WireGuard rows, ovpn for OpenVPN rows, by the run's ``vpn``), each against
+    that system's run of the same test (None where either side is missing or zero)."""
+    ok = [r for r in runs if not r.get("error")]
+    wanted = {base, *ANCHORS.values()}
+    ref = {(r["system"], r["test"]): r for r in ok if r.get("system") in wanted}
     for r in runs:
         if r.get("flood"):
             continue  # compared by their share of the ceiling instead
-        b = ref.get(r["test"])
-        r["mbit_ratio_wg"] = _ratio(r.get("mbit_s"), b.get("mbit_s") if b else None)
-        r["cpu_ratio_wg"] = _ratio(
-            r.get("server_cpu_s_per_gb"), b.get("server_cpu_s_per_gb") if b else None
-        )
+        anchor = ANCHORS.get(r.get("vpn") or "wireguard", base)
+        r["anchor"] = anchor
+        for suffix, name in (("_wg", base), ("", anchor)):
+            b = ref.get((name, r["test"]))
+            r["mbit_ratio" + suffix] = _ratio(r.get("mbit_s"), b.get("mbit_s") if b else None)
+            r["cpu_ratio" + suffix] = _ratio(
+                r.get("server_cpu_s_per_gb"), b.get("server_cpu_s_per_gb") if b else None
+            )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -594,26 +695,30 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    head = ["SYSTEM", "TEST", "MBIT/S", "xWG", "PPS", "LOSS%", "RETR", "CPU-S/GB", "xWG",
-            "HOST%", "STEAL%", "CPU-S/GB BY COMPONENT"]
+    """One row per run; xREF: the ratio to the anchor of its protocol (REF: wg or ovpn)."""
+    head = ["SYSTEM", "TEST", "CLIENT", "MBIT/S", "xREF", "PPS", "LOSS%", "RETR", "CPU-S/GB", "xREF",
+            "REF", "HOST%", "STEAL%", "CPU-S/GB BY COMPONENT"]
     rows = []
     for r in runs:
+        client = str(r.get("client") or "-")
         if r.get("error"):
-            rows.append([r["system"], r["test"], "failed", "", "", "", "", "", "", "", "",
+            rows.append([r["system"], r["test"], client, "failed", "", "", "", "", "", "", "", "", "",
                          str(r["error"]).splitlines()[0][:60]])
             continue
         comps = r.get("cpu_s_per_gb_by_component") or {}
         by = " ".join(f"{k} {v:.1f}" for k, v in comps.items() if v is not None) if len(comps) > 1 else ""
+        anchor = r.get("anchor")
+        ref = "-" if anchor is None or anchor == r["system"] else anchor
         rows.append([
-            r["system"], r["test"], _f(r.get("mbit_s"), ".1f"), _f(r.get("mbit_ratio_wg"), ".2f"),
+            r["system"], r["test"], client, _f(r.get("mbit_s"), ".1f"), _f(r.get("mbit_ratio"), ".2f"),
             _f(r.get("pps"), ".0f"), _f(r.get("loss_pct"), ".1f"),
             "-" if r.get("retransmits") is None else str(r["retransmits"]),
-            _f(r.get("server_cpu_s_per_gb"), ".1f"), _f(r.get("cpu_ratio_wg"), ".2f"),
+            _f(r.get("server_cpu_s_per_gb"), ".1f"), _f(r.get("cpu_ratio"), ".2f"), ref,
             _f(r.get("host_cpu_busy_pct"), ".0f"), _f(r.get("host_steal_pct"), ".1f"), by,
         ])
     widths = [max(len(head[i]), *(len(row[i]) for row in rows)) if rows else len(head[i])
               for i in range(len(head))]
-    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
+    right = {3, 4, 5, 6, 7, 8, 9, 11, 12}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
@@ -646,12 +751,14 @@ def format_flood_table(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def format_rtt(systems: dict[str, dict[str, Any]]) -> str:
-    base = systems.get("wg", {}).get("rtt_ms")
+    """Each system's idle RTT, and its ratio to its protocol's anchor (``anchor`` in its
+    info; wg when not given)."""
     lines = ["idle ping RTT (client -> server through the tunnel):"]
     for name, info in systems.items():
         rtt = info.get("rtt_ms")
-        ratio = _ratio(rtt, base)
-        extra = f"  x{ratio:.2f} wg" if ratio is not None and name != "wg" else ""
+        anchor = info.get("anchor") or "wg"
+        ratio = _ratio(rtt, systems.get(anchor, {}).get("rtt_ms"))
+        extra = f"  x{ratio:.2f} {anchor}" if ratio is not None and name != anchor else ""
         loss = info.get("ping_loss")
         lost = f"  ({loss} lost)" if loss else ""
         lines.append(f"  {name:<14} {_f(rtt, '.3f')} ms{extra}{lost}")
@@ -680,6 +787,15 @@ class Target:
     # WireGuard public key (base64) that forged initiations carry a valid mac1 for
     newcomer: WgClient | None = None
     server_public: str | None = None
+    # multi-client tests: every client's namespace, each with its tunnel up (client_ns first)
+    client_nss: list[str] = field(default_factory=list)
+
+    def clients(self, n: int) -> list[str]:
+        """The namespaces of the first n clients (TopologyError if fewer are up)."""
+        have = self.client_nss or [self.client_ns]
+        if len(have) < n:
+            raise TopologyError(f"{n} clients wanted, {len(have)} up")
+        return have[:n]
 
 
 def _alive(proc: subprocess.Popen[bytes], what: str, topo: Topology) -> Callable[[], None]:
@@ -739,45 +855,65 @@ def make_ovpn_pki(topo: Topology, d: Path) -> None:
                  "-days", "2", "-extfile", str(ext))
 
 
+# the OpenVPN client's data channel, the same for the anchor and the fabric
+OVPN_CLIENT_ARGS = ("--data-ciphers", OVPN_CIPHER, "--disable-dco")
+
+
+def _confirmed_cipher(logs: Callable[[], str]) -> str:
+    """OVPN_CIPHER once a client's log names it as its data channel cipher (openvpn's
+    log reaches the file a little after the tunnel is up), else "unconfirmed"."""
+    for _ in range(20):
+        if f"Data Channel: cipher '{OVPN_CIPHER}'" in logs():
+            return OVPN_CIPHER
+        time.sleep(0.1)
+    return "unconfirmed"
+
+
 def start_ovpn(topo: Topology, spec: SystemSpec) -> Target:
+    """An OpenVPN 2.6 server and topo.clients clients (one certificate: with several
+    clients the server runs with --duplicate-cn)."""
     d = topo.workdir / "ovpn"
     make_ovpn_pki(topo, d)
     p = str(d)
     common = ["--dev-type", "tun", "--proto", "udp", "--ca", f"{p}/ca.crt",
               "--data-ciphers", OVPN_CIPHER, "--disable-dco", "--verb", "3"]
+    many = ["--duplicate-cn"] if topo.clients > 1 else []
+    # clients on several underlays: bound to any address (each client's subnet is on a
+    # link of its own, so a reply's route picks the address the client sent to; no
+    # --multihome, which would cost the data path a cmsg per packet)
+    local = [] if topo.clients > 1 else ["--local", topo.server_underlay(1)]
     server = topo.popen(topo.server_ns, [
         "openvpn", "--dev", topo.ifname("os"), *common, "--port", str(OVPN_PORT),
-        "--local", topo.server_underlay(1), "--server", OVPN_NET, "255.255.255.0",
+        *local, "--server", OVPN_NET, "255.255.255.0",
         "--topology", "subnet", "--cert", f"{p}/server.crt", "--key", f"{p}/server.key",
-        "--dh", "none",
+        "--dh", "none", *many,
     ], label="openvpn-server")
     check = _alive(server, "openvpn server", topo)
     if not topo.wait_udp_listen(topo.server_ns, OVPN_PORT, timeout=15):
         check()
         raise TopologyError(f"openvpn server not listening\n{tail(topo.log_path(server))}")
-    client_ns = topo.ns_of_client(1)
-    client = topo.popen(client_ns, [
-        "openvpn", "--client", "--dev", topo.ifname("oc"), *common,
-        "--remote", topo.server_underlay(1), str(OVPN_PORT), "--nobind",
-        "--cert", f"{p}/client.crt", "--key", f"{p}/client.key",
-    ], label="openvpn-client")
-    first = topo.wait_ping(client_ns, OVPN_SERVER, timeout=30)
-    if not first.ok:
-        check()
-        raise TopologyError(
-            f"no reply from {OVPN_SERVER} through openvpn\n{first.output}\n"
-            f"{topo.log_tails(20, labels=['openvpn-server', 'openvpn-client'])}"
-        )
-    cipher = "unconfirmed"
-    for _ in range(20):  # openvpn's log reaches the file a little later
-        logs = "".join(topo.log_path(pr).read_text(errors="replace") for pr in (server, client))
-        if f"Data Channel: cipher '{OVPN_CIPHER}'" in logs:
-            cipher = OVPN_CIPHER
-            break
-        time.sleep(0.1)
+    clients: list[subprocess.Popen[bytes]] = []
+    for k in range(1, topo.clients + 1):
+        ns = topo.ns_of_client(k)
+        label = "openvpn-client" if k == 1 else f"openvpn-client{k}"
+        clients.append(topo.popen(ns, [
+            "openvpn", "--client", "--dev", topo.ifname("oc" if k == 1 else f"oc{k}"), *common,
+            "--remote", topo.server_underlay(k), str(OVPN_PORT), "--nobind",
+            "--cert", f"{p}/client.crt", "--key", f"{p}/client.key",
+        ], label=label))
+        first = topo.wait_ping(ns, OVPN_SERVER, timeout=30)
+        if not first.ok:
+            check()
+            raise TopologyError(
+                f"no reply from {OVPN_SERVER} through openvpn (client {k})\n{first.output}\n"
+                f"{topo.log_tails(20, labels=['openvpn-server', label])}"
+            )
+    cipher = _confirmed_cipher(lambda: "".join(topo.log_path(pr).read_text(errors="replace")
+                                               for pr in (server, clients[0])))
     pid = server.pid
-    return Target(OVPN_SERVER, client_ns, lambda: {pid: "openvpn"}, check,
-                  info={"server_pids": {"openvpn": [pid]}, "cipher": cipher})
+    return Target(OVPN_SERVER, topo.ns_of_client(1), lambda: {pid: "openvpn"}, check,
+                  info={"server_pids": {"openvpn": [pid]}, "cipher": cipher, "client": spec.client_label()},
+                  client_nss=[topo.ns_of_client(k) for k in range(1, topo.clients + 1)])
 
 
 class BenchCluster(FabricCluster):
@@ -821,10 +957,31 @@ def fabric_pids(root: int, status: dict[str, Any] | None = None) -> dict[int, st
     return out
 
 
+def _ovpn_clients(topo: Topology, cluster: FabricCluster) -> tuple[list[OvpnClient], str]:
+    """One stock openvpn client per client namespace, each with the profile of a peer
+    of its own (``fabric peer add bench<k> --openvpn``) and OVPN_CLIENT_ARGS; up and
+    pinging the server. The clients and the cipher the first one's log confirms."""
+    clients = []
+    for k in range(1, topo.clients + 1):
+        profile = cluster.add_ovpn_peer(f"bench{k}", k=k)
+        c = OvpnClient(topo, topo.ns_of_client(k), profile, name=f"bench{k}", extra=OVPN_CLIENT_ARGS)
+        c.start()
+        first = topo.wait_ping(c.ns, cluster.server_ip, timeout=20)
+        if not first.ok:
+            raise TopologyError(f"no reply from {cluster.server_ip} through openvpn (client {k})\n"
+                                f"{first.output}\n{c.log[-3000:]}\n{cluster.log_tails()}")
+        clients.append(c)
+    return clients, _confirmed_cipher(lambda: clients[0].log)
+
+
 def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
+    """``fabric up`` with a wireguard-go client (fabric), or serving OpenVPN too with
+    stock openvpn clients (fabric-ovpn)."""
+    ovpn = spec.kind == "fabric-ovpn"
     cluster = BenchCluster(topo, address=FABRIC_ADDRESS, listen_port=LISTEN_PORT,
                            edges=spec.edges, workers=spec.workers, mode="up",
-                           tun=topo.ifname("t"), crypto=spec.crypto)
+                           tun=topo.ifname("t"), crypto=spec.crypto,
+                           openvpn_port=OVPN_PORT if ovpn else None)
     cluster.cpus = spec.cpus
     if spec.source:
         # the other checkout's code for every process and command of this system; -P keeps
@@ -832,7 +989,12 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
         cluster.env["PYTHONPATH"] = spec.source
         cluster.env["PYTHONSAFEPATH"] = "1"
     cluster.start()
-    client = cluster.connect_client(1, "bench", binary=spec.binary)
+    cipher = None
+    if ovpn:
+        clients, cipher = _ovpn_clients(topo, cluster)
+        client_nss = [c.ns for c in clients]
+    else:
+        client_nss = [cluster.connect_client(1, "bench", binary=spec.binary).ns]
     root = cluster.procs["up"].pid
     try:
         status: dict[str, Any] | None = cluster.status()
@@ -860,26 +1022,105 @@ def start_fabric(topo: Topology, spec: SystemSpec) -> Target:
         by_role.setdefault(r, []).append(p)
     info: dict[str, Any] = {"server_pids": by_role, "edges": spec.edges, "workers": spec.workers,
                             "cpus": spec.cpus, "crypto": spec.crypto or "auto", "client": spec.client}
+    if cipher is not None:
+        info.update({"cipher": cipher, "client": spec.client_label()})
     if spec.cpus is not None:
         info["cpus_allowed"] = {str(p): cpu_allowed(p) for p in current()}
     def stop() -> None:
         cluster.stop()
 
     newcomer, server_public = None, None
-    if topo.clients >= 3:
+    if topo.clients >= 3 and not ovpn:
         conf = cluster.peer_add("newcomer", endpoint=f"{topo.server_underlay(3)}:{LISTEN_PORT}")
         newcomer = WgClient(topo, topo.ns_of_client(3), topo.ifname("w3"), conf, binary=spec.binary)
         server_public = WgConfig.parse(conf).peers[0]["publickey"]
-    return Target(cluster.server_ip, client.ns, current, check, info=info, cleanup=[stop],
-                  newcomer=newcomer, server_public=server_public)
+    return Target(cluster.server_ip, client_nss[0], current, check, info=info, cleanup=[stop],
+                  newcomer=newcomer, server_public=server_public, client_nss=client_nss)
 
 
 STARTERS: dict[str, Callable[[Topology, SystemSpec], Target]] = {
     "wg": start_wg, "wg25": start_wg, "ovpn": start_ovpn, "fabric": start_fabric,
+    "fabric-ovpn": start_fabric,
 }
 
 
 # --------------------------------------------------------------------------- measuring
+
+
+def iperf_many(topo: Topology, client_nss: Sequence[str], addr: str, test: TestSpec,
+               seconds: float) -> list[dict[str, Any]]:
+    """One iperf3 run from each client namespace at once, to its own server (ports
+    IPERF_PORT, +1, ...) on `addr`; every client's JSON. The servers all listen before
+    the first client starts. IperfError if any run fails."""
+    servers = []
+    try:
+        for i in range(len(client_nss)):
+            servers.append(topo.popen(topo.server_ns, ["iperf3", "-s", "-1", "-B", addr, "-p", str(IPERF_PORT + i)],
+                                      label=f"iperf3-server{i}"))
+        deadline = time.monotonic() + 5.0
+        for i, srv in enumerate(servers):
+            while not topo.tcp_listening(topo.server_ns, addr, IPERF_PORT + i):
+                if srv.poll() is not None or time.monotonic() >= deadline:
+                    raise IperfError(f"iperf3 server {i} did not listen on {addr}:{IPERF_PORT + i}\n"
+                                     f"{tail(topo.log_path(srv))}")
+                time.sleep(0.05)
+        outs: list[subprocess.CompletedProcess[str] | BaseException | None] = [None] * len(client_nss)
+
+        def one(i: int, ns: str) -> None:
+            argv = ["iperf3", "-c", addr, "-p", str(IPERF_PORT + i), "-t", f"{seconds:g}", "-P",
+                    str(test.parallel), "-J", "--connect-timeout", "5000", *test.iperf_extra(),
+                    *(["-R"] if test.reverse else [])]
+            try:
+                outs[i] = topo.run(ns, argv, check=False, timeout=seconds + 30)
+            except BaseException as e:  # reported below, in the caller's thread
+                outs[i] = e
+
+        threads = [threading.Thread(target=one, args=(i, ns), daemon=True) for i, ns in enumerate(client_nss)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=seconds + 40)
+        raws = []
+        for i, out in enumerate(outs):
+            if out is None:
+                raise IperfError(f"iperf3 client {i + 1} did not finish")
+            if isinstance(out, BaseException):
+                raise out
+            try:
+                raws.append(parse_iperf(out.stdout or out.stderr, reverse=test.reverse).raw)
+            except IperfError as e:
+                raise IperfError(f"client {i + 1}: {e}") from None
+        return raws
+    finally:
+        for srv in servers:
+            topo.stop(srv, timeout=3.0)
+
+
+def combine_summaries(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The `summarize_iperf` of several clients' runs at once as one: throughput, bytes,
+    packets and retransmits summed (retransmits None if any is), the longest duration,
+    loss over all packets, and each client's Mbit/s (``per_client_mbit_s``)."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    out: dict[str, Any] = {
+        "mbit_s": sum(p["mbit_s"] for p in parts),
+        "sent_mbit_s": sum(p.get("sent_mbit_s", 0.0) for p in parts),
+        "bytes": sum(p["bytes"] for p in parts),
+        "duration_s": max(p.get("duration_s", 0.0) for p in parts),
+        "per_client_mbit_s": [p["mbit_s"] for p in parts],
+    }
+    retr = [p.get("retransmits") for p in parts]
+    out["retransmits"] = None if any(r is None for r in retr) else sum(r for r in retr if r is not None)
+    if any(p.get("pps") is not None for p in parts):  # UDP
+        out["pps"] = sum(p.get("pps") or 0.0 for p in parts)
+        out["sent_pps"] = sum(p.get("sent_pps") or 0.0 for p in parts)
+        got = sum(p.get("packets_received") or 0 for p in parts)
+        lost = sum(p.get("packets_lost") or 0 for p in parts)
+        out["packets_received"], out["packets_lost"] = got, lost
+        out["loss_pct"] = 100.0 * lost / (got + lost) if got + lost else 0.0
+    else:
+        out["pps"] = None
+    return out
 
 
 def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
@@ -889,11 +1130,14 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
     drops0 = {side: udp_rcvbuf_errors(topo, ns) for side, ns in namespaces.items()}
     before = sample(pids0)
     h0 = host_cpu()
-    run: dict[str, Any] = {"system": spec.name, "test": test.name}
+    run: dict[str, Any] = {"system": spec.name, "test": test.name, "vpn": spec.vpn}
     try:
-        res = iperf3(topo, topo.server_ns, target.client_ns, target.server_ip, seconds=seconds,
-                     reverse=test.reverse, port=IPERF_PORT, parallel=test.parallel,
-                     extra=test.iperf_extra())
+        if test.clients > 1:
+            raws = iperf_many(topo, target.clients(test.clients), target.server_ip, test, seconds)
+        else:
+            raws = [iperf3(topo, topo.server_ns, target.client_ns, target.server_ip, seconds=seconds,
+                           reverse=test.reverse, port=IPERF_PORT, parallel=test.parallel,
+                           extra=test.iperf_extra()).raw]
     except (IperfError, subprocess.TimeoutExpired) as e:
         if not retry:
             run.update({"mbit_s": 0.0, "pps": None, "server_cpu_s_per_gb": None, "error": str(e)})
@@ -914,7 +1158,7 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
         if a is not None and b is not None:
             drops[side] = b - a
     comp, gone = cpu_delta(before, after)
-    summary = summarize_iperf(res.raw, test.udp)
+    summary = combine_summaries([summarize_iperf(raw, test.udp) for raw in raws])
     cpu = sum(comp.values())
     run.update(summary)
     run.update({
@@ -929,7 +1173,8 @@ def measure(topo: Topology, target: Target, spec: SystemSpec, test: TestSpec,
         # datagrams a full receive buffer dropped in each namespace (the tunnel's and,
         # for UDP tests, iperf3's): where TCP's losses happen, and work wasted upstream
         "udp_rcvbuf_drops": drops,
-        "streams": test.parallel,
+        "streams": test.parallel * test.clients,
+        "clients": test.clients,
         "direction": "down" if test.reverse else "up",
         "protocol": "udp" if test.udp else "tcp",
     })
@@ -1094,11 +1339,12 @@ def setup_system(spec: SystemSpec, args: argparse.Namespace, step: _Progress,
                  systems: dict[str, dict[str, Any]]) -> Bench:
     """Namespaces and processes of one system; raises (after logging the process
     tails) if it does not come up. The caller tears it down with `teardown`."""
-    # flood tests: an attacker in client namespace 2, a newcomer in 3
-    clients = 3 if any(t.flood for t in args.tests) else 1
+    # flood tests: an attacker in client namespace 2, a newcomer in 3; multi-client
+    # tests: one namespace per client
+    clients = clients_needed(spec, args.tests)
     topo = Topology(clients=clients, keep_workdir=bool(args.keep_logs))
     b = Bench(spec, topo)
-    info: dict[str, Any] = {"label": spec.describe()}
+    info: dict[str, Any] = {"label": spec.describe(), "vpn": spec.vpn, "anchor": spec.anchor}
     systems[spec.name] = info
     step(f"{spec.name}: namespaces {topo.server_ns}, {topo.client_ns[0]}; "
          f"starting {spec.describe()}...")
@@ -1189,8 +1435,8 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
         step(f"{tag}{spec.name}: idle RTT {_f(ping.rtt_avg_ms, '.3f')} ms "
              f"({ping.received}/{ping.transmitted} replies)")
         for test in args.tests:
-            if test.flood and spec.kind == "ovpn":
-                continue  # WireGuard floods (OpenVPN's own are its issue's)
+            if skip_reason(spec, test):
+                continue  # said once, in the notes (skip_notes)
             b.target.check()
             time.sleep(SETTLE)
             if test.flood:
@@ -1198,7 +1444,7 @@ def measure_round(spec: SystemSpec, k: int, args: argparse.Namespace, step: _Pro
             else:
                 r = measure(b.topo, b.target, spec, test, args.seconds)
                 r["client"] = spec.client
-            if spec.kind == "fabric":
+            if spec.kind in FABRIC_KINDS:
                 r.update({"edges": spec.edges, "workers": spec.workers, "cpus": spec.cpus,
                           "crypto": spec.crypto or "auto"})
             samples.setdefault((spec.name, test.name), []).append(r)
@@ -1277,6 +1523,7 @@ def run(args: argparse.Namespace) -> int:
             skipped.append({"system": sp.name,
                             "reason": "taskset not installed (apt-get install util-linux)"})
         notes.append("taskset missing: no pinned runs")
+    notes += skip_notes(specs, args.tests)
     for n in notes:
         step(n)
     runs: list[dict[str, Any]] = []
@@ -1330,7 +1577,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fabric bench: iperf3 {args.seconds:g} s per run; "
           + (f"median of {args.rounds} rounds (the round with the median Mbit/s); " if args.rounds > 1 else "")
           + "CPU = server processes' utime+stime per GB that arrived; "
-          "xWG = ratio to wireguard-go (same test)")
+          "xREF = ratio to the anchor REF of the row's protocol, same test (wg: Debian's "
+          "wireguard-go for WireGuard rows, ovpn: OpenVPN 2.6 for OpenVPN rows)")
     plain = [r for r in runs if not r.get("flood")]
     floods = [r for r in runs if r.get("flood")]
     if plain:

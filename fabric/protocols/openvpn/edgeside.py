@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ CONTROL_PER_SOURCE = 200.0  # a TLS handshake is about ten packets each way
 CONTROL_BURST = 100.0
 CONTROL_PER_EDGE = 10000.0
 _EDGE = b"edge"
+_HEAD_V2 = struct.Struct(">II")  # P_DATA_V2: opcode | key id | peer-id, then the packet id
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
@@ -85,6 +87,13 @@ class OvpnEdge(EdgeSide):
     def split(self, datagrams: Sequence[bytes], sources: Sequence[Any], filtered: bool) -> Split:
         out = Split()
         groups, control, drops = out.groups, out.control, out.drops
+        unpack = _HEAD_V2.unpack_from
+        # a batch is mostly one session's datagrams from one address: the group of the
+        # previous P_DATA_V2 datagram takes the next with the same first word and source
+        last_word: int | None = None
+        last_src: Any = None
+        last_pkts: list[bytes] = []
+        last_pids: list[int] = []
         for pkt, src in zip(datagrams, sources, strict=True):
             if not pkt:
                 drops["short"] = drops.get("short", 0) + 1
@@ -94,19 +103,23 @@ class OvpnEdge(EdgeSide):
                 if len(pkt) < DATA_V2_MIN_SIZE:
                     drops["short"] = drops.get("short", 0) + 1
                     continue
-                word = int.from_bytes(pkt[:4], "big")
-                pid = int.from_bytes(pkt[4:8], "big")
+                word, pid = unpack(pkt)
                 if not pid:  # packet_id.c packet_id_test: 0 is never valid
                     drops["zero_packet_id"] = drops.get("zero_packet_id", 0) + 1
                     continue
+                if word == last_word and src == last_src:
+                    last_pkts.append(pkt)
+                    last_pids.append(pid)
+                    continue
                 # data key = peer-id << 3 | key id: the first word without the opcode
-                key = ((word & 0xFFFFFF) << 3) | (pkt[0] & 7)
+                key = ((word & 0xFFFFFF) << 3) | (word >> 24 & 7)
                 got = groups.get((key, src))
                 if got is None:
-                    groups[(key, src)] = ([pkt], [pid])
+                    got = groups[(key, src)] = ([pkt], [pid])
                 else:
                     got[0].append(pkt)
                     got[1].append(pid)
+                last_word, last_src, last_pkts, last_pids = word, src, got[0], got[1]
             elif op == P_DATA_V1:
                 peer_id = self.v1_peers.get(_packed(src)) if self.v1_peers and len(pkt) >= DATA_V1_MIN_SIZE else None
                 pid = int.from_bytes(pkt[1:5], "big") if peer_id is not None else 0
