@@ -409,7 +409,7 @@ def test_removed_peer_is_halted_and_refused(topo2: Topology) -> None:
     fab.peer_remove("alice")
     gone = wait_for(lambda: not [s for s in fab.sessions() if s.get("peer") == "alice"], timeout=5, step=0.2)
     assert gone, fab.sessions()
-    alice.wait_log("server-pushed-halt", timeout=10)
+    alice.wait_log("Halt command was pushed by server", timeout=10)
     ok = wait_for(lambda: not alice.running, timeout=10, step=0.2)
     assert ok, "the client did not exit after HALT"
     before = fab.stats()
