@@ -3,6 +3,7 @@ wireguard-go client <-> wireguard-go server through fabric.testbed.testnet.Topol
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -13,9 +14,11 @@ from fabric.testbed.testnet import (
     Topology,
     WgClient,
     WgConfig,
+    cleanup_stale,
     client_config,
     gen_keypair,
     iperf3,
+    new_prefix,
     parse_ping,
     start_wg_server,
     transport_nonces,
@@ -86,6 +89,27 @@ def test_teardown_on_failure() -> None:
     assert proc.poll() is not None  # survived SIGTERM, got SIGKILL
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert topo.prefix not in names
+
+
+@pytest.mark.netns
+def test_cleanup_stale_takes_old_test_bed_namespaces_only() -> None:
+    """Left behind by a run killed hard: Topology's names and the compose cluster's
+    (fabXXXXXX-<service>) go once they are old enough; young ones and other names stay."""
+    prefix = new_prefix()
+    old = [f"{prefix}-srv", f"{prefix}-c1", f"{prefix}-broker", f"{prefix}-net-underlay"]
+    young, other = f"{prefix}-worker-1", f"{prefix}x"
+    made = [*old, young, other]
+    try:
+        for ns in made:
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+        for ns in old:
+            os.utime(f"/run/netns/{ns}", (time.time() - 7200, time.time() - 7200))
+        assert sorted(cleanup_stale(prefix, min_age=3600)) == sorted(old)
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert young in names and other in names and not set(old) & set(names)
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.mark.netns

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import IO
 
 NS_FAMILY = "fab"
-_NS_RE = re.compile(r"^(fab[0-9a-f]{6})-(srv|c\d+)$")
+# the test bed's names: fabXXXXXX-srv / -c<k> (Topology) and fabXXXXXX-<service> (the
+# compose cluster of fabric/testbed/cluster.py)
+_NS_RE = re.compile(r"^(fab[0-9a-f]{6})-([a-z0-9][a-z0-9_.-]*)$")
 WG_RUN_DIR = Path("/var/run/wireguard")
 IFNAMSIZ = 15
 
@@ -102,7 +104,8 @@ def _remove_wg_sockets(prefix: str) -> None:
 def cleanup_stale(prefix: str = NS_FAMILY, min_age: float = 0.0) -> list[str]:
     """Remove namespaces left behind by earlier runs.
 
-    Deletes every namespace named ``fabXXXXXX-srv`` / ``fabXXXXXX-c<k>`` whose
+    Deletes every namespace named ``fabXXXXXX-srv`` / ``fabXXXXXX-c<k>`` (or
+    ``fabXXXXXX-<service>``, the compose cluster's) whose
     name starts with ``prefix`` and that is at least ``min_age`` seconds old
     (use a generous ``min_age`` with the bare family prefix so that a run in
     progress elsewhere is left alone). Processes inside them are killed and
