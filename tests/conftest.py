@@ -59,15 +59,25 @@ def pytest_runtest_makereport(
         report.sections.append(("process logs (tails)", "\n".join(chunks)))
 
 
-@pytest.fixture
-def topo2() -> Iterator[Topology]:
-    """A server namespace and two client namespaces; logs attached on failure."""
-    with Topology(clients=2) as t:
+def _topology(clients: int) -> Iterator[Topology]:
+    with Topology(clients=clients) as t:
         LOG_SOURCES.append(t.log_tails)
         try:
             yield t
         finally:
             LOG_SOURCES.remove(t.log_tails)
+
+
+@pytest.fixture
+def topo2() -> Iterator[Topology]:
+    """A server namespace and two client namespaces; logs attached on failure."""
+    yield from _topology(2)
+
+
+@pytest.fixture
+def topo3() -> Iterator[Topology]:
+    """A server namespace and three client namespaces; logs attached on failure."""
+    yield from _topology(3)
 
 
 @pytest.fixture

@@ -295,20 +295,23 @@ def test_signal_during_teardown_waits_for_it() -> None:
 # --------------------------------------------------------------------------- live
 
 
-@pytest.mark.netns
-def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
-    out = tmp_path / "out.json"
+def run_bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], float, str]:
+    """`python -m fabric.testbed.bench --seconds 1 ARGS --json OUT`: the process, its
+    JSON, how long it took and its output for assertion messages."""
     t0 = time.monotonic()
-    cp = subprocess.run(
-        [sys.executable, "-m", "fabric.testbed.bench", "--seconds", "1", "--systems", "wg,fabric",
-         "--pings", "5", "--rounds", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT,
-    )
+    cp = subprocess.run([sys.executable, "-m", "fabric.testbed.bench", "--seconds", "1", *args, "--json", str(out)],
+                        capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT)
     elapsed = time.monotonic() - t0
     print(cp.stdout[-6000:])
     where = f"\nstdout:\n{cp.stdout[-6000:]}\nstderr:\n{cp.stderr[-6000:]}"
     assert out.exists(), f"no JSON (rc {cp.returncode}){where}"
-    doc = json.loads(out.read_text())
+    return cp, json.loads(out.read_text()), elapsed, where
+
+
+@pytest.mark.netns
+def test_bench_wg_and_fabric_one_second(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    cp, doc, elapsed, where = run_bench(out, "--systems", "wg,fabric", "--pings", "5", "--rounds", "2")
     assert cp.returncode == 0, where
     runs = doc["runs"]
     assert isinstance(runs, list) and doc["errors"] == []
@@ -618,17 +621,8 @@ def test_bench_openvpn_and_fabric_ovpn_one_second(tmp_path: Path) -> None:
     if not shutil.which("openvpn"):
         pytest.skip("openvpn not installed (apt-get install openvpn)")
     out = tmp_path / "out.json"
-    t0 = time.monotonic()
-    cp = subprocess.run(
-        [sys.executable, "-m", "fabric.testbed.bench", "--seconds", "1", "--systems", "ovpn,fabric-ovpn",
-         "--tests", "tcp1-up,clients4-down,flood", "--pings", "3", "--rounds", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, env=fabric_env(), cwd=ROOT,
-    )
-    elapsed = time.monotonic() - t0
-    print(cp.stdout[-6000:])
-    where = f"\nstdout:\n{cp.stdout[-6000:]}\nstderr:\n{cp.stderr[-6000:]}"
-    assert out.exists(), f"no JSON (rc {cp.returncode}){where}"
-    doc = json.loads(out.read_text())
+    cp, doc, elapsed, where = run_bench(out, "--systems", "ovpn,fabric-ovpn", "--tests", "tcp1-up,clients4-down,flood",
+                                        "--pings", "3", "--rounds", "1")
     assert cp.returncode == 0 and doc["errors"] == [], where
     runs = {(r["system"], r["test"]): r for r in doc["runs"]}
     assert set(runs) == {(s, t) for s in ("ovpn", "fabric-ovpn") for t in ("tcp1-up", "clients4-down")}, where

@@ -18,6 +18,7 @@ import pytest
 
 from fabric.testbed import cluster
 from fabric.testbed.cluster import ComposeError, load, parse
+from fabric.testbed.netns import processes_mentioning
 from fabric.testbed.testnet import fabric_argv, fabric_env, new_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -396,15 +397,7 @@ def test_docker_compose_rejects_broken_file(tmp_path: Path) -> None:
 def _leftovers(prefix: str) -> list[str]:
     left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
             if ns.startswith(prefix)]
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if prefix in cmd:
-            left.append(f"pid {pid}: {cmd[:120]}")
+    left += processes_mentioning(prefix)
     left += [str(p) for p in Path("/tmp").glob(f"{prefix}-*")]
     return left
 

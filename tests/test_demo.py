@@ -4,7 +4,6 @@ real traffic, and leave nothing behind."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fabric.testbed.netns import _list_netns
+from fabric.testbed.netns import _list_netns, processes_mentioning
 from fabric.testbed.testnet import missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"missing tools: {missing_tools()}")
@@ -48,20 +47,6 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert _left_netns(prefix) == [], "the demo left namespaces behind"
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(f"pid {pid}: {cmd[:120]}")
-    return found
-
-
 @pytest.mark.netns
 @pytest.mark.skipif(shutil.which("openvpn") is None, reason="openvpn not installed (scripts/setup.sh installs it)")
 def test_demo_openvpn_runs_a_stock_openvpn_client_and_cleans_up() -> None:
@@ -91,5 +76,5 @@ def test_demo_openvpn_runs_a_stock_openvpn_client_and_cleans_up() -> None:
     assert re.search(r"^fabric ok: .*1 peer, 1 session$", out, re.M), out
     assert "tearing down" in err and "done" in err.splitlines()[-1]
     assert _left_netns(prefix) == [], "the demo left namespaces behind"
-    assert _processes_mentioning(prefix) == [], "the demo left processes behind"
+    assert processes_mentioning(prefix) == [], "the demo left processes behind"
     assert list(Path("/tmp").glob(f"{prefix}-*")) == [], "the demo left its work directory behind"

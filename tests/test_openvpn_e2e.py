@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +104,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-@pytest.fixture
-def topo3() -> Iterator[Topology]:
-    from tests.conftest import LOG_SOURCES
-
-    with Topology(clients=3) as t:
-        LOG_SOURCES.append(t.log_tails)
-        try:
-            yield t
-        finally:
-            LOG_SOURCES.remove(t.log_tails)
 
 
 # --------------------------------------------------------------------------- 1: the basics

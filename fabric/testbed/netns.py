@@ -101,6 +101,22 @@ def _remove_wg_sockets(prefix: str) -> None:
                 sock.unlink()
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Processes (other than this one) whose command line contains `text`, as
+    "pid N: command" (for checks that a run left nothing behind)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"pid {pid}: {cmd[:120]}")
+    return found
+
+
 def cleanup_stale(prefix: str = NS_FAMILY, min_age: float = 0.0) -> list[str]:
     """Remove namespaces left behind by earlier runs.
 
