@@ -187,3 +187,38 @@ def test_accept_many_and_seen_many_equal_one_at_a_time(counters: list[int], cuts
         i, k = i + n, k + 1
     assert got == expected
     assert many == one
+
+
+_STEP = st.one_of(
+    st.tuples(st.just("run"), st.sampled_from([2, 5, 63, 64, 65, 300, 8128, 9000, 20000]),
+              st.sampled_from([0, 0, 1, 63, 64, 8200, 100_000])),
+    st.tuples(st.just("shuffled"), st.integers(2, 40), st.integers(0, 2**32)),
+    st.tuples(st.just("old"), st.integers(1, 20), st.integers(0, 9000)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 1 << 20), st.lists(_STEP, min_size=1, max_size=6),
+       st.one_of(st.none(), st.integers(0, 60)))
+def test_runs_in_order_take_the_short_way_to_the_same_window(start: int, steps: list[tuple[str, int, int]],
+                                                             under_limit: int | None) -> None:
+    """Batches of consecutive counters above the newest (the common case, accepted whole
+    a block at a time) leave the same window and give the same answers as accept() one
+    counter at a time; runs longer than the ring, gaps, shuffled and old batches too."""
+    one, many = bytearray(replay.STATE_SIZE), bytearray(replay.STATE_SIZE)
+    pos = start
+    for kind, n, extra in steps:
+        if kind == "run":
+            batch = list(range(pos, pos + n))
+            pos += n + extra
+        elif kind == "shuffled":
+            batch = list(range(pos, pos + n))
+            batch = batch[extra % n:] + batch[: extra % n]
+            pos += n
+        else:
+            batch = [max(1, pos - (extra * (i + 1)) % 9000) for i in range(n)]
+        limit = R if under_limit is None else pos + under_limit
+        assert replay.seen_many(many, 0, batch, limit) == [replay.seen(one, 0, c, limit) for c in batch]
+        expected = [replay.accept(one, 0, c, limit) for c in batch]
+        assert replay.accept_many(many, 0, batch, limit) == expected, (kind, n, extra)
+        assert many == one, (kind, n, extra)
