@@ -179,17 +179,18 @@ def test_three_clients_each_cipher_both_ways(topo3: Topology) -> None:
 
 def test_renegotiation_under_ping_float_and_ipv6_underlay(topo3: Topology) -> None:
     """alice renegotiates every 4 s (her side) while a ping runs every 0.1 s: no loss.
-    bob's address changes under the session and the session follows it once a packet
+    bob (TLS 1.2) has his address changed under the session and the session follows it once a packet
     from the new address authenticates. carol reaches the server over IPv6. Meanwhile
     the server renegotiates too (reneg_sec 7) with everyone."""
     topo = topo3
     add_ipv6(topo, 3)
     fab = fabric(topo, reneg_sec=7)
     alice = client(fab, "alice", 1, "--reneg-sec", "4")
-    bob = client(fab, "bob", 2)
+    bob = client(fab, "bob", 2, "--tls-version-max", "1.2")  # TLS 1.2 (the others 1.3)
     carol = client(fab, "carol", 3, remote="2001:2:0:3::1")
     for c in (alice, bob, carol):
         c.start()
+    assert "Control Channel: TLSv1.2" in bob.log and "Control Channel: TLSv1.3" in alice.log, bob.log[-2000:]
     wait_endpoint(fab, "carol", "[2001:2:0:3::2]:")
 
     mon = PingMonitor(topo, alice.ns, SERVER_IP, interval=0.1, deadline=40)
