@@ -24,6 +24,7 @@ but `pull` still returns what is pending (an alert for the peer).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -390,8 +391,11 @@ class _TlsEndpoint:
             pass
 
 
-class TlsServer(_TlsEndpoint):
-    """The server end of one control channel (one OpenVPN key_state's TLS object)."""
+class _TlsEnd(_TlsEndpoint):
+    """TlsServer and TlsClient: an endpoint of the side `SERVER` names, on its own context
+    or on a loaded one (`with_context`: one context per server, not per peer)."""
+
+    SERVER: bool
 
     def __init__(
         self,
@@ -404,45 +408,33 @@ class TlsServer(_TlsEndpoint):
         tls_max: str | None = None,
     ) -> None:
         context = TlsContext(
-            ca_pem, cert_pem, key_pem, server=True, tls_min=tls_min, tls_max=tls_max
+            ca_pem, cert_pem, key_pem, server=self.SERVER, tls_min=tls_min, tls_max=tls_max
         )
-        super().__init__(context, verify)
+        self._start(context, verify)
+
+    def _start(self, context: TlsContext, verify: Verifier | None) -> None:
+        _TlsEndpoint.__init__(self, context, verify)
+        if not self.SERVER:
+            self._advance()  # the ClientHello, ready to pull
 
     @classmethod
-    def with_context(cls, context: TlsContext, verify: Verifier | None = None) -> TlsServer:
-        """A connection on an already loaded server context (one per server, not per peer)."""
-        if not context.server:
-            raise TlsError("config", "a client context")
+    def with_context(cls, context: TlsContext, verify: Verifier | None = None) -> Self:
+        """A connection on an already loaded context of this side."""
+        if context.server != cls.SERVER:
+            raise TlsError("config", "a client context" if cls.SERVER else "a server context")
         self = cls.__new__(cls)
-        _TlsEndpoint.__init__(self, context, verify)
+        self._start(context, verify)
         return self
 
 
-class TlsClient(_TlsEndpoint):
+class TlsServer(_TlsEnd):
+    """The server end of one control channel (one OpenVPN key_state's TLS object)."""
+
+    SERVER = True
+
+
+class TlsClient(_TlsEnd):
     """The client end, for in-memory tests and an in-process test client. The
     ClientHello is ready to `pull` right after construction."""
 
-    def __init__(
-        self,
-        ca_pem: bytes,
-        cert_pem: bytes,
-        key_pem: bytes,
-        verify: Verifier | None = None,
-        *,
-        tls_min: str = "1.2",
-        tls_max: str | None = None,
-    ) -> None:
-        context = TlsContext(
-            ca_pem, cert_pem, key_pem, server=False, tls_min=tls_min, tls_max=tls_max
-        )
-        super().__init__(context, verify)
-        self._advance()
-
-    @classmethod
-    def with_context(cls, context: TlsContext, verify: Verifier | None = None) -> TlsClient:
-        if context.server:
-            raise TlsError("config", "a server context")
-        self = cls.__new__(cls)
-        _TlsEndpoint.__init__(self, context, verify)
-        self._advance()
-        return self
+    SERVER = False
