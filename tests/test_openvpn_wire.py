@@ -806,15 +806,22 @@ def _recv(sock: socket.socket, deadline: float, log: Path) -> tuple[bytes, tuple
         return data, addr
 
 
-@pytest.mark.parametrize("mode", ["tls-crypt", "tls-auth", "none"])
-def test_interop_openvpn_client_reset(mode: str, tmp_path: Path, udp_server: socket.socket) -> None:
+def _interop(tmp_path: Path, udp_server: socket.socket) -> tuple[str, Path, Path, Path, bytes, int]:
+    """What an interop test with the real client needs (skips without openvpn): its path,
+    a CA with a client certificate and key, a static key (also in tmp_path/ta.key) and
+    the port of the UDP socket standing in for the server."""
     openvpn = _openvpn()
     if openvpn is None:
         pytest.skip("openvpn (2.6) not installed: apt-get install openvpn")
     ca, cert, key = _pki(tmp_path)
     static = os.urandom(256)
     (tmp_path / "ta.key").write_text(format_static_key(static))
-    port = udp_server.getsockname()[1]
+    return openvpn, ca, cert, key, static, udp_server.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["tls-crypt", "tls-auth", "none"])
+def test_interop_openvpn_client_reset(mode: str, tmp_path: Path, udp_server: socket.socket) -> None:
+    openvpn, ca, cert, key, static, port = _interop(tmp_path, udp_server)
     lines = ["client", "dev null", "proto udp", f"remote 127.0.0.1 {port}", "nobind",
              f"ca {ca}", f"cert {cert}", f"key {key}", "verb 3", "connect-retry-max 1"]
     server_wrap: TlsCrypt | TlsAuth | NoWrap
@@ -880,13 +887,7 @@ def test_interop_openvpn_client_reset(mode: str, tmp_path: Path, udp_server: soc
 def test_interop_client_resends_its_reset_with_new_packet_ids(tmp_path: Path, udp_server: socket.socket) -> None:
     """Unanswered, the client resends its reset (reliable.c, --tls-timeout 2 s, OpenVPN's
     whole-second clock) re-wrapped with a new tls-crypt packet id each time."""
-    openvpn = _openvpn()
-    if openvpn is None:
-        pytest.skip("openvpn (2.6) not installed: apt-get install openvpn")
-    ca, cert, key = _pki(tmp_path)
-    static = os.urandom(256)
-    (tmp_path / "ta.key").write_text(format_static_key(static))
-    port = udp_server.getsockname()[1]
+    openvpn, ca, cert, key, static, port = _interop(tmp_path, udp_server)
     log = tmp_path / "openvpn.log"
     server = TlsCrypt(static, server=True)
     with open(log, "wb") as out:
