@@ -75,7 +75,8 @@ from fabric.protocols.base import FORWARD, EdgeSide, Forward, Protocol, Reply
 
 log = Log("edge")
 
-BATCH = 64
+BATCH = 64  # receive calls per pass
+RECEIVE_MAX = 256  # datagrams per pass, once UDP GRO brings runs of them
 VNET_MAX = MAX_DATAGRAM + VNET_HDR_LEN
 REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
 
@@ -149,6 +150,7 @@ class Listener:
     sock: Any = None
     v6: bool = False
     gso: bool = False
+    gro: bool = False
     filter_on: bool = False
     filter_dirty: bool = True  # sessions changed since the filter was built
     by_key: dict[int, int] = field(default_factory=dict)  # data key -> session id
@@ -406,10 +408,35 @@ class Edge:
     def under_load(self, now: float) -> bool:
         return any(lst.side.under_load(now) for lst in self.listeners.values())
 
-    def on_udp(self, lst: Listener, now: float) -> None:
-        recv = lst.sock.recvfrom
+    def _receive(self, lst: Listener) -> tuple[list[bytes], list[Any]]:
+        """Up to BATCH receive calls (fewer once RECEIVE_MAX datagrams are in): the
+        datagrams and their sources. With UDP GRO (fabric/dataplane/udp.py) one call
+        may bring a run of datagrams of one source."""
         datagrams: list[bytes] = []
         sources: list[Any] = []
+        if lst.gro:
+            recvmsg, space, gro_size = lst.sock.recvmsg, udp.GRO_CMSG_SPACE, udp.gro_size
+            for _ in range(BATCH):
+                try:
+                    data, anc, _flags, sa = recvmsg(MAX_DATAGRAM, space)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.counters["udp_errors"] += 1
+                    break
+                size = gro_size(anc) if anc else 0
+                if size and len(data) > size:
+                    run = udp.split_gro(data, size)
+                    datagrams += run
+                    sources += [sa] * len(run)
+                    self.counters["gro_receives"] += 1
+                    if len(datagrams) >= RECEIVE_MAX:
+                        break
+                else:
+                    datagrams.append(data)
+                    sources.append(sa)
+            return datagrams, sources
+        recv = lst.sock.recvfrom
         for _ in range(BATCH):
             try:
                 data, sa = recv(MAX_DATAGRAM)
@@ -420,6 +447,10 @@ class Edge:
                 break
             datagrams.append(data)
             sources.append(sa)
+        return datagrams, sources
+
+    def on_udp(self, lst: Listener, now: float) -> None:
+        datagrams, sources = self._receive(lst)
         if not datagrams:
             return
         self.counters["udp_in"] += len(datagrams)
@@ -915,10 +946,13 @@ class Edge:
     def attach(self) -> None:
         """Join the UDP ports and the TUN device (see __init__)."""
         gso = os.environ.get("FABRIC_NO_GSO") != "1"
+        gro = os.environ.get("FABRIC_NO_UDP_GRO") != "1"
         for lst in self.listeners.values():
             lst.sock = self.io.open_udp(self.listen, lst.port, self.reuseport)
             lst.v6 = lst.sock.family == socket.AF_INET6
-            lst.gso = gso and isinstance(lst.sock, socket.socket)
+            real = isinstance(lst.sock, socket.socket)
+            lst.gso = gso and real
+            lst.gro = gro and real and udp.enable_gro(lst.sock)
             lst.filter_on = self.filter_wanted and isinstance(lst.sock, socket.socket)
             lst.filter_dirty = True
             self.sync_filter(lst)

@@ -1,16 +1,27 @@
-"""The edge's UDP sockets: SO_REUSEPORT, large buffers, and GSO runs.
+"""The edge's UDP sockets: SO_REUSEPORT, large buffers, GSO runs and GRO reads.
 
 UDP GSO (Linux 4.18+, as wireguard-go conn/bind_std.go): one sendmsg carries a run
 of equal-size datagrams (the last may be shorter) that the kernel splits.
+
+UDP GRO (Linux 5.0+, the UDP_GRO socket option; wireguard-go conn/bind_std.go and
+conn/gso_linux.go): the kernel may hand one recvmsg a run of datagrams of one
+source, all of one size but the last, with the size in a (SOL_UDP, UDP_GRO)
+control message. Without the option, a GSO run a client sent (wireguard-go does)
+is split back into datagrams in the kernel, one receive call each; with it, one
+call takes the run and `split_gro` cuts it.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 
 from fabric.ops import preflight
 
-UDP_SEGMENT = 103  # SOL_UDP option
+SOL_UDP = 17
+UDP_SEGMENT = 103  # SOL_UDP option: the segment size of a send (GSO)
+UDP_GRO = 104  # SOL_UDP option: coalesced receives, the segment size in a control message
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)  # the kernel puts an int (udp_cmsg_recv)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 BUFFER_BYTES = 4 << 20
@@ -32,6 +43,30 @@ def gso_runs(sizes: list[int]) -> list[tuple[int, int]]:
         runs.append((i, j))
         i = j
     return runs
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced receives; False where the kernel has no UDP_GRO."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The segment size the kernel reported for a coalesced receive (0: one datagram)."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder)  # an int, host order
+    return 0
+
+
+def split_gro(data: bytes, size: int) -> list[bytes]:
+    """The datagrams of a coalesced receive: `size` bytes each, the last may be shorter."""
+    if size <= 0 or len(data) <= size:
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def open_udp(listen: str, port: int, reuseport: bool) -> socket.socket:
