@@ -18,6 +18,14 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 FLAGS = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
 DEFAULT_MTU = 1420
+# TUNSETOFFLOAD (include/uapi/linux/if_tun.h): what the edge can take from the kernel:
+# partial checksums, TCP super packets (TSO, with ECN) and UDP ones (USO, Linux 6.2+),
+# cut by fabric/dataplane/segment.py. The features are the device's (every queue asks
+# the same). FABRIC_NO_TSO=1 asks for none: one packet per read, checksums done.
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x08, 0x20, 0x40
+OFFLOADS = (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_USO4 | TUN_F_USO6,
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)  # the second: kernels before USO
 TUN_DEVICE = "/dev/net/tun"
 
 
@@ -52,6 +60,20 @@ def open_queue(name: str) -> int:
             "(is it an existing single-queue device, or do you lack CAP_NET_ADMIN?)"
         ) from exc
     return fd
+
+
+def enable_offload(fd: int) -> int:
+    """Ask the kernel for segmentation offloads on the TUN (see OFFLOADS); the flags
+    it took, 0 if none (then every read is one packet with its checksums done)."""
+    if os.environ.get("FABRIC_NO_TSO") == "1":
+        return 0
+    for flags in OFFLOADS:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError:
+            continue
+    return 0
 
 
 def create(name: str, addresses: list[str] | None = None, mtu: int = DEFAULT_MTU) -> None:

@@ -1,0 +1,223 @@
+/* Segmentation offload for packets read from the TUN (the native half of
+ * fabric/dataplane/segment.py, which holds the pure-Python twin and the docs).
+ *
+ * A TUN queue opened with IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 |
+ * TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6) hands us, behind a struct virtio_net_hdr
+ * (include/uapi/linux/virtio_net.h), either one packet whose transport checksum
+ * may be left partial (VIRTIO_NET_HDR_F_NEEDS_CSUM), or a TCP/UDP "super packet"
+ * of up to 64 KB that we cut into gso_size segments, as a NIC would (TSO/USO;
+ * net/ipv4/tcp_offload.c tcp_gso_segment, net/ipv4/udp_offload.c; wireguard-go
+ * tun/offload_linux.go gsoSplit).
+ *
+ * split(data) -> list[bytes]: data is the vnet header and the packet; the result
+ * is the IP packets, every checksum complete. ValueError for anything malformed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define VNET_HDR_LEN 10
+#define F_NEEDS_CSUM 1
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_UDP 3 /* UFO: not asked for */
+#define GSO_TCPV6 4
+#define GSO_UDP_L4 5
+#define GSO_ECN 0x80
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_CWR 0x80
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static void wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+/* RFC 1071: the one's complement sum of 16-bit big-endian words, unfolded. */
+static uint64_t sum16(const uint8_t *p, size_t n, uint64_t acc)
+{
+    while (n >= 2) {
+        acc += rd16(p);
+        p += 2;
+        n -= 2;
+    }
+    if (n)
+        acc += (uint64_t)p[0] << 8;
+    return acc;
+}
+
+static uint16_t fold(uint64_t acc)
+{
+    while (acc >> 16)
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    return (uint16_t)acc;
+}
+
+/* The pseudo-header sum (RFC 793 / RFC 8200 section 8.1) of an IPv4 or IPv6 packet. */
+static uint64_t pseudo(const uint8_t *ip, int v6, unsigned proto, size_t l4len)
+{
+    uint64_t acc = v6 ? sum16(ip + 8, 32, 0) : sum16(ip + 12, 8, 0);
+    return acc + proto + (l4len & 0xFFFF) + (l4len >> 16);
+}
+
+static int finish_l4(uint8_t *ip, size_t ihl, size_t len, int v6, unsigned proto, size_t csum_at)
+{
+    /* csum_at: the checksum's offset from the transport header */
+    uint8_t *l4 = ip + ihl;
+    size_t l4len = len - ihl;
+    wr16(l4 + csum_at, 0);
+    uint16_t c = (uint16_t)~fold(sum16(l4, l4len, pseudo(ip, v6, proto, l4len)));
+    if (proto == 17 && c == 0)
+        c = 0xFFFF; /* RFC 768: zero means "no checksum" */
+    wr16(l4 + csum_at, c);
+    return 0;
+}
+
+static PyObject *split(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *d = view.buf;
+    Py_ssize_t total = view.len;
+    PyObject *out = NULL;
+    const char *err = NULL;
+    if (total < VNET_HDR_LEN) {
+        err = "shorter than the vnet header";
+        goto done;
+    }
+    unsigned flags = d[0], gso = d[1] & ~GSO_ECN;
+    size_t gso_size = le16(d + 4), csum_start = le16(d + 6), csum_offset = le16(d + 8);
+    const uint8_t *pkt = d + VNET_HDR_LEN;
+    size_t len = (size_t)total - VNET_HDR_LEN;
+
+    if (gso == GSO_NONE) {
+        PyObject *one = PyBytes_FromStringAndSize((const char *)pkt, (Py_ssize_t)len);
+        if (!one)
+            goto done;
+        if (flags & F_NEEDS_CSUM) {
+            /* virtio 1.1 5.1.6.2: sum from csum_start to the end (the field holds the
+             * pseudo-header sum), store the complement at csum_start + csum_offset */
+            if (csum_start + csum_offset + 2 > len) {
+                Py_DECREF(one);
+                err = "checksum offsets beyond the packet";
+                goto done;
+            }
+            uint8_t *p = (uint8_t *)PyBytes_AS_STRING(one);
+            uint16_t c = (uint16_t)~fold(sum16(p + csum_start, len - csum_start, 0));
+            wr16(p + csum_start + csum_offset, c ? c : (uint16_t)0xFFFF);
+            /* a 0xFFFF for a TCP checksum of zero is the same number in one's complement */
+        }
+        out = PyList_New(1);
+        if (!out) {
+            Py_DECREF(one);
+            goto done;
+        }
+        PyList_SET_ITEM(out, 0, one);
+        goto done;
+    }
+    if (gso != GSO_TCPV4 && gso != GSO_TCPV6 && gso != GSO_UDP_L4) {
+        err = "a GSO type we did not ask for";
+        goto done;
+    }
+    if (len < 20) {
+        err = "too short for an IP header";
+        goto done;
+    }
+    int v6 = (pkt[0] >> 4) == 6;
+    if (!v6 && (pkt[0] >> 4) != 4) {
+        err = "not IPv4 or IPv6";
+        goto done;
+    }
+    size_t ihl = v6 ? 40 : (size_t)(pkt[0] & 15) * 4;
+    unsigned proto = v6 ? pkt[6] : pkt[9];
+    int tcp = gso != GSO_UDP_L4;
+    if (ihl < 20 || csum_start != ihl || proto != (tcp ? 6u : 17u) || (gso == GSO_TCPV4 && v6)
+        || (gso == GSO_TCPV6 && !v6)) {
+        err = "headers that do not match the GSO type (or IPv6 extension headers)";
+        goto done;
+    }
+    size_t l4h = 8;
+    if (tcp) {
+        if (len < ihl + 20) {
+            err = "too short for a TCP header";
+            goto done;
+        }
+        l4h = (size_t)(pkt[ihl + 12] >> 4) * 4;
+    }
+    size_t head = ihl + l4h;
+    if (l4h < 8 || head > len || gso_size == 0) {
+        err = "a bad transport header length or segment size";
+        goto done;
+    }
+    size_t payload = len - head;
+    size_t count = payload ? (payload + gso_size - 1) / gso_size : 1;
+    if (count > 1024) {
+        err = "too many segments";
+        goto done;
+    }
+    out = PyList_New((Py_ssize_t)count);
+    if (!out)
+        goto done;
+    uint32_t seq0 = tcp ? ((uint32_t)rd16(pkt + ihl + 4) << 16 | rd16(pkt + ihl + 6)) : 0;
+    uint16_t id0 = v6 ? 0 : rd16(pkt + 4);
+    for (size_t i = 0; i < count; i++) {
+        size_t off = i * gso_size;
+        size_t n = payload - off < gso_size ? payload - off : gso_size;
+        size_t slen = head + n;
+        PyObject *seg = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)slen);
+        if (!seg) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        uint8_t *s = (uint8_t *)PyBytes_AS_STRING(seg);
+        memcpy(s, pkt, head);
+        memcpy(s + head, pkt + head + off, n);
+        if (v6) {
+            wr16(s + 4, (uint16_t)(slen - 40));
+        } else {
+            wr16(s + 2, (uint16_t)slen);
+            wr16(s + 4, (uint16_t)(id0 + i));
+            wr16(s + 10, 0);
+            wr16(s + 10, (uint16_t)~fold(sum16(s, ihl, 0)));
+        }
+        if (tcp) {
+            uint8_t *th = s + ihl;
+            uint32_t seq = seq0 + (uint32_t)off;
+            wr16(th + 4, (uint16_t)(seq >> 16));
+            wr16(th + 6, (uint16_t)seq);
+            if (i + 1 < count)
+                th[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
+            if (i > 0)
+                th[13] &= (uint8_t)~TCP_CWR;
+            finish_l4(s, ihl, slen, v6, 6, 16);
+        } else {
+            wr16(s + ihl + 4, (uint16_t)(slen - ihl));
+            finish_l4(s, ihl, slen, v6, 17, 6);
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, seg);
+    }
+done:
+    PyBuffer_Release(&view);
+    if (err) {
+        Py_XDECREF(out);
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"split", split, METH_O,
+     "split(data) -> list[bytes]: the IP packets of a vnet-header packet read from the TUN"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "fabric.dataplane._segment",
+    "Segmentation offload for TUN reads (fabric/dataplane/segment.py)", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__segment(void) { return PyModule_Create(&module); }
