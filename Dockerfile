@@ -9,11 +9,17 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY fabric ./fabric
 COPY brokers ./brokers
 COPY workers ./workers
-RUN pip install --no-cache-dir . && rm -rf /src
+# the native data path (setup.py: batch AEAD through OpenSSL, TSO segmentation) is
+# compiled here; the compiler and headers go again in the same layer
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+    && pip install --no-cache-dir . \
+    && apt-get purge -y --auto-remove gcc libc6-dev libssl-dev \
+    && rm -rf /var/lib/apt/lists/* /src
 
 WORKDIR /
 ENV FABRIC_STATE_DIR=/var/lib/fabric

@@ -3,6 +3,8 @@
 #   - apt packages: wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn (bench anchor) python3-venv
 #     docker-compose (validates compose.yaml; Docker itself is not needed)
 #     zbar-tools (decodes the QR code `fabric peer add --qr` prints, in a test)
+#     gcc libc6-dev python3-dev libssl-dev (build the native batch AEAD, fabric/dataplane/_native.c;
+#     without them pip still installs fabric and the data path uses its pure-Python AEAD)
 #   - .venv in the repository root with fabric installed editable, plus test tools
 set -euo pipefail
 
@@ -14,7 +16,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates docker-compose zbar-tools curl)
+PKGS=(wireguard-go wireguard-tools iperf3 iputils-ping tcpdump iproute2 openvpn openssl util-linux python3 python3-venv ca-certificates docker-compose zbar-tools curl
+      gcc libc6-dev python3-dev libssl-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -117,6 +117,30 @@ def test_bad_datagrams_are_counted_drops() -> None:
             counts["drop_source_not_allowed"], counts["decrypted"]) == (1, 1, 1, 1, 1)
 
 
+def test_wgkeys_open_takes_memoryviews_and_counts_every_reason() -> None:
+    # a worker's frame holds memoryviews into one buffer; the header pass (short,
+    # unknown_index) comes before the one AEAD call (decrypt), the inner checks after
+    server, client, _, _ = engines()
+    keys, mirror = server.sessions[1], client.sessions[9]
+    ok = ipv4("198.18.0.2", "198.18.0.1", b"x" * 1400)  # 1420 -> padded to 1424, trimmed back
+    bad_inner = ipv4("198.18.0.2", "198.18.0.1", b"y" * 10)[:2] + struct.pack("!H", 200) + bytes(26)
+    spoofed = ipv4("198.18.0.7", "198.18.0.1", b"z")
+    good, keepalive, inner, spoof, ok2 = mirror.seal(40, [ok, b"", bad_inner, spoofed, ok])
+    tampered = good[:-1] + bytes([good[-1] ^ 1])
+    other = good[:4] + struct.pack("<I", SERVER_INDEX ^ 1) + good[8:]
+    batch = [good, keepalive[:31], other, tampered, keepalive, inner, spoof, ok2]
+    frame = bytearray(b"".join(batch))
+    views, at = [], 0
+    for d in batch:
+        views.append(memoryview(frame)[at:at + len(d)])
+        at += len(d)
+    drops: dict[str, int] = {}
+    plain, counters, sizes = keys.open(views, lambda src: src == bytes([198, 18, 0, 2]), drops)
+    assert plain == [ok, b"", ok] and all(type(p) is bytes for p in plain)
+    assert counters == [40, 41, 44] and sizes == [len(good), len(keepalive), len(ok2)]
+    assert drops == {"short": 1, "unknown_index": 1, "decrypt": 1, "bad_inner": 1, "source_not_allowed": 1}
+
+
 def ipv6(src: str, dst: str, payload: bytes) -> bytes:
     import ipaddress
 

@@ -5,12 +5,14 @@
 * the edge, the engine and the worker name no WireGuard message type and import
   nothing of WireGuard: they know protocols only through fabric.protocols.base;
 * the control plane and the data plane's libraries import no protocol package;
-* a plain (not editable) install carries every subpackage.
+* a plain (not editable) install carries every subpackage, and the native
+  extensions (fabric/dataplane/_native.c, _segment.c) where this environment could build them.
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -19,11 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from fabric.dataplane import aead, segment
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ROOT / "fabric" / "protocols"
 # what a protocol package may import from fabric (rule 1 of fabric/protocols/base.py)
-PROTOCOL_MAY_IMPORT = ("fabric.protocols", "fabric.control.records", "fabric.dataplane.ippacket",
-                       "fabric.dataplane.replay", "fabric.dataplane.ratelimit", "fabric.dataplane.sockfilter")
+PROTOCOL_MAY_IMPORT = ("fabric.protocols", "fabric.control.records", "fabric.dataplane.aead",
+                       "fabric.dataplane.ippacket", "fabric.dataplane.replay", "fabric.dataplane.ratelimit",
+                       "fabric.dataplane.sockfilter")
 NEUTRAL_LOOPS = ("fabric/dataplane/edge.py", "fabric/dataplane/engine.py", "workers/worker.py", "brokers/broker.py")
 
 
@@ -82,3 +87,8 @@ def test_a_plain_install_carries_every_subpackage(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {str(p.relative_to(ROOT)) for d in ("fabric", "brokers", "workers") for p in (ROOT / d).rglob("*.py")}
     assert want <= names, f"not in the wheel: {sorted(want - names)}"
+    built = {"_native": aead.NativeBatchAead is not None, "_segment": segment.split_native is not None}
+    for name, here in built.items():
+        if here or os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
+            # setup.py's optional extensions: built here, so they must be in the wheel too
+            assert any(re.fullmatch(rf"fabric/dataplane/{name}\..*\.so", n) for n in names), sorted(names)

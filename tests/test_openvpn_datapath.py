@@ -114,3 +114,21 @@ def test_fuzz_open_never_raises(edits: list[tuple[int, bytes, int]], cipher: str
     plain, counters, sizes = server.open(batch, allowed, drops)
     assert len(plain) == len(counters) == len(sizes)
     assert len(plain) + sum(drops.values()) == len(batch)
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_a_batch_mixing_both_data_formats_keeps_its_order(cipher: str) -> None:
+    # in practice a client sends one format; a mixed batch (P_DATA_V1 and V2 of one key)
+    # opens with one AEAD call per format and comes back in arrival order
+    server, client = pair(cipher)
+    ups = [ipv4(CLIENT_IP, bytes([i]) * (10 + i)) for i in range(6)]
+    formats = [PEER_ID, None, None, PEER_ID, None, PEER_ID]  # None: P_DATA_V1 (no peer-id)
+    wire = [client.seal(KEY_ID, peer_id, p) for peer_id, p in zip(formats, ups, strict=True)]
+    bad = bytearray(wire[2])
+    bad[-1] ^= 1
+    drops: dict[str, int] = {}
+    batch = [wire[0], wire[1], bytes(bad), memoryview(wire[3]), wire[4][:21], wire[5]]
+    plain, counters, sizes = server.open(batch, allowed, drops)
+    assert plain == [ups[0], ups[1], ups[3], ups[5]]
+    assert counters == [1, 2, 4, 6] and sizes == [len(wire[i]) for i in (0, 1, 3, 5)]
+    assert drops == {"decrypt": 1, "short": 1}

@@ -46,6 +46,7 @@ from fabric.control.records import (
     worker_identity,
 )
 from fabric.control.reqclient import ReqClient, RequestTimeout
+from fabric.dataplane import aead
 from fabric.dataplane.engine import CryptoEngine
 from fabric.ops import metrics
 from fabric.ops.log import Log
@@ -334,7 +335,7 @@ def run(sd: StateDir, wid: int | None, broker: str | None = None, keys: zmqcurve
         worker.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.worker_metrics(f, worker)
     stop = stop_on_signals()
-    log.info("worker running", worker=wid)
+    log.info("worker running", worker=wid, aead=aead.describe())
     try:
         worker.serve(stop)
     finally:

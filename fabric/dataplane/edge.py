@@ -60,7 +60,7 @@ from fabric.control.records import (
     key_public,
     worker_identity,
 )
-from fabric.dataplane import ippacket, segment, sockfilter, tun, udp
+from fabric.dataplane import aead, ippacket, segment, sockfilter, tun, udp
 from fabric.dataplane.engine import CryptoEngine
 from fabric.dataplane.gro import VNET_HDR_LEN
 from fabric.dataplane.placement import CryptoPlacement, HostIdle
@@ -1063,7 +1063,8 @@ def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: 
         edge.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.edge_metrics(f, edge)
     stop = stop_on_signals()
-    log.info("edge running", edge=eid, port=edge.port, tun=tun_name, crypto=crypto)
+    log.info("edge running", edge=eid, port=edge.port, tun=tun_name, crypto=crypto, aead=aead.describe(),
+             segment="native" if segment.NATIVE else "pure Python")
     try:
         edge.serve(stop)
     finally:

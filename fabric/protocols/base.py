@@ -6,7 +6,7 @@ Rules (after h11's `_state.py`):
    the worker, the broker, the control plane's sockets or the operator commands
    (`fabric.dataplane.edge`, `workers`, `brokers`, `fabric.control` but for its
    records, `fabric.ops`). It may use this module, the records, and the neutral
-   libraries of the data plane (`fabric.dataplane.ippacket`, `replay`,
+   libraries of the data plane (`fabric.dataplane.aead`, `ippacket`, `replay`,
    `ratelimit`, `sockfilter`). tests/test_layout.py checks it.
 2. The edge, the worker and the broker know a protocol only through the classes
    below; they never parse a protocol's header, name its message types or run its

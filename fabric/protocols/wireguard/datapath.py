@@ -11,11 +11,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from fabric.control.records import RecordError, SessionRecord
-from fabric.dataplane import ippacket
+from fabric.dataplane import aead, ippacket
 from fabric.protocols.base import SessionKeys
 from fabric.protocols.wireguard.constants import (
     MSG_TRANSPORT,
@@ -24,15 +21,20 @@ from fabric.protocols.wireguard.constants import (
 )
 from fabric.protocols.wireguard.messages import TRANSPORT
 
-_NONCE = struct.Struct("<4xQ")  # the 96-bit nonce: 32 zero bits, then the counter
-_ZEROS = bytes(PADDING_MULTIPLE)
-_MIN_DATAGRAM = TRANSPORT_HEADER_SIZE + 16  # header and the AEAD tag of an empty plaintext
+# 5.4.6: type(4) receiver(4) counter(LE64), then the ciphertext of the plaintext padded
+# to 16 bytes and its tag; no AAD; nonce = 32 zero bits || LE64(counter)
+LAYOUT = aead.Layout(header=TRANSPORT_HEADER_SIZE, counter_at=8, counter_len=8, tag_first=False,
+                     aad_from=0, aad_to=0, pad=PADDING_MULTIPLE)
+_NONCE_PREFIX = bytes(4)
+_HEAD = struct.Struct("<II")  # type, receiver index: what open checks before the AEAD
+_MIN_DATAGRAM = TRANSPORT_HEADER_SIZE + aead.TAG  # header and the AEAD tag of an empty plaintext
 
 
 class WgKeys(SessionKeys):
     """One session's ChaCha20-Poly1305 keys, receiver indexes and age."""
 
-    __slots__ = ("sid", "peer", "created", "local_index", "remote_index", "_seal", "_open")
+    __slots__ = ("sid", "peer", "created", "local_index", "remote_index", "_header", "_want", "_seal",
+                 "_open")
 
     def __init__(self, record: SessionRecord) -> None:
         keys = record.keys or {}
@@ -47,32 +49,34 @@ class WgKeys(SessionKeys):
         self.created = record.created
         self.local_index = record.data_key
         self.remote_index = remote
-        self._seal = ChaCha20Poly1305(send).encrypt
-        self._open = ChaCha20Poly1305(recv).decrypt
+        self._header = TRANSPORT.pack(MSG_TRANSPORT, remote, 0)  # seal writes each counter
+        # what a datagram of ours starts with (records hold u32 indexes; b"" matches nothing)
+        self._want = _HEAD.pack(MSG_TRANSPORT, record.data_key) if 0 <= record.data_key < 2**32 else b""
+        self._seal = aead.BatchAead("CHACHA20-POLY1305", send, LAYOUT, _NONCE_PREFIX, b"").seal
+        self._open = aead.BatchAead("CHACHA20-POLY1305", recv, LAYOUT, _NONCE_PREFIX, b"").open
 
     def open(self, datagrams: Sequence[bytes | memoryview], allowed: Callable[[bytes], Any],
              drops: dict[str, int]) -> tuple[list[bytes], list[int], list[int]]:
         """Authenticate, trim the padding by the inner IP length (5.4.6) and check the
         inner source against the peer's allowed IPs (cryptokey routing, whitepaper 4)."""
-        opn = self._open
-        local = self.local_index
-        unpack, nonce, inner_length = TRANSPORT.unpack_from, _NONCE.pack, ippacket.inner_length
+        # the header first (a cheap pass), then one AEAD call for the batch
+        want = self._want
+        good: list[bytes | memoryview] = []
+        for pkt in datagrams:
+            if len(pkt) < _MIN_DATAGRAM:
+                drops["short"] = drops.get("short", 0) + 1
+            elif pkt[:8] != want:  # type 4 and our receiver index (bytes or memoryview alike)
+                drops["unknown_index"] = drops.get("unknown_index", 0) + 1
+            else:
+                good.append(pkt)
+        opened, opened_counters = self._open(good)
+        inner_length = ippacket.inner_length
         plain: list[bytes] = []
         counters: list[int] = []
         sizes: list[int] = []
         last_src, last_ok = b"", False  # a batch's packets mostly share one source
-        for pkt in datagrams:
-            size = len(pkt)
-            if size < _MIN_DATAGRAM:
-                drops["short"] = drops.get("short", 0) + 1
-                continue
-            kind, receiver, counter = unpack(pkt, 0)
-            if kind != MSG_TRANSPORT or receiver != local:
-                drops["unknown_index"] = drops.get("unknown_index", 0) + 1
-                continue
-            try:
-                pt = opn(nonce(counter), pkt[TRANSPORT_HEADER_SIZE:], None)
-            except InvalidTag:
+        for pt, counter, pkt in zip(opened, opened_counters, good, strict=True):
+            if pt is None:
                 drops["decrypt"] = drops.get("decrypt", 0) + 1
                 continue
             if pt:  # an empty plaintext is a keepalive (whitepaper 6.5)
@@ -97,18 +101,9 @@ class WgKeys(SessionKeys):
                     pt = pt[:n]  # the padding (5.4.6) goes
             plain.append(pt)
             counters.append(counter)
-            sizes.append(size)
+            sizes.append(len(pkt))
         return plain, counters, sizes
 
     def seal(self, counter0: int, packets: Sequence[bytes | memoryview]) -> list[bytes]:
-        """Pad to 16 bytes (5.4.6, one copy with the padding) and seal."""
-        seal = self._seal
-        out: list[bytes] = []
-        append = out.append
-        counter = counter0
-        hdr, nonce, join, remote = TRANSPORT.pack, _NONCE.pack, b"".join, self.remote_index
-        for pkt in packets:
-            pad = -len(pkt) % PADDING_MULTIPLE
-            append(hdr(MSG_TRANSPORT, remote, counter) + seal(nonce(counter), join((pkt, _ZEROS[:pad])) if pad else pkt, None))
-            counter += 1
-        return out
+        """Pad to 16 bytes (5.4.6) and seal, the batch in one AEAD call."""
+        return self._seal(self._header, counter0, packets)

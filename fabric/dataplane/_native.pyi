@@ -1,0 +1,16 @@
+"""Types of fabric/dataplane/_native.c (documented in fabric/dataplane/aead.py)."""
+
+from collections.abc import Sequence
+
+from fabric.dataplane.aead import Layout
+
+OPENSSL_VERSION: str
+
+class BatchAead:
+    def __init__(self, cipher: str, key: bytes, layout: Layout, prefix: bytes, suffix: bytes) -> None: ...
+    @property
+    def cipher(self) -> str: ...
+    @property
+    def layout(self) -> Layout: ...
+    def open(self, datagrams: Sequence[bytes | memoryview]) -> tuple[list[bytes | None], list[int]]: ...
+    def seal(self, header: bytes, counter0: int, packets: Sequence[bytes | memoryview]) -> list[bytes]: ...
