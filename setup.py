@@ -5,9 +5,10 @@ batch through OpenSSL's EVP API; it needs a C compiler and OpenSSL's headers
 (Debian: gcc, libc6-dev, python3-dev, libssl-dev). It is optional: without them
 the install still succeeds and fabric.dataplane.aead uses its pure-Python path.
 
-fabric.dataplane._segment (fabric/dataplane/_segment.c) cuts the TUN's TSO/USO super
-packets into segments (fabric/dataplane/segment.py has its pure-Python twin); it needs
-only the compiler. FABRIC_REQUIRE_NATIVE=1 makes a missing one an import error (CI).
+fabric.dataplane._offload (fabric/dataplane/_offload.c) cuts the TUN's TSO/USO super
+packets into segments and receives UDP datagrams in batches (recvmmsg, UDP GRO); its
+pure-Python twins are in fabric/dataplane/segment.py and udp.py. It needs only the
+compiler. FABRIC_REQUIRE_NATIVE=1 makes a missing one an import error (CI).
 """
 
 from setuptools import Extension, setup
@@ -22,8 +23,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "fabric.dataplane._segment",
-            ["fabric/dataplane/_segment.c"],
+            "fabric.dataplane._offload",
+            ["fabric/dataplane/_offload.c"],
             extra_compile_args=["-std=c99", "-O2", "-Wall", "-Wextra"],
             optional=True,
         ),

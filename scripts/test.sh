@@ -9,7 +9,7 @@ cd "$ROOT"
 "$ROOT/scripts/setup.sh" || exit 1
 
 failed=()
-# the native data path (fabric/dataplane/_native.c, _segment.c) must have been built: no silent fallback
+# the native data path (fabric/dataplane/_native.c, _offload.c) must have been built: no silent fallback
 export FABRIC_REQUIRE_NATIVE=1
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@" || failed+=(pytest)

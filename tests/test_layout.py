@@ -6,7 +6,7 @@
   nothing of WireGuard: they know protocols only through fabric.protocols.base;
 * the control plane and the data plane's libraries import no protocol package;
 * a plain (not editable) install carries every subpackage, and the native
-  extensions (fabric/dataplane/_native.c, _segment.c) where this environment could build them.
+  extensions (fabric/dataplane/_native.c, _offload.c) where this environment could build them.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_a_plain_install_carries_every_subpackage(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {str(p.relative_to(ROOT)) for d in ("fabric", "brokers", "workers") for p in (ROOT / d).rglob("*.py")}
     assert want <= names, f"not in the wheel: {sorted(want - names)}"
-    built = {"_native": aead.NativeBatchAead is not None, "_segment": segment.split_native is not None}
+    built = {"_native": aead.NativeBatchAead is not None, "_offload": segment.split_native is not None}
     for name, here in built.items():
         if here or os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
             # setup.py's optional extensions: built here, so they must be in the wheel too

@@ -75,8 +75,8 @@ from fabric.protocols.base import FORWARD, EdgeSide, Forward, Protocol, Reply
 
 log = Log("edge")
 
-BATCH = 64  # receive calls per pass
-RECEIVE_MAX = 256  # datagrams per pass, once UDP GRO brings runs of them
+BATCH = 64  # TUN reads and result frames per pass
+RECEIVE_MAX = 256  # datagrams per pass (UDP GRO may bring runs of them)
 VNET_MAX = MAX_DATAGRAM + VNET_HDR_LEN
 REORDER_TIMEOUT = 0.05  # a result missing this long is given up (its worker died)
 
@@ -411,44 +411,15 @@ class Edge:
         return any(lst.side.under_load(now) for lst in self.listeners.values())
 
     def _receive(self, lst: Listener) -> tuple[list[bytes], list[Any]]:
-        """Up to BATCH receive calls (fewer once RECEIVE_MAX datagrams are in): the
-        datagrams and their sources. With UDP GRO (fabric/dataplane/udp.py) one call
-        may bring a run of datagrams of one source."""
-        datagrams: list[bytes] = []
-        sources: list[Any] = []
-        if lst.gro:
-            recvmsg, space, gro_size = lst.sock.recvmsg, udp.GRO_CMSG_SPACE, udp.gro_size
-            for _ in range(BATCH):
-                try:
-                    data, anc, _flags, sa = recvmsg(MAX_DATAGRAM, space)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    self.counters["udp_errors"] += 1
-                    break
-                size = gro_size(anc) if anc else 0
-                if size and len(data) > size:
-                    run = udp.split_gro(data, size)
-                    datagrams += run
-                    sources += [sa] * len(run)
-                    self.counters["gro_receives"] += 1
-                    if len(datagrams) >= RECEIVE_MAX:
-                        break
-                else:
-                    datagrams.append(data)
-                    sources.append(sa)
-            return datagrams, sources
-        recv = lst.sock.recvfrom
-        for _ in range(BATCH):
-            try:
-                data, sa = recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.counters["udp_errors"] += 1
-                break
-            datagrams.append(data)
-            sources.append(sa)
+        """Up to RECEIVE_MAX datagrams and their sources (fabric/dataplane/udp.py: with
+        UDP GRO one receive may bring a run of datagrams of one source)."""
+        try:
+            datagrams, sources, runs = udp.receive(lst.sock, RECEIVE_MAX, lst.gro)
+        except OSError:
+            self.counters["udp_errors"] += 1
+            return [], []
+        if runs:
+            self.counters["gro_receives"] += runs
         return datagrams, sources
 
     def on_udp(self, lst: Listener, now: float) -> None:

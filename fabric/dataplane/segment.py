@@ -14,7 +14,7 @@ tcp_gso_segment): the IP header copied with its length, IPv4 id (+1 a segment) a
 header checksum, TCP sequence numbers advanced, FIN and PSH on the last segment
 only, CWR on the first only, UDP lengths, and every transport checksum complete.
 
-Two implementations, one behaviour: `fabric.dataplane._segment` (C, built by `pip
+Two implementations, one behaviour: `fabric.dataplane._offload` (C, built by `pip
 install`) and `split_py` below; `FABRIC_NATIVE=0` selects the Python one (CI runs
 both). Pure functions on bytes, no I/O, fuzzed in tests/test_segment.py.
 """
@@ -133,13 +133,15 @@ def split_py(data: bytes | memoryview) -> list[bytes]:
     return out
 
 
+split_native: Callable[[bytes | memoryview], list[bytes]] | None = None
 try:
-    from fabric.dataplane._segment import split as split_native
+    from fabric.dataplane import _offload
 except ImportError as exc:  # built without a compiler: the Python path does the same
     if os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
-        raise ImportError("fabric.dataplane._segment is not built (FABRIC_REQUIRE_NATIVE=1): install gcc and "
+        raise ImportError("fabric.dataplane._offload is not built (FABRIC_REQUIRE_NATIVE=1): install gcc and "
                           "the Python headers (scripts/setup.sh does), then `pip install -e .` again") from exc
-    split_native = None
+else:
+    split_native = _offload.split
 
 NATIVE = split_native is not None and os.environ.get("FABRIC_NATIVE") != "0"
 split: Callable[[bytes | memoryview], list[bytes]] = split_native if NATIVE and split_native else split_py

@@ -1,21 +1,30 @@
-/* Segmentation offload for packets read from the TUN (the native half of
- * fabric/dataplane/segment.py, which holds the pure-Python twin and the docs).
+/* fabric.dataplane._offload: the kernel's offloads met in C, for the edge.
  *
+ * split(data): segmentation offload for packets read from the TUN (the native half
+ * of fabric/dataplane/segment.py, which holds the pure-Python twin and the docs).
  * A TUN queue opened with IFF_VNET_HDR and TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 |
  * TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6) hands us, behind a struct virtio_net_hdr
  * (include/uapi/linux/virtio_net.h), either one packet whose transport checksum
  * may be left partial (VIRTIO_NET_HDR_F_NEEDS_CSUM), or a TCP/UDP "super packet"
  * of up to 64 KB that we cut into gso_size segments, as a NIC would (TSO/USO;
  * net/ipv4/tcp_offload.c tcp_gso_segment, net/ipv4/udp_offload.c; wireguard-go
- * tun/offload_linux.go gsoSplit).
+ * tun/offload_linux.go gsoSplit). Returns the IP packets, every checksum complete;
+ * ValueError for anything malformed.
  *
- * split(data) -> list[bytes]: data is the vnet header and the packet; the result
- * is the IP packets, every checksum complete. ValueError for anything malformed.
+ * recv_batch(fd, limit): up to `limit` datagrams from a non-blocking UDP socket with
+ * recvmmsg(2) (64 a call), runs coalesced by UDP GRO cut by the size in their
+ * (SOL_UDP, UDP_GRO) control message (the native half of fabric/dataplane/udp.py
+ * `receive`, whose Python twin calls recvmsg once per datagram or run).
  */
+#define _GNU_SOURCE /* recvmmsg */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #define VNET_HDR_LEN 10
 #define F_NEEDS_CSUM 1
@@ -208,16 +217,151 @@ done:
     return out;
 }
 
+/* --- recv_batch ------------------------------------------------------------------ */
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104 /* include/uapi/linux/udp.h */
+#endif
+#define VLEN 64        /* datagrams (or coalesced runs) per recvmmsg */
+#define RUN_MAX 65535  /* the largest UDP payload, and so the largest coalesced run */
+
+/* One set of buffers for the process: the edge is one thread, and the GIL is held
+ * throughout (the socket is non-blocking), so no two calls use them at once. */
+static struct mmsghdr msgs[VLEN];
+static struct iovec iovs[VLEN];
+static struct sockaddr_storage names[VLEN];
+static char controls[VLEN][CMSG_SPACE(sizeof(int))];
+static char *buffers;
+
+/* The address as the socket module gives it: (host, port) or (host, port, flowinfo, scope_id). */
+static PyObject *address(const struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        if (!inet_ntop(AF_INET, &a->sin_addr, host, sizeof host))
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        if (!inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host))
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(a->sin6_port), (unsigned)ntohl(a->sin6_flowinfo),
+                             (unsigned)a->sin6_scope_id);
+    }
+    PyErr_Format(PyExc_OSError, "a datagram from address family %d", (int)ss->ss_family);
+    return NULL;
+}
+
+static size_t gro_size(struct msghdr *h)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int v;
+            memcpy(&v, CMSG_DATA(c), sizeof v);
+            return v > 0 ? (size_t)v : 0;
+        }
+    }
+    return 0;
+}
+
+static PyObject *recv_batch(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, limit;
+    if (!PyArg_ParseTuple(args, "ii:recv_batch", &fd, &limit))
+        return NULL;
+    if (!buffers) {
+        buffers = PyMem_RawMalloc((size_t)VLEN * RUN_MAX);
+        if (!buffers)
+            return PyErr_NoMemory();
+    }
+    PyObject *data = PyList_New(0), *sources = PyList_New(0), *last = NULL;
+    struct sockaddr_storage last_name;
+    socklen_t last_len = 0;
+    long runs = 0;
+    int total = 0;
+    if (!data || !sources)
+        goto fail;
+    while (total < limit) {
+        int want = limit - total < VLEN ? limit - total : VLEN;
+        for (int i = 0; i < want; i++) {
+            iovs[i].iov_base = buffers + (size_t)i * RUN_MAX;
+            iovs[i].iov_len = RUN_MAX;
+            memset(&msgs[i].msg_hdr, 0, sizeof msgs[i].msg_hdr);
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = &names[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+            msgs[i].msg_hdr.msg_control = controls[i];
+            msgs[i].msg_hdr.msg_controllen = sizeof controls[i];
+        }
+        int n = recvmmsg(fd, msgs, (unsigned)want, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || total)
+                break; /* nothing more now (an error after datagrams: the next call says it) */
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        for (int i = 0; i < n; i++) {
+            struct msghdr *h = &msgs[i].msg_hdr;
+            size_t len = msgs[i].msg_len, seg = gro_size(h);
+            /* consecutive datagrams mostly share a source: one address object for the run */
+            if (!last || h->msg_namelen != last_len || memcmp(&names[i], &last_name, last_len)) {
+                Py_XDECREF(last);
+                last = address(&names[i]);
+                if (!last)
+                    goto fail;
+                last_len = h->msg_namelen <= sizeof last_name ? h->msg_namelen : sizeof last_name;
+                memcpy(&last_name, &names[i], last_len);
+            }
+            if (seg && seg < len)
+                runs++;
+            else
+                seg = len; /* one datagram (an empty one too) */
+            const char *p = iovs[i].iov_base;
+            size_t off = 0;
+            do {
+                size_t k = len - off < seg ? len - off : seg;
+                PyObject *b = PyBytes_FromStringAndSize(p + off, (Py_ssize_t)k);
+                if (!b)
+                    goto fail;
+                int bad = PyList_Append(data, b) < 0 || PyList_Append(sources, last) < 0;
+                Py_DECREF(b);
+                if (bad)
+                    goto fail;
+                total++;
+                off += k;
+            } while (off < len);
+        }
+        if (n < want)
+            break; /* the queue is empty: no call that would only say EAGAIN */
+    }
+    Py_XDECREF(last);
+    return Py_BuildValue("(NNl)", data, sources, runs);
+fail:
+    Py_XDECREF(last);
+    Py_XDECREF(data);
+    Py_XDECREF(sources);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split", split, METH_O,
      "split(data) -> list[bytes]: the IP packets of a vnet-header packet read from the TUN"},
+    {"recv_batch", recv_batch, METH_VARARGS,
+     "recv_batch(fd, limit) -> (datagrams, sources, coalesced runs): a non-blocking UDP socket's datagrams"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "fabric.dataplane._segment",
-    "Segmentation offload for TUN reads (fabric/dataplane/segment.py)", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "fabric.dataplane._offload",
+    "The kernel's offloads met in C: TSO/USO segmentation, UDP GRO and recvmmsg (fabric/dataplane/segment.py, udp.py)",
+    -1, methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__segment(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__offload(void) { return PyModule_Create(&module); }
