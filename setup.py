@@ -6,8 +6,9 @@ batch through OpenSSL's EVP API; it needs a C compiler and OpenSSL's headers
 the install still succeeds and fabric.dataplane.aead uses its pure-Python path.
 
 fabric.dataplane._offload (fabric/dataplane/_offload.c) cuts the TUN's TSO/USO super
-packets into segments and receives UDP datagrams in batches (recvmmsg, UDP GRO); its
-pure-Python twins are in fabric/dataplane/segment.py and udp.py. It needs only the
+packets into segments, joins TCP segments into super packets for TUN writes, and
+receives UDP datagrams in batches (recvmmsg, UDP GRO); its pure-Python twins are in
+fabric/dataplane/segment.py, gro.py and udp.py. It needs only the
 compiler. FABRIC_REQUIRE_NATIVE=1 makes a missing one an import error (CI).
 """
 

@@ -13,8 +13,8 @@ failed=()
 export FABRIC_REQUIRE_NATIVE=1
 echo "== pytest"
 .venv/bin/python -m pytest -q "$@" || failed+=(pytest)
-echo "== pytest, the pure-Python data path (FABRIC_NATIVE=0): AEAD, segmentation, data path and in-memory node tests"
-FABRIC_NATIVE=0 .venv/bin/python -m pytest -q -m "not netns" tests/test_aead.py tests/test_segment.py \
+echo "== pytest, the pure-Python data path (FABRIC_NATIVE=0): AEAD, segmentation, coalescing, data path and in-memory node tests"
+FABRIC_NATIVE=0 .venv/bin/python -m pytest -q -m "not netns" tests/test_aead.py tests/test_segment.py tests/test_gro.py \
     tests/test_datapath.py tests/test_openvpn_datapath.py tests/test_node.py tests/test_openvpn_node.py \
     || failed+=(pytest-pure)
 echo "== ruff check ."

@@ -3,17 +3,26 @@
 The checks use an independent RFC 1071 checksum (a plain loop) and a reference
 segmenter that does what the kernel's GSO does with a super packet (split the payload
 by gso_size, one header per segment), so a merge must give back the original segments.
+Both implementations (C, `gro.coalesce_native`, and Python, `gro.coalesce_py`) go
+through the behavioural tests, and hypothesis holds them to identical outputs.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fabric.dataplane import gro
+
+IMPLS: list[tuple[str, gro.Coalesce]] = [("python", gro.coalesce_py)]
+if gro.coalesce_native is not None:  # (FABRIC_REQUIRE_NATIVE=1 makes its absence an error)
+    IMPLS.append(("native", gro.coalesce_native))
+both = pytest.mark.parametrize("coalesce", [f for _, f in IMPLS], ids=[n for n, _ in IMPLS])
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -101,21 +110,30 @@ def segment(pkt: bytes) -> list[bytes]:
     return out
 
 
+def with_options(pkt: bytes) -> bytes:
+    """An IPv4 packet from tcp() with 4 bytes of IP options (ihl 24)."""
+    ip = bytearray(pkt[:20])
+    ip[0] = 0x46
+    ip[2:4] = (len(pkt) + 4).to_bytes(2, "big")
+    return bytes(ip) + b"\x01\x01\x01\x00" + pkt[20:]
+
+
 def payload_of(pkt: bytes) -> bytes:
     ihl = 40 if pkt[0] >> 4 == 6 else (pkt[0] & 15) * 4
     return pkt[ihl + (pkt[ihl + 12] >> 4) * 4 :]
 
 
-def written(packets: list[bytes]) -> list[tuple[bytes, list[int]]]:
-    out = gro.coalesce(packets)
+def written(coalesce: gro.Coalesce, packets: list[bytes]) -> list[tuple[bytes, list[int]]]:
+    out = coalesce(packets)
     covered = sorted(i for _, members in out for i in members)
     assert covered == list(range(len(packets))), "every input exactly once"
     return out
 
 
-def test_run_of_segments_becomes_one_super_packet_v4() -> None:
+@both
+def test_run_of_segments_becomes_one_super_packet_v4(coalesce: gro.Coalesce) -> None:
     segs = [tcp(1000 + i * 1380, bytes([i]) * 1380) for i in range(10)]
-    out = written(segs)
+    out = written(coalesce, segs)
     assert len(out) == 1
     pkt, members = out[0]
     assert members == list(range(10))
@@ -123,31 +141,35 @@ def test_run_of_segments_becomes_one_super_packet_v4() -> None:
     assert segment(pkt) == segs  # what the kernel cuts from it are the originals
 
 
-def test_run_of_segments_v6_and_short_last_and_psh() -> None:
+@both
+def test_run_of_segments_v6_and_short_last_and_psh(coalesce: gro.Coalesce) -> None:
     segs = [tcp(5 + i * 1000, bytes([i]) * 1000, v6=True) for i in range(4)]
     segs.append(tcp(4005, b"tail", v6=True, flags=ACK | PSH))
-    out = written(segs)
+    out = written(coalesce, segs)
     assert len(out) == 1
     assert gro.VNET_HDR.unpack_from(out[0][0], 0)[1] == gro.GSO_TCPV6
     assert segment(out[0][0]) == segs  # IPv6 has no ID: identical
 
 
-def test_only_consecutive_sequence_numbers_merge() -> None:
+@both
+def test_only_consecutive_sequence_numbers_merge(coalesce: gro.Coalesce) -> None:
     segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100), tcp(300, b"c" * 100), tcp(400, b"d" * 100)]
-    out = written(segs)
+    out = written(coalesce, segs)
     assert [m for _, m in out] == [[0, 1], [2, 3]]
 
 
-def test_segment_after_a_short_one_or_psh_starts_a_new_packet() -> None:
+@both
+def test_segment_after_a_short_one_or_psh_starts_a_new_packet(coalesce: gro.Coalesce) -> None:
     short = [tcp(0, b"a" * 100), tcp(100, b"b" * 50), tcp(150, b"c" * 100)]
-    assert [m for _, m in written(short)] == [[0, 1], [2]]
+    assert [m for _, m in written(coalesce, short)] == [[0, 1], [2]]
     pushed = [tcp(0, b"a" * 100, flags=ACK | PSH), tcp(100, b"b" * 100)]
-    assert [m for _, m in written(pushed)] == [[0], [1]]
+    assert [m for _, m in written(coalesce, pushed)] == [[0], [1]]
     bigger = [tcp(0, b"a" * 100), tcp(100, b"b" * 200)]
-    assert [m for _, m in written(bigger)] == [[0], [1]]
+    assert [m for _, m in written(coalesce, bigger)] == [[0], [1]]
 
 
-def test_what_never_merges() -> None:
+@both
+def test_what_never_merges(coalesce: gro.Coalesce) -> None:
     cases = [
         [tcp(0, b"a" * 10, flags=SYN | ACK), tcp(10, b"b" * 10)],
         [tcp(0, b"a" * 10), tcp(10, b"b" * 10, flags=FIN | ACK)],
@@ -160,51 +182,57 @@ def test_what_never_merges() -> None:
         [tcp(0, b"a" * 10, v6=True), tcp(10, b"b" * 10)],
     ]
     for segs in cases:
-        out = written(segs)
+        out = written(coalesce, segs)
         assert [m for _, m in out] == [[0], [1]], segs
         for (pkt, _), orig in zip(out, segs, strict=True):
             assert pkt == gro.PLAIN + orig  # written as it came
 
 
-def test_ipv4_fragments_and_other_protocols_pass_through() -> None:
+@both
+def test_ipv4_fragments_and_other_protocols_pass_through(coalesce: gro.Coalesce) -> None:
     frag = bytearray(tcp(0, b"a" * 10))
     frag[6] |= 0x20  # MF
     udp = bytearray(tcp(10, b"b" * 10))
     udp[9] = 17
-    out = written([bytes(frag), bytes(udp), b"\x45garbage"])
+    out = written(coalesce, [bytes(frag), bytes(udp), b"\x45garbage"])
     assert [p for p, _ in out] == [gro.PLAIN + bytes(frag), gro.PLAIN + bytes(udp), gro.PLAIN + b"\x45garbage"]
 
 
-def test_size_limit() -> None:
+@both
+def test_size_limit(coalesce: gro.Coalesce) -> None:
     segs = [tcp(i * 1400, b"x" * 1400) for i in range(60)]  # 84 000 bytes of payload
-    out = written(segs)
+    out = written(coalesce, segs)
     assert len(out) == 2
     assert all(len(p) - gro.VNET_HDR_LEN <= gro.MAX_SUPER for p, _ in out)
     assert b"".join(payload_of(s) for p, _ in out for s in segment(p)) == b"x" * 84000
 
 
-def test_interleaved_flows_merge_separately_in_order() -> None:
+@both
+def test_interleaved_flows_merge_separately_in_order(coalesce: gro.Coalesce) -> None:
     a = [tcp(i * 100, b"A" * 100, sport=1) for i in range(3)]
     b = [tcp(i * 100, b"B" * 100, sport=2) for i in range(3)]
     mixed = [a[0], b[0], a[1], b[1], a[2], b[2]]
-    assert [m for _, m in written(mixed)] == [[0, 2, 4], [1, 3, 5]]
+    assert [m for _, m in written(coalesce, mixed)] == [[0, 2, 4], [1, 3, 5]]
 
 
-def test_non_mergeable_packet_of_a_flow_is_not_reordered_before_its_data() -> None:
+@both
+def test_non_mergeable_packet_of_a_flow_is_not_reordered_before_its_data(coalesce: gro.Coalesce) -> None:
     segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100, flags=FIN | ACK), tcp(200, b"c" * 100)]
-    out = written(segs)
+    out = written(coalesce, segs)
     assert [m for _, m in out] == [[0], [1], [2]]
 
 
-def test_keepalives_stay_empty() -> None:
-    assert gro.coalesce([b"", tcp(0, b"a"), b""]) == [(b"", [0]), (gro.PLAIN + tcp(0, b"a"), [1]), (b"", [2])]
+@both
+def test_keepalives_stay_empty(coalesce: gro.Coalesce) -> None:
+    assert coalesce([b"", tcp(0, b"a"), b""]) == [(b"", [0]), (gro.PLAIN + tcp(0, b"a"), [1]), (b"", [2])]
 
 
-def test_merged_packet_checksum_is_fresh_even_for_a_bad_segment_checksum() -> None:
+@both
+def test_merged_packet_checksum_is_fresh_even_for_a_bad_segment_checksum(coalesce: gro.Coalesce) -> None:
     # the segments were authenticated by the AEAD; their own TCP checksums are not
     # re-verified, and the kernel checksums the super packet (CHECKSUM_PARTIAL)
     segs = [tcp(0, b"a" * 100), tcp(100, b"b" * 100, good_csum=False)]
-    (pkt, members), = written(segs)
+    (pkt, members), = written(coalesce, segs)
     assert members == [0, 1]
     assert [payload_of(s) for s in segment(pkt)] == [b"a" * 100, b"b" * 100]
 
@@ -233,10 +261,11 @@ def streams(draw: st.DrawFn) -> list[bytes]:
     return out
 
 
+@both
 @FUZZ
 @given(streams())
-def test_coalesce_keeps_every_flow_byte_for_byte(packets: list[bytes]) -> None:
-    out = written(packets)
+def test_coalesce_keeps_every_flow_byte_for_byte(coalesce: gro.Coalesce, packets: list[bytes]) -> None:
+    out = written(coalesce, packets)
     for pkt, members in out:
         if len(members) > 1:
             assert [payload_of(s) for s in segment(pkt)] == [payload_of(packets[i]) for i in members]
@@ -283,10 +312,10 @@ def test_fast_path_groups_exactly_as_the_key_lookup(packets: list[bytes]) -> Non
     # the fast path (a header compared under a mask with the previous packet's group)
     # must merge exactly what the key lookup alone merges; shown red with the TCP
     # options, the ACK number or the TTL left out of the mask
-    fast = gro.coalesce(packets)
+    fast = gro.coalesce_py(packets)
     try:
         gro._FAST = False
-        slow = gro.coalesce(packets)
+        slow = gro.coalesce_py(packets)
     finally:
         gro._FAST = True
     assert fast == slow
@@ -306,30 +335,152 @@ def test_header_mask_clears_only_the_fields_that_may_differ() -> None:
     assert int.from_bytes(a[:hl], "big") & m == int.from_bytes(b[:hl], "big") & m
 
 
-def test_new_ack_number_ends_the_flow_s_open_group() -> None:
+@both
+def test_new_ack_number_ends_the_flow_s_open_group(coalesce: gro.Coalesce) -> None:
     # same flow, new ACK number: a new group, and the old one takes nothing more, so
     # a later segment cannot be written before the one that came first
     for v6 in (False, True):
         segs = [tcp(0, b"a" * 10, ack=1, v6=v6), tcp(100, b"b" * 10, ack=2, v6=v6),
                 tcp(10, b"c" * 10, ack=1, v6=v6)]  # the last would fit the first's run
-        assert [m for _, m in written(segs)] == [[0], [1], [2]]
+        assert [m for _, m in written(coalesce, segs)] == [[0], [1], [2]]
         for p in segs:
             c = gro._candidate(p)
             assert c is not None and c[0][0] == gro._flow_of(p)  # the key starts with the flow
 
 
-def test_ipv4_options_header_keys_the_flow_by_its_ports() -> None:
+@both
+def test_ipv4_options_header_keys_the_flow_by_its_ports(coalesce: gro.Coalesce) -> None:
     # ihl > 20: the ports sit after the options, and the flow must still match _flow_of
-    def with_options(pkt: bytes) -> bytes:
-        ip = bytearray(pkt[:20])
-        ip[0] = 0x46  # ihl 24
-        ip[2:4] = (len(pkt) + 4).to_bytes(2, "big")
-        return bytes(ip) + b"\x01\x01\x01\x00" + pkt[20:]
-
     segs = [with_options(tcp(1000 + 100 * i, b"x" * 100)) for i in range(3)]
     other = with_options(tcp(1300, b"y" * 100, sport=5202))
     keys = [gro._candidate(p) for p in (*segs, other)]
     assert all(k is not None for k in keys)
     assert [k[0][0] for k in keys if k] == [gro._flow_of(p) for p in (*segs, other)]
     assert keys[0][0][0] == SRC4 + DST4 + struct.pack(">HH", 5201, 40000)  # type: ignore[index]
-    assert [m for _, m in written([*segs, other])] == [[0, 1, 2], [3]]
+    assert [m for _, m in written(coalesce, [*segs, other])] == [[0, 1, 2], [3]]
+
+
+@both
+def test_a_run_across_the_sequence_number_wrap_merges(coalesce: gro.Coalesce) -> None:
+    for v6 in (False, True):
+        segs = [tcp(2**32 - 250 + i * 100, bytes([i]) * 100, v6=v6) for i in range(5)]
+        out = written(coalesce, segs)
+        assert [m for _, m in out] == [[0, 1, 2, 3, 4]]
+        assert segment(out[0][0]) == segs
+
+
+@both
+def test_ipv6_size_limit_counts_the_payload_length_only(coalesce: gro.Coalesce) -> None:
+    # 50 segments of 1310 bytes: 65,500 bytes of TCP payload, too many for an IPv4 total
+    # length (20 + 20 + 65,500 > 65,535) but not for an IPv6 payload length (20 + 65,500)
+    for v6, runs in ((False, [49, 2]), (True, [50, 1])):
+        out = written(coalesce, [tcp(i * 1310, b"x" * 1310, v6=v6) for i in range(51)])
+        assert [len(m) for _, m in out] == runs
+
+
+def test_coalesce_is_the_native_one_unless_missing_or_turned_off() -> None:
+    native = gro.coalesce_native is not None and os.environ.get("FABRIC_NATIVE") != "0"
+    assert gro.NATIVE is native
+    assert gro.coalesce is (gro.coalesce_native if native else gro.coalesce_py)
+    if os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
+        assert gro.coalesce_native is not None
+
+
+needs_native = pytest.mark.skipif(gro.coalesce_native is None, reason="fabric.dataplane._offload is not built")
+
+
+@st.composite
+def mixed_streams(draw: st.DrawFn) -> list[bytes]:
+    """Everything the merge rules look at, mixed: four flows (IPv4, IPv4 with IP
+    options, IPv6 twice) interleaved and starting anywhere in sequence space (so runs
+    wrap), long runs of full segments (the size limits), short and empty segments,
+    holes and repeats, PSH, FIN, SYN, URG, new ACK numbers and TCP options, UDP,
+    ICMP and fragments of the flows, empty packets, junk, and segments with one
+    byte changed (bogus ihl, data offset, protocol, flags...) or cut short."""
+    flows = [(5201, False, False), (5202, False, True), (5201, True, False), (5203, True, False)]
+    seqs = {f: draw(st.one_of(st.just(0), st.integers(2**32 - 3000, 2**32 - 1), st.integers(0, 2**32 - 1)))
+            for f in flows}
+    out: list[bytes] = []
+    n = draw(st.integers(0, 60))
+    while len(out) < n:
+        kind = draw(st.integers(0, 19))
+        if kind == 0:
+            out.append(b"")
+            continue
+        if kind == 1:
+            out.append(draw(st.binary(max_size=80)))
+            continue
+        f = draw(st.sampled_from(flows))
+        sport, v6, ip_options = f
+        seq = seqs[f]
+        if draw(st.integers(0, 9)) == 0:
+            seq += draw(st.integers(-300, 500))  # a hole or a repeat
+        size = draw(st.sampled_from([0, 1, 100, 100, 100, 1310, 1400, 1400, 9000]))
+        count = draw(st.sampled_from([1, 1, 1, 5, 55])) if size in (1310, 1400) else 1
+        flags = draw(st.sampled_from([ACK, ACK, ACK, ACK, ACK | PSH, ACK | FIN, ACK | 0x20, SYN, 0]))
+        ack = draw(st.sampled_from([1000, 1000, 1000, 2000]))
+        opts = draw(st.sampled_from([b"", b"", b"\x01\x01\x08\x0a" + bytes(8)]))
+        ttl = draw(st.sampled_from([64, 64, 64, 63]))
+        push = draw(st.booleans())  # PSH on the run's last segment
+        damage = draw(st.integers(0, 9))
+        for k in range(count):
+            pkt = tcp(seq, bytes([sport & 0xFF]) * size, sport=sport, v6=v6, ack=ack, opts=opts, ttl=ttl,
+                      flags=flags | PSH if push and k == count - 1 else flags)
+            if ip_options:
+                pkt = with_options(pkt)
+            seq += size
+            b = bytearray(pkt)
+            if damage == 0:  # not TCP (UDP, ICMP) or a fragment: passes, and ends the flow's group
+                what = draw(st.sampled_from(["udp", "icmp", "mf", "offset"]))
+                if what in ("udp", "icmp"):
+                    b[6 if v6 else 9] = (58 if v6 else 1) if what == "icmp" else 17
+                elif not v6:
+                    b[6] |= 0x20 if what == "mf" else 0x01
+            elif damage == 1:  # one byte of the headers changed
+                at = draw(st.integers(0, min(len(b), 80) - 1))
+                b[at] = draw(st.integers(0, 255))
+            elif damage == 2:
+                del b[draw(st.integers(0, len(b))) :]
+            out.append(bytes(b))
+        seqs[f] = seq & 0xFFFFFFFF
+    return out
+
+
+@needs_native
+@FUZZ
+@given(st.one_of(mixed_streams(), streams(), varied_streams()))
+def test_native_and_python_give_identical_outputs(packets: list[bytes]) -> None:
+    assert gro.coalesce_native is not None
+    assert gro.coalesce_native(packets) == gro.coalesce_py(packets)
+
+
+_junk = st.one_of(
+    st.binary(max_size=120),
+    st.builds(bytes.__add__, st.sampled_from([b"\x45", b"\x46", b"\x4f", b"\x40", b"\x41", b"\x60", b"\x6f"]),
+              st.binary(min_size=30, max_size=120)),
+)
+
+
+@needs_native
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_junk, max_size=40))
+def test_native_and_python_agree_on_junk(packets: list[bytes]) -> None:
+    assert gro.coalesce_native is not None
+    assert gro.coalesce_native(packets) == gro.coalesce_py(packets)
+
+
+@needs_native
+def test_native_takes_any_sequence_of_buffers_and_refuses_other_items() -> None:
+    native = gro.coalesce_native
+    assert native is not None
+    segs = [tcp(i * 100, b"x" * 100) for i in range(3)] + [b"", tcp(300, b"")]
+    want = gro.coalesce_py(segs)
+    assert [len(m) for _, m in want] == [3, 1, 1]
+    assert native(segs) == want
+    assert native(tuple(segs)) == want
+    assert native([bytearray(p) for p in segs]) == want
+    assert native([memoryview(p) for p in segs]) == want
+    assert native([]) == []
+    for bad in ([*segs, "text"], [None], [1], 5):
+        with pytest.raises(TypeError):
+            native(bad)  # type: ignore[arg-type]
