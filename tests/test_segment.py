@@ -72,6 +72,17 @@ def vnet(gso: int, gso_size: int, csum_start: int, csum_offset: int, flags: int 
     return VNET_HDR.pack(flags, gso, 0, gso_size, csum_start, csum_offset)
 
 
+def outcomes(data: bytes) -> list[list[bytes] | None]:
+    """Each implementation's result for `data` (None: it refused with ValueError)."""
+    results: list[list[bytes] | None] = []
+    for _name, split in IMPLS:
+        try:
+            results.append(split(data))
+        except ValueError:
+            results.append(None)
+    return results
+
+
 @pytest.mark.parametrize("name,split", IMPLS)
 @pytest.mark.parametrize("v6", [False, True])
 def test_tcp_super_packet_becomes_mss_segments(name: str, split: Callable[[bytes], list[bytes]], v6: bool) -> None:
@@ -156,12 +167,7 @@ def test_native_and_python_agree_on_valid_super_packets(payload: bytes, gso_size
         v6 = True
     pkt = ipv6(6 if off == 16 else 17, l4) if v6 else ipv4(6 if off == 16 else 17, l4)
     data = vnet(gso, gso_size, 40 if v6 else 20, off) + pkt
-    results = []
-    for _name, split in IMPLS:
-        try:
-            results.append(split(data))
-        except ValueError:
-            results.append(None)
+    results = outcomes(data)
     assert all(r == results[0] for r in results)
     if results[0] is not None:
         for s in results[0]:
@@ -171,10 +177,5 @@ def test_native_and_python_agree_on_valid_super_packets(payload: bytes, gso_size
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_never_crashes_and_both_agree(data: bytes) -> None:
-    results = []
-    for _name, split in IMPLS:
-        try:
-            results.append(split(data))
-        except ValueError:
-            results.append(None)
+    results = outcomes(data)
     assert all(r == results[0] for r in results)

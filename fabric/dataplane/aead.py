@@ -28,7 +28,6 @@ FABRIC_REQUIRE_NATIVE=1 makes a missing extension an ImportError (CI).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from fabric.dataplane import native
 
 TAG = 16  # the Poly1305 tag (RFC 8439 2.5), the GCM tag (SP 800-38D 5.2.1.2: t = 128)
 NONCE = 12  # RFC 8439 2.8 and SP 800-38D 8.2.1: 96-bit nonces
@@ -196,24 +197,15 @@ class PureBatchAead:
 
 # --- which one runs -------------------------------------------------------------------------
 
-NativeBatchAead: type[Aead] | None
+NativeBatchAead: type[Aead] | None = None
 _OPENSSL = ""
-try:
-    from fabric.dataplane import _native
-except ImportError as exc:
-    NativeBatchAead = None
-    _WHY = f"the native extension did not import: {exc}"
-    if os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
-        raise ImportError(
-            f"FABRIC_REQUIRE_NATIVE=1 but fabric.dataplane._native did not import ({exc}): install "
-            "gcc and libssl-dev (Debian: apt-get install gcc libc6-dev python3-dev libssl-dev) and "
-            "reinstall fabric (pip install -e .)") from exc
-else:
+_native, _WHY = native.load("_native")
+if _native is not None:
     NativeBatchAead = _native.BatchAead
     _OPENSSL = " ".join(_native.OPENSSL_VERSION.split()[:2])  # "OpenSSL 3.0.19"
     _WHY = "FABRIC_NATIVE=0"
 
-NATIVE = NativeBatchAead is not None and os.environ.get("FABRIC_NATIVE") != "0"
+NATIVE = NativeBatchAead is not None and native.WANTED
 BatchAead: type[Aead] = NativeBatchAead if NativeBatchAead is not None and NATIVE else PureBatchAead
 
 

@@ -18,9 +18,10 @@ holds them to identical outputs.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable, Sequence
+
+from fabric.dataplane import native
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = VNET_HDR.size  # 10
@@ -252,16 +253,8 @@ def _flow_of(pkt: bytes) -> bytes | None:
 Coalesce = Callable[[Sequence[bytes]], list[tuple[bytes, list[int]]]]
 # the C one takes any bytes-like items (coalesce_py needs bytes: its keys are hashed)
 _Buffers = Sequence[bytes | bytearray | memoryview]
-coalesce_native: Callable[[_Buffers], list[tuple[bytes, list[int]]]] | None = None
-try:
-    from fabric.dataplane import _offload
-except ImportError as exc:  # built without a compiler: coalesce_py does the same
-    if os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
-        raise ImportError("fabric.dataplane._offload is not built (FABRIC_REQUIRE_NATIVE=1): install gcc and "
-                          "the Python headers (scripts/setup.sh does), then `pip install -e .` again") from exc
-else:
-    coalesce_native = _offload.coalesce
-
-NATIVE = coalesce_native is not None and os.environ.get("FABRIC_NATIVE") != "0"
+_offload, _ = native.load("_offload")
+coalesce_native: Callable[[_Buffers], list[tuple[bytes, list[int]]]] | None = _offload.coalesce if _offload else None
+NATIVE = coalesce_native is not None and native.WANTED
 # C: ~0.09 us a segment where coalesce_py takes ~1.2-1.3 (22 or 64 full segments of one flow)
 coalesce: Coalesce = coalesce_native if NATIVE and coalesce_native else coalesce_py

@@ -21,10 +21,10 @@ both). Pure functions on bytes, no I/O, fuzzed in tests/test_segment.py.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 
+from fabric.dataplane import native
 from fabric.dataplane.gro import GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR, VNET_HDR_LEN
 
 GSO_UDP_L4 = 5  # include/uapi/linux/virtio_net.h VIRTIO_NET_HDR_GSO_UDP_L4
@@ -133,15 +133,7 @@ def split_py(data: bytes | memoryview) -> list[bytes]:
     return out
 
 
-split_native: Callable[[bytes | memoryview], list[bytes]] | None = None
-try:
-    from fabric.dataplane import _offload
-except ImportError as exc:  # built without a compiler: the Python path does the same
-    if os.environ.get("FABRIC_REQUIRE_NATIVE") == "1":
-        raise ImportError("fabric.dataplane._offload is not built (FABRIC_REQUIRE_NATIVE=1): install gcc and "
-                          "the Python headers (scripts/setup.sh does), then `pip install -e .` again") from exc
-else:
-    split_native = _offload.split
-
-NATIVE = split_native is not None and os.environ.get("FABRIC_NATIVE") != "0"
+_offload, _ = native.load("_offload")
+split_native: Callable[[bytes | memoryview], list[bytes]] | None = _offload.split if _offload else None
+NATIVE = split_native is not None and native.WANTED
 split: Callable[[bytes | memoryview], list[bytes]] = split_native if NATIVE and split_native else split_py

@@ -13,22 +13,13 @@ call takes the run and `split_gro` cuts it.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from fabric.dataplane import native
 from fabric.ops import preflight
-
-_recv_batch: Callable[[int, int], tuple[list[bytes], list[Any], int]] | None = None
-try:
-    from fabric.dataplane import _offload
-except ImportError:  # without the extension (segment.py says why under FABRIC_REQUIRE_NATIVE)
-    pass
-else:
-    if os.environ.get("FABRIC_NATIVE") != "0":
-        _recv_batch = _offload.recv_batch
 
 SOL_UDP = 17
 UDP_SEGMENT = 103  # SOL_UDP option: the segment size of a send (GSO)
@@ -38,6 +29,10 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 BUFFER_BYTES = 4 << 20
 MAX_RECEIVE = 65535  # the largest UDP payload, and so the largest coalesced run
+
+_offload, _ = native.load("_offload")
+_recv_batch: Callable[[int, int], tuple[list[bytes], list[Any], int]] | None = \
+    _offload.recv_batch if _offload and native.WANTED else None
 
 
 def gso_runs(sizes: list[int]) -> list[tuple[int, int]]:
