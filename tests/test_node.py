@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from fabric.control.records import PeerRecord, SessionRecord
+from fabric.dataplane import segment
 from fabric.dataplane.edge import Edge
 from fabric.protocols import registry
 from fabric.protocols.base import (
@@ -74,44 +76,55 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., Node]]:
 # --------------------------------------------------------------------------- WireGuard
 
 
-@pytest.mark.parametrize("crypto_in", ["edge", "workers"])
-def test_wireguard_client_through_a_real_edge_and_worker(node_factory: Callable[..., Node],
-                                                         crypto_in: str) -> None:
-    node = node_factory(crypto=crypto_in)
-    client_keys = StaticKeys.from_private(crypto.generate_private_key())
-    reply = node.admin({"op": "peer_add", "name": "alice", "allowed_ips": [f"{CLIENT_IP}/32"],
-                        "public_key": crypto.key_to_base64(client_keys.public)})
-    server_public = crypto.key_from_base64(reply["server_public_key"])
-    client = WireGuardEndpoint(client_keys)
-    client.add_peer(server_public, allowed_ips=[f"{SERVER_IP}/32"], endpoint=SERVER_UDP)
-    sock = node.net.socket(*CLIENT_UDP)
-    received: list[bytes] = []
+class WgClient:
+    """The sans-I/O WireGuard endpoint as peer "alice" of `node`, on a fake UDP socket."""
 
-    def pump() -> bool:
-        now = time.time()
-        for data, addr in client.datagrams_to_send(now):
-            sock.sendto(data, addr)
-        got = sock.recv(timeout=0.05)
+    def __init__(self, node: Node) -> None:
+        keys = StaticKeys.from_private(crypto.generate_private_key())
+        reply = node.admin({"op": "peer_add", "name": "alice", "allowed_ips": [f"{CLIENT_IP}/32"],
+                            "public_key": crypto.key_to_base64(keys.public)})
+        self.endpoint = WireGuardEndpoint(keys)
+        self.endpoint.add_peer(crypto.key_from_base64(reply["server_public_key"]),
+                               allowed_ips=[f"{SERVER_IP}/32"], endpoint=SERVER_UDP)
+        self.sock = node.net.socket(*CLIENT_UDP)
+        self.received: list[bytes] = []
+
+    def pump(self) -> bool:
+        """Send what the endpoint has, take one datagram, fire timers; False (for within())."""
+        client = self.endpoint
+        for data, addr in client.datagrams_to_send(time.time()):
+            self.sock.sendto(data, addr)
+        got = self.sock.recv(timeout=0.05)
         if got is not None:
             client.receive_datagram(got[0], got[1], time.time())
         client.handle_timer(time.time())
         while (ev := client.next_event()) is not None:
             if isinstance(ev, PacketReceived):
-                received.append(ev.packet)
+                self.received.append(ev.packet)
         return False
 
-    up = udp_packet(CLIENT_IP, SERVER_IP, b"through the tunnel")
-    client.send_packet(up, time.time())  # no session: a handshake first (whitepaper 5.4.2)
-    seen: list[bytes] = []
+    def connect(self, node: Node, first: bytes) -> None:
+        """Send `first` (a handshake comes before it, whitepaper 5.4.2) until the TUN has it."""
+        self.endpoint.send_packet(first, time.time())
+        seen: list[bytes] = []
 
-    def tun_got_it() -> bool:
-        pump()
-        pkt = node.tun.read(timeout=0.01)
-        if pkt is not None:
-            seen.append(pkt)
-        return up in seen
+        def tun_got_it() -> bool:
+            self.pump()
+            pkt = node.tun.read(timeout=0.01)
+            if pkt is not None:
+                seen.append(pkt)
+            return first in seen
 
-    assert within(15, tun_got_it), f"nothing on the TUN; edge counters {dict(node.edge.counters)}"
+        assert within(15, tun_got_it), f"nothing on the TUN; edge counters {dict(node.edge.counters)}"
+
+
+@pytest.mark.parametrize("crypto_in", ["edge", "workers"])
+def test_wireguard_client_through_a_real_edge_and_worker(node_factory: Callable[..., Node],
+                                                         crypto_in: str) -> None:
+    node = node_factory(crypto=crypto_in)
+    c = WgClient(node)
+    sock, received, pump = c.sock, c.received, c.pump
+    c.connect(node, udp_packet(CLIENT_IP, SERVER_IP, b"through the tunnel"))
     down = udp_packet(SERVER_IP, CLIENT_IP, b"and back")
     node.tun.inject(down)
     assert within(10, lambda: pump() or down in received), f"edge counters {dict(node.edge.counters)}"
@@ -123,6 +136,46 @@ def test_wireguard_client_through_a_real_edge_and_worker(node_factory: Callable[
         assert node.edge.counters.get("frames_inline", 0) >= 2
     assert node.worker.counters.get("handshakes") == 1
     sock.close()
+
+
+def test_tso_super_packets_from_the_tun_reach_the_client_as_segments(node_factory: Callable[..., Node]) -> None:
+    """What a TUN with offloads reads (fabric/dataplane/segment.py) goes to the client
+    cut into segments with complete checksums; a read the edge cannot cut is a counted
+    drop, and the session goes on."""
+    node = node_factory()
+    c = WgClient(node)
+    c.connect(node, udp_packet(CLIENT_IP, SERVER_IP, b"hello"))
+    payload = bytes(range(256)) * 14  # 3584 bytes: segments of 1200, 1200, 1184
+    tcp = struct.pack("!HHIIBBHHH", 5201, 40000, 7000, 1, 5 << 4, 0x18, 512, 0, 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0x100, 0x4000, 64, 6, 0,
+                     socket.inet_aton(SERVER_IP), socket.inet_aton(CLIENT_IP))
+    super_packet = ip + tcp
+    node.tun.inject_offloaded(struct.pack("<BBHHHH", 1, 1, 40, 1200, 20, 16), super_packet)  # NEEDS_CSUM, TCPV4
+    assert within(10, lambda: c.pump() or len(c.received) >= 3), f"edge counters {dict(node.edge.counters)}"
+    segs = c.received[:3]
+    assert [len(p) - 40 for p in segs] == [1200, 1200, 1184]
+    assert b"".join(p[40:] for p in segs) == payload
+    assert [struct.unpack_from("!I", p, 24)[0] for p in segs] == [7000, 8200, 9400]
+    for p in segs:  # RFC 1071 over the pseudo-header and the segment: every checksum complete
+        pseudo = p[12:20] + struct.pack("!BBH", 0, 6, len(p) - 20)
+        assert segment.split_py(bytes(10) + p) == [p]  # (the no-offload path returns it as it is)
+        assert _ones_sum(p[:20]) == 0xFFFF and _ones_sum(pseudo + p[20:]) == 0xFFFF
+    drops = node.edge.counters.get("drop_bad_offload", 0)
+    node.tun.inject_offloaded(struct.pack("<BBHHHH", 1, 1, 40, 1200, 20, 16), super_packet[:30])  # cut short
+    later = udp_packet(SERVER_IP, CLIENT_IP, b"still here")
+    node.tun.inject(later)
+    assert within(10, lambda: c.pump() or later in c.received), f"edge counters {dict(node.edge.counters)}"
+    assert node.edge.counters.get("drop_bad_offload", 0) == drops + 1
+    assert node.edge.counters.get("tso_reads", 0) == 1  # the one cut; the short one only counted as a drop
+
+
+def _ones_sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
 
 
 # --------------------------------------------------------------------------- a toy protocol

@@ -115,6 +115,11 @@ class FakeTun:
         """An IP packet the host's stack sends into the tunnel."""
         self._test.send(bytes(VNET_HDR_LEN) + packet)
 
+    def inject_offloaded(self, vnet_hdr: bytes, packet: bytes) -> None:
+        """A read as a TUN with offloads gives it: `vnet_hdr` (a struct virtio_net_hdr,
+        e.g. a TSO super packet's) and the packet behind it."""
+        self._test.send(vnet_hdr + packet)
+
     def read(self, timeout: float = 2.0) -> bytes | None:
         """The next packet the edge wrote (its virtio_net_hdr stripped), or None."""
         ready, _, _ = select.select([self._test], [], [], timeout)
