@@ -486,7 +486,7 @@ static size_t find_slot(struct slot *t, size_t mask, const uint8_t *flow, size_t
     }
 }
 
-/* gro.py _fold: the one's complement sum mod 0xFFFF, with 0xFFFF standing for zero. */
+/* gro.py fold: the one's complement sum mod 0xFFFF, with 0xFFFF standing for zero. */
 static uint16_t fold_mod(uint64_t acc)
 {
     uint64_t s = acc % 0xFFFF;
@@ -505,16 +505,14 @@ static PyObject *build(const struct group *g, const Py_buffer *views, const Py_s
         return NULL;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res), *h = o + VNET_HDR_LEN;
     memcpy(h, first, hl);
-    uint64_t ps;
     if (g->v6) {
         wr16(h + 4, (uint16_t)(total - 40));
-        ps = sum16(h + 8, 32, 0) + ((total - 40) >> 16) + ((total - 40) & 0xFFFF) + 6;
     } else {
         wr16(h + 2, (uint16_t)total);
         wr16(h + 10, 0);
         wr16(h + 10, (uint16_t)~fold_mod(sum16(h, ihl, 0))); /* RFC 791 */
-        ps = sum16(h + 12, 8, 0) + 6 + (total - ihl);
     }
+    uint64_t ps = pseudo(h, g->v6, 6, total - ihl); /* ihl is 40 for IPv6 */
     if (g->psh)
         h[ihl + 13] |= TCP_PSH;
     /* CHECKSUM_PARTIAL: the pseudo-header sum, not complemented (virtio 5.1.6.2) */

@@ -941,7 +941,7 @@ class Edge:
             real = isinstance(lst.sock, socket.socket)
             lst.gso = gso and real
             lst.gro = gro and real and udp.enable_gro(lst.sock)
-            lst.filter_on = self.filter_wanted and isinstance(lst.sock, socket.socket)
+            lst.filter_on = self.filter_wanted and real
             lst.filter_dirty = True
             self.sync_filter(lst)
         self.tun_fd = self.io.open_tun_queue(self.tun_name)

@@ -33,7 +33,7 @@ _ACK, _PSH = 0x10, 0x08
 _TCP = 6
 
 
-def _fold(data: bytes) -> int:
+def fold(data: bytes) -> int:
     """The one's complement sum (RFC 1071) of `data` as 16-bit big-endian words, folded
     to 16 bits, with 0xFFFF standing for zero: 2**16 = 1 (mod 0xFFFF), so the sum of
     the words is the whole number mod 0xFFFF (one C-speed big-int operation)."""
@@ -167,14 +167,14 @@ class _Group:
         else:
             head[2:4] = total.to_bytes(2, "big")
             head[10:12] = b"\x00\x00"
-            head[10:12] = (~_fold(bytes(head[:ihl])) & 0xFFFF).to_bytes(2, "big")  # RFC 791
+            head[10:12] = (~fold(bytes(head[:ihl])) & 0xFFFF).to_bytes(2, "big")  # RFC 791
             gso = GSO_TCPV4
             pseudo = bytes(head[12:20]) + b"\x00\x06" + (total - ihl).to_bytes(2, "big")
         if self.psh:
             head[ihl + 13] |= _PSH
         # CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented; the
         # kernel adds the segment (virtio spec 5.1.6.2, wireguard-go offload_linux.go)
-        head[ihl + 16 : ihl + 18] = (_fold(pseudo) & 0xFFFF).to_bytes(2, "big")
+        head[ihl + 16 : ihl + 18] = (fold(pseudo) & 0xFFFF).to_bytes(2, "big")
         vnet = VNET_HDR.pack(F_NEEDS_CSUM, gso, ihl + thl, self.size, ihl, 16)
         self.parts[0] = memoryview(self.first)[ihl + thl :]
         return b"".join((vnet, head, *self.parts))

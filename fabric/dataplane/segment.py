@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable
 
 from fabric.dataplane import native
-from fabric.dataplane.gro import GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR, VNET_HDR_LEN
+from fabric.dataplane.gro import GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR, VNET_HDR_LEN, fold
 
 GSO_UDP_L4 = 5  # include/uapi/linux/virtio_net.h VIRTIO_NET_HDR_GSO_UDP_L4
 GSO_ECN = 0x80
@@ -34,21 +34,9 @@ MAX_SEGMENTS = 1024
 _FIN, _PSH, _CWR = 0x01, 0x08, 0x80
 
 
-def _sum(data: bytes | bytearray | memoryview) -> int:
-    """The one's complement sum (RFC 1071) of 16-bit big-endian words, folded to 16
-    bits (2**16 = 1 mod 0xFFFF, so the whole number mod 0xFFFF is the sum)."""
-    b = bytes(data)
-    if len(b) & 1:
-        b += b"\x00"
-    s = int.from_bytes(b, "big") % 0xFFFF
-    return s or (0xFFFF if any(b) else 0)
-
-
 def _checksum(*parts: bytes | bytearray | memoryview) -> int:
-    total = sum(_sum(p) for p in parts)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    """RFC 1071: the complement of the one's complement sum of the parts, joined."""
+    return ~fold(b"".join(parts)) & 0xFFFF
 
 
 def _pseudo(ip: bytes | bytearray, v6: bool, proto: int, l4len: int) -> bytes:
@@ -71,7 +59,7 @@ def split_py(data: bytes | memoryview) -> list[bytes]:
             at = csum_start + csum_offset
             if at + 2 > len(pkt):
                 raise ValueError("checksum offsets beyond the packet")
-            c = ~_sum(pkt[csum_start:]) & 0xFFFF
+            c = ~fold(pkt[csum_start:]) & 0xFFFF
             pkt = pkt[:at] + struct.pack("!H", c or 0xFFFF) + pkt[at + 2 :]
         return [pkt]
     if gso not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):
