@@ -273,6 +273,32 @@ def test_gap_right_after_a_snapshot_is_quiet_mid_stream_warns(
     _assert_converged(b, s)
 
 
+def test_heartbeat_ahead_right_after_a_snapshot_is_quiet_mid_stream_warns(
+    pair: tuple[FakeBroker, Subscriber], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The slow joiner seen through a heartbeat instead of the next update (what `fabric
+    up` printed once at start-up): repaired quietly; mid-stream it is a warning."""
+    b, s = pair
+    s.sync()
+    b.set(b"a", {"v": 1})  # published while the SUB was "still joining": lost
+    b.publish(b.hugz())
+    with caplog.at_level(logging.INFO, logger="fabric"):
+        s.pump()
+    missed = [r for r in caplog.records if "missed updates" in r.getMessage()]
+    assert [r.levelno for r in missed] == [logging.INFO]
+    _assert_converged(b, s)
+    caplog.clear()
+    b.publish(b.set(b"a", {"v": 2}))  # one update applied: the stream is running
+    s.pump()
+    b.set(b"a", {"v": 3})  # lost mid-stream
+    b.publish(b.hugz())
+    with caplog.at_level(logging.INFO, logger="fabric"):
+        s.pump()
+    missed = [r for r in caplog.records if "missed updates" in r.getMessage()]
+    assert [r.levelno for r in missed] == [logging.WARNING]
+    _assert_converged(b, s)
+
+
 def test_reordered_updates_converge(pair: tuple[FakeBroker, Subscriber]) -> None:
     b, s = pair
     s.sync()

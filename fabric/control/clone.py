@@ -155,19 +155,13 @@ class CloneClient:
             self.request_snapshot(now)
             return
         if msg.key == HUGZ:
-            if msg.seq > self.seq:
-                log.warning("missed updates, re-snapshotting", have=self.seq, broker=msg.seq)
-                self.request_snapshot(now)
+            if msg.seq > self.seq:  # a heartbeat ahead of us: updates we never saw
+                self._gap("missed updates", msg.seq, now)
             return
         if msg.seq <= self.seq:
             return
         if msg.seq != self.seq + 1:
-            # Right after a snapshot this is the slow joiner (ZeroMQ Guide ch. 5): the SUB
-            # socket was still connecting when the broker published the next update. The
-            # new snapshot repairs it, so it is news only when it happens mid-stream.
-            (log.info if self._fresh else log.warning)("sequence gap, re-snapshotting",
-                                                       have=self.seq, got=msg.seq)
-            self.request_snapshot(now)
+            self._gap("sequence gap", msg.seq, now)
             return
         self._fresh = False
         self.seq = msg.seq
@@ -177,6 +171,14 @@ class CloneClient:
         else:
             self.state[msg.key] = msg.value
             self.on_set(msg.key, msg.value)
+
+    def _gap(self, what: str, got: int, now: float) -> None:
+        """Updates are missing: re-snapshot. Right after a snapshot this is the slow
+        joiner (ZeroMQ Guide ch. 5): the SUB socket was still connecting when the broker
+        published the next update (seen in the next update or heartbeat). The new
+        snapshot repairs it, so it is news only when it happens mid-stream."""
+        (log.info if self._fresh else log.warning)(f"{what}, re-snapshotting", have=self.seq, got=got)
+        self.request_snapshot(now)
 
     def tick(self, now: float) -> None:
         """Call about once a second: detects a dead broker and retries snapshots."""
