@@ -52,6 +52,18 @@ def _id(text: str) -> int:
     return v
 
 
+def _usecs(text: str) -> int:
+    from fabric.dataplane.moderation import MAX_USECS
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
+    if not 0 <= v <= MAX_USECS:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; use 0 (off) to {MAX_USECS}")
+    return v
+
+
 def _id_or_auto(text: str) -> int | None:
     return None if text == "auto" else _id(text)
 
@@ -100,6 +112,15 @@ def _crypto(p: argparse.ArgumentParser) -> None:
                    help="where the AEAD of data runs: 'edge' (no hand-off: lowest latency and CPU), "
                         "'workers' (the edge only moves packets), 'auto' (the edge, and workers while "
                         "the edge is saturated and other cores idle; default: [server] crypto, else auto)")
+
+
+def _rx_usecs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rx-usecs", type=_usecs, metavar="N",
+                   help="receive moderation: after a pass that read a burst of datagrams and little "
+                        "from the TUN, the edge waits N microseconds before reading again, so a stream "
+                        "from a client that sends one datagram at a time costs fewer wake-ups (a NIC's "
+                        "rx-usecs; lone packets never wait); 0 turns it off "
+                        "(default: [server] rx_usecs, else 100)")
 
 
 def _metrics_for(args: argparse.Namespace, base: str | None, role: str, ident: int | None,
@@ -165,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--endpoint", type=_endpoint, help="HOST:PORT that client configs point at")
     up.add_argument("--no-reuseport", action="store_true", help="edge i binds port+i instead of sharing one port")
     _crypto(up)
+    _rx_usecs(up)
     _metrics(up, "Prometheus endpoints from this base: broker PORT, edge i PORT+1+i, workers after the "
                  "edges, `fabric up` itself last (default: [server] metrics, else off)")
 
@@ -191,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--address", type=_cidrs, help="create/configure the TUN with these addresses if needed")
     ed.add_argument("--no-reuseport", action="store_true", help="bind port+id instead of SO_REUSEPORT")
     _crypto(ed)
+    _rx_usecs(ed)
     ed.add_argument("--tcp", metavar="HOST:PORT", type=_endpoint,
                     help="also offer work on tcp PORT, PORT+1, PORT+2 (work, results, control) for remote workers; "
                          "needs `fabric keys init`")
@@ -567,7 +590,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
     return edge.run(StateDir.at(args.state_dir or cfg.state_dir), args.id, args.listen,
                     port, args.tun or cfg.tun, addresses, not args.no_reuseport,
                     tcp=args.tcp, metrics_addr=_metrics_for(args, cfg.metrics, "edge", args.id, cfg.edges),
-                    crypto=args.crypto or cfg.crypto, **served)
+                    crypto=args.crypto or cfg.crypto,
+                    rx_usecs=cfg.rx_usecs if args.rx_usecs is None else args.rx_usecs, **served)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -92,6 +92,9 @@ BAD_ARGS: list[tuple[Args, str]] = [
     (("up", "--address", "10.0.0.1"), "--address"),  # needs the network's prefix
     (("up", "--address", "10.0.0.1/24,10.1.0.1/24"), "--address"),  # two IPv4 networks
     (("up", "--edges", "0"), "--edges"),
+    (("up", "--rx-usecs", "-1"), "--rx-usecs"),
+    (("up", "--rx-usecs", "10001"), "--rx-usecs"),
+    (("edge", "--id", "0", "--rx-usecs", "fast"), "--rx-usecs"),
     (("up", "--endpoint", "host:99999"), "--endpoint"),
     (("broker", "--address", "nope"), "--address"),
     (("peer", "add", "x", "--allowed-ip", "nope"), "--allowed-ip"),
@@ -297,6 +300,23 @@ def test_edge_gets_ports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert [c[0][1] for c in checks] == [4000, 4000, 4002] and [c[0][4] for c in checks] == [None, 5000, 5002]
 
 
+def test_edge_gets_rx_usecs_from_flag_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabric import cli
+    from fabric.dataplane import edge
+    from fabric.dataplane.moderation import DEFAULT_USECS
+    from fabric.ops import preflight
+
+    record(monkeypatch, preflight, "for_edge")
+    calls = record(monkeypatch, edge, "run")
+    conf = tmp_path / "f.toml"
+    conf.write_text("[server]\nrx_usecs = 250\n")
+    sd = ["--id", "0", "--state-dir", str(tmp_path / "state")]
+    assert cli.main(["edge", *sd]) == 0
+    assert cli.main(["edge", *sd, "--config", str(conf)]) == 0
+    assert cli.main(["edge", *sd, "--config", str(conf), "--rx-usecs", "0"]) == 0
+    assert [kw["rx_usecs"] for _, kw in calls] == [DEFAULT_USECS, 250, 0]
+
+
 def test_edge_and_broker_refuse_openvpn_this_fabric_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     import fabric.protocols
@@ -367,6 +387,8 @@ def test_up_passes_openvpn_port_to_broker_and_edges(tmp_path: Path, monkeypatch:
             assert getattr(parsed, "openvpn_port", None) == (want if c.name != "worker-0" else None), c.argv
         broker = parser.parse_args(mine[0].argv[mine[0].argv.index("fabric") + 1:])
         assert broker.config == config  # the broker reads the rest of [openvpn] from the file
+        for c in mine[1:3]:  # receive moderation: the default reaches every edge
+            assert parser.parse_args(c.argv[c.argv.index("fabric") + 1:]).rx_usecs == 100, c.argv
 
 
 def test_up_refuses_openvpn_this_fabric_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

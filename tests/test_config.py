@@ -71,6 +71,9 @@ def test_defaults() -> None:
     assert cfg.server.addresses == [config.DEFAULT_ADDRESS]
     assert cfg.peers == []
     assert parse({}).server.tun == config.DEFAULT_TUN
+    assert parse({}).server.rx_usecs == config.DEFAULT_USECS > 0  # receive moderation on
+    assert parse({"server": {"rx_usecs": 0}}).server.rx_usecs == 0
+    assert "rx-usecs 0 (off)" in config.format_summary("f.toml", parse({"server": {"rx_usecs": 0}}))
 
 
 def test_networks_are_normalised() -> None:
@@ -107,6 +110,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("tun empty", {"server": {"tun": ""}}, "server.tun"),
     ("edges zero", {"server": {"edges": 0}}, "server.edges"),
     ("workers too many", {"server": {"workers": 257}}, "server.workers"),
+    ("rx_usecs negative", {"server": {"rx_usecs": -1}}, "server.rx_usecs"),
+    ("rx_usecs too big", {"server": {"rx_usecs": 10_001}}, "server.rx_usecs"),
+    ("rx_usecs string", {"server": {"rx_usecs": "100us"}}, "server.rx_usecs"),
     ("peer not a list", {"peer": {"name": "a"}}, "peer"),
     ("peer not a table", {"peer": ["a"]}, "peer[0]"),
     ("unknown peer key", {"peer": [peer(allowedips=[])]}, "peer[0].allowedips"),
@@ -236,6 +242,7 @@ servers = table({}, {
     "tun": mostly(st.text(min_size=1, max_size=15)),
     "edges": mostly(st.integers(1, 256)),
     "workers": mostly(st.integers(1, 256)),
+    "rx_usecs": mostly(st.integers(0, 10_000)),
     "state_dir": toml_values,
     "endpoint": toml_values,
 })

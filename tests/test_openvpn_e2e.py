@@ -148,8 +148,12 @@ def test_three_clients_each_cipher_both_ways(topo3: Topology) -> None:
     alice = clients["alice"]
     # flood ping (as fast as replies come, 2000 of them) and large packets: 8000 bytes
     # (fragmented inside the tunnel) and a full 1500-byte inner packet with DF set
+    waits = fab.stats().get("edge.rx_waits", 0)
     sent, got = received(ping(topo, alice.ns, SERVER_IP, "-f", "-c", "2000", "-W", "1", timeout=60).stdout)
     assert got >= sent * 0.99, f"flood ping: {got}/{sent}"
+    # receive moderation (fabric/dataplane/moderation.py): a lone packet never waits
+    time.sleep(1.2)  # the edges' counters reach the broker once a second
+    assert fab.stats().get("edge.rx_waits", 0) == waits, "an edge waited after a pass of pings"
     for args in (("-s", "8000"), ("-M", "do", "-s", "1472")):
         out = ping(topo, alice.ns, SERVER_IP, "-c", "5", "-i", "0.2", "-W", "2", *args).stdout
         assert received(out)[1] == 5, f"ping {args}: {out}"
@@ -158,8 +162,11 @@ def test_three_clients_each_cipher_both_ways(topo3: Topology) -> None:
     # TCP both ways (each client in turn: the last one with the other two idle)
     for c in (alice, clients["carol"]):
         for reverse in (False, True):
+            waits = fab.stats().get("edge.rx_waits", 0)
             res = iperf3(topo, topo.server_ns, c.ns, SERVER_IP, seconds=2, reverse=reverse)
             assert res.mbps > 1, (c.name, reverse, res.mbps)
+            if not reverse:  # the stock client's upload, one datagram a sendto: moderated
+                assert fab.stats().get("edge.rx_waits", 0) > waits, "no edge waited for a bigger batch"
 
     # explicit-exit-notify (in the profile the fabric printed): the client says goodbye
     # and the session ends at once

@@ -25,6 +25,9 @@ Send path (TUN -> UDP):
      per session per batch);
   3. seal here or PUSH to any worker (as in 3. above); on the result, send the
      datagrams to the peer's current endpoint from its protocol's socket.
+After a pass that received a burst and read little from the TUN, wait a moment
+before polling again so the next batch is bigger (receive moderation,
+fabric/dataplane/moderation.py).
 Timers, once a second: keepalives and handshakes for data gone unanswered, as
 each protocol's policy says (EdgeSide.keepalive, unanswered_after).
 """
@@ -60,7 +63,7 @@ from fabric.control.records import (
     key_public,
     worker_identity,
 )
-from fabric.dataplane import aead, ippacket, segment, sockfilter, tun, udp
+from fabric.dataplane import aead, ippacket, moderation, segment, sockfilter, tun, udp
 from fabric.dataplane.engine import CryptoEngine
 from fabric.dataplane.gro import VNET_HDR_LEN
 from fabric.dataplane.placement import CryptoPlacement, HostIdle
@@ -175,12 +178,14 @@ class Edge:
         ctx: zmq.Context | None = None,
         tcp: str | None = None,
         crypto: str = "auto",
+        rx_usecs: int = moderation.DEFAULT_USECS,
         protocols: dict[str, Protocol] | None = None,
         ports: dict[str, int] | None = None,
         io: EdgeIO | None = None,
     ) -> None:
         """`protocols` (default: every protocol fabric speaks) by name, each on
-        `ports[name]` (default: WireGuard on `port`); `io`: the kernel by default."""
+        `ports[name]` (default: WireGuard on `port`); `io`: the kernel by default;
+        `rx_usecs`: receive moderation (fabric/dataplane/moderation.py, 0: off)."""
         self.sd = sd
         self.id = eid
         self.ctx = ctx or zmq.Context()
@@ -217,6 +222,7 @@ class Edge:
         # the AEAD of data frames runs here or in workers (fabric/dataplane/engine.py)
         self.engine = CryptoEngine(self._count, self.protocols, gro=os.environ.get("FABRIC_NO_GRO") != "1")
         self.placement = CryptoPlacement(crypto, HostIdle(_usable_cpus()))
+        self.moderation = moderation.Moderation(rx_usecs)
         self._addr_cache: dict[Any, bytes] = {}
         self._sa_cache: dict[tuple[bool, bytes], Any] = {}
         self.metrics_addr: str | None = None  # its /metrics endpoint, announced in reports
@@ -422,10 +428,11 @@ class Edge:
             self.counters["gro_receives"] += runs
         return datagrams, sources
 
-    def on_udp(self, lst: Listener, now: float) -> None:
+    def on_udp(self, lst: Listener, now: float) -> int:
+        """One batch from `lst`'s socket; returns the bytes received."""
         datagrams, sources = self._receive(lst)
         if not datagrams:
-            return
+            return 0
         self.counters["udp_in"] += len(datagrams)
         side = lst.side
         split = side.split(datagrams, sources, lst.filter_on)  # 1.
@@ -473,6 +480,7 @@ class Edge:
                     counters["drop_" + verdict] += 1
             for addr, pkts in forward.items():
                 self._push(Frame(frames.HANDSHAKE, self.id, 0, 0, addr, pkts, proto=lst.protocol.number))
+        return sum(map(len, datagrams))
 
     def _crypt(self, frame: Frame, now: float) -> None:
         """Run a DECRYPT/ENCRYPT frame here (inline) or push it to a worker, as the
@@ -957,6 +965,9 @@ class Edge:
         by_fd: dict[int, Listener] = {}
         clock = time.perf_counter
         placement = self.placement
+        moderate = self.moderation.after_pass
+        if self.moderation.usecs:
+            moderation.tighten_timer_slack()
         while not stop[0]:
             self.clone.register(poller)
             ready = poller.poll(200)
@@ -974,10 +985,13 @@ class Edge:
             elif self.order.waiting:
                 self._release(now)  # a result may be lost: time it out
             tun_ready = self.tun_fd in ready
+            counters = self.counters
+            udp_before, tun_before = counters["udp_in"], counters["tun_in"]
+            received_bytes = 0
             for fd, lst in by_fd.items():
                 if fd in ready:
                     wrote = self.counters["tun_out"]
-                    self.on_udp(lst, now)
+                    received_bytes += self.on_udp(lst, now)
                     # what we wrote to the TUN is often answered at once (an echo reply, a TCP
                     # ACK the kernel sent while we wrote): read it now, without another poll
                     tun_ready = tun_ready or self.counters["tun_out"] != wrote
@@ -997,6 +1011,12 @@ class Edge:
                 self.report(now)
                 next_tick = now + 1.0
             placement.work(clock() - t0, t0)
+            received = counters["udp_in"] - udp_before
+            if received:
+                wait = moderate(received, received_bytes, counters["tun_in"] - tun_before, received >= RECEIVE_MAX)
+                if wait:
+                    counters["rx_waits"] += 1
+                    time.sleep(wait)
 
     def close(self) -> None:
         if self.auth is not None:
@@ -1021,20 +1041,23 @@ def _usable_cpus() -> set[int]:
 
 def run(sd: StateDir, eid: int, listen: str, port: int, tun_name: str, address: list[str] | None,
         reuseport: bool, tcp: str | None = None, metrics_addr: str | None = None,
-        crypto: str = "auto", ports: dict[str, int] | None = None) -> int:
-    """`ports`: each protocol's UDP port (default: WireGuard on `port`)."""
+        crypto: str = "auto", ports: dict[str, int] | None = None,
+        rx_usecs: int = moderation.DEFAULT_USECS) -> int:
+    """`ports`: each protocol's UDP port (default: WireGuard on `port`); `rx_usecs`:
+    receive moderation (fabric/dataplane/moderation.py, 0: off)."""
     # The broker may start later: ZeroMQ connects whenever it appears, and until
     # then the edge has no sessions and counts what it drops.
     sd.ensure()
     lock = sd.lock(f"edge-{eid}")
     exporter = metrics.start(metrics_addr, "edge", eid)  # a taken port fails before the TUN is touched
     edge = Edge(sd, eid, listen=listen, port=port, tun_name=tun_name, address=address, reuseport=reuseport,
-                tcp=tcp, crypto=crypto, ports=ports)
+                tcp=tcp, crypto=crypto, ports=ports, rx_usecs=rx_usecs)
     if exporter is not None:
         edge.metrics_addr = exporter.address
         exporter.source = lambda f: metrics.edge_metrics(f, edge)
     stop = stop_on_signals()
-    log.info("edge running", edge=eid, port=edge.port, tun=tun_name, crypto=crypto, aead=aead.describe(),
+    log.info("edge running", edge=eid, port=edge.port, tun=tun_name, crypto=crypto, rx_usecs=rx_usecs,
+             aead=aead.describe(),
              segment="native" if segment.NATIVE else "pure Python")
     try:
         edge.serve(stop)

@@ -52,6 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fabric.dataplane.moderation import DEFAULT_USECS, MAX_USECS
 from fabric.protocols.wireguard.crypto import key_from_base64
 
 DEFAULT_PORT = 51820
@@ -86,6 +87,7 @@ class ServerConfig:
     edges: int = field(default_factory=lambda: os.cpu_count() or 1)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     crypto: str = "auto"  # fabric/dataplane/placement.py CRYPTO_MODES
+    rx_usecs: int = DEFAULT_USECS  # receive moderation, fabric/dataplane/moderation.py (0: off)
     state_dir: str | None = None
     endpoint: str | None = None
     metrics: str | None = None  # base HOST:PORT of the Prometheus endpoints (fabric/ops/metrics.py)
@@ -156,7 +158,8 @@ def _key(value: Any, where: str) -> bytes:
         raise ConfigError(f"{where}: {exc}; generate one with `wg genkey | wg pubkey`") from None
 
 
-_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "crypto", "state_dir", "endpoint", "metrics"}
+_SERVER_KEYS = {"listen_port", "address", "tun", "edges", "workers", "crypto", "rx_usecs", "state_dir", "endpoint",
+                "metrics"}
 _PEER_KEYS = {"name", "public_key", "allowed_ips", "preshared_key", "persistent_keepalive"}
 _OPENVPN_KEYS = {"port", "data_ciphers", "wrap", "reneg_sec", "ping", "ping_restart", "push",
                  # an existing server's PKI (fabric.protocols.openvpn.imported)
@@ -235,6 +238,8 @@ def parse(data: dict[str, Any]) -> Config:
             raise ConfigError(f"server.crypto: {srv['crypto']!r} is not a placement; use one of "
                               + ", ".join(f'"{m}"' for m in CRYPTO_MODES))
         s.crypto = srv["crypto"]
+    if "rx_usecs" in srv:
+        s.rx_usecs = _int(srv["rx_usecs"], "server.rx_usecs", 0, MAX_USECS)
     if "state_dir" in srv:
         sd = srv["state_dir"]
         if not isinstance(sd, str) or not sd.strip() or "\0" in sd:
@@ -553,6 +558,7 @@ def summary(cfg: Config) -> dict[str, Any]:
         "edges": s.edges,
         "workers": s.workers,
         "crypto": s.crypto,
+        "rx_usecs": s.rx_usecs,
         "state_dir": s.state_dir,
         "endpoint": s.endpoint,
         "ports": s.ports(),
@@ -569,7 +575,8 @@ def format_summary(path: str, cfg: Config) -> str:
         f"{path}: ok",
         f"  listen port  {s.listen_port}/udp",
         f"  addresses    {', '.join(s.addresses)} on {s.tun}",
-        f"  processes    {s.edges} edges, {s.workers} workers, crypto {s.crypto}",
+        f"  processes    {s.edges} edges, {s.workers} workers, crypto {s.crypto}, "
+        f"rx-usecs {s.rx_usecs}{' (off)' if not s.rx_usecs else ''}",
         f"  state dir    {s.state_dir or '(default: $FABRIC_STATE_DIR or /var/lib/fabric)'}",
     ]
     if s.openvpn is not None:

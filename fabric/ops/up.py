@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     edges = args.edges or s.edges
     workers = args.workers or s.workers
     crypto = args.crypto or s.crypto
+    rx_usecs = s.rx_usecs if args.rx_usecs is None else args.rx_usecs
     endpoint = args.endpoint or s.endpoint
     mbase = getattr(args, "metrics", None) or s.metrics
     ports = metrics.layout(mbase, edges, workers) if mbase else {}
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     for i in range(edges):
         children.append(Child(f"edge-{i}", base + ["edge", *sdir, "--id", str(i), "--listen", args.listen,
                                                    "--listen-port", str(port), *oflag, "--tun", tun_name]
-                              + (["--no-reuseport"] if args.no_reuseport else []) + ["--crypto", crypto]
+                              + (["--no-reuseport"] if args.no_reuseport else []) + ["--crypto", crypto, "--rx-usecs", str(rx_usecs)]
                               + mflag.get(f"edge-{i}", [])))
     for j in range(workers):
         children.append(Child(f"worker-{j}", base + ["worker", *sdir, "--id", str(j)] + mflag.get(f"worker-{j}", [])))
