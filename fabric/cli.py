@@ -32,36 +32,30 @@ def _port(text: str) -> int:
     return v
 
 
-def _count(text: str) -> int:
+def _whole(text: str, lo: int, hi: int, noun: str = "number", low: str = "") -> int:
+    """`text` as a whole number from `lo` to `hi` (`low` names what `lo` means), or the
+    error argparse prints for the flag."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= v <= 256:
-        raise argparse.ArgumentTypeError(f"{v} is out of range; use 1 to 256")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+    if not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"{v} is out of range; use {lo}{low} to {hi}")
     return v
+
+
+def _count(text: str) -> int:
+    return _whole(text, 1, 256)
 
 
 def _id(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= v <= 255:
-        raise argparse.ArgumentTypeError(f"{v} is out of range; use 0 to 255")
-    return v
+    return _whole(text, 0, 255)
 
 
 def _usecs(text: str) -> int:
     from fabric.dataplane.moderation import MAX_USECS
 
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
-    if not 0 <= v <= MAX_USECS:
-        raise argparse.ArgumentTypeError(f"{v} is out of range; use 0 (off) to {MAX_USECS}")
-    return v
+    return _whole(text, 0, MAX_USECS, "number of microseconds", " (off)")
 
 
 def _id_or_auto(text: str) -> int | None:
