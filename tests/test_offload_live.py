@@ -26,6 +26,7 @@ RUN = 24
 
 CLIENT = r"""
 import json, socket, struct, sys, time
+from fabric.dataplane.gro import fold
 from fabric.protocols.wireguard import crypto
 from fabric.protocols.wireguard.endpoint import PacketReceived, WireGuardEndpoint
 from fabric.protocols.wireguard.noise import StaticKeys
@@ -40,13 +41,8 @@ sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("0.0.0.0", 0))
 sock.settimeout(0.05)
 
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+def csum(b):  # the Internet checksum (RFC 1071) of the header or segment
+    return ~fold(b) & 0xFFFF
 
 def echo(seq):
     icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4242, seq) + bytes(200)

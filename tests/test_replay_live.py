@@ -40,16 +40,12 @@ PORT = 51820
 # client's wireguard-go owns that port, so a plain UDP socket cannot bind it.
 RAW_SENDER = r"""
 import json, socket, struct, sys, time
+from fabric.dataplane.gro import fold
 src, sport, dst, dport, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 items = [bytes.fromhex(h) for h in json.load(open(path))]
 
-def csum(b):
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+def csum(b):  # the Internet checksum (RFC 1071) of the header or segment
+    return ~fold(b) & 0xFFFF
 
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
