@@ -16,6 +16,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rfc1071 import checksum, ones_sum
 
 from fabric.dataplane import gro
 
@@ -32,17 +33,6 @@ DST6 = ipaddress.ip_address("2001:db8::1").packed
 ACK, PSH, FIN, SYN = 0x10, 0x08, 0x01, 0x02
 
 
-def csum(data: bytes) -> int:
-    """RFC 1071, the textbook way: 16-bit words, end-around carry, complement."""
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def tcp(seq: int, payload: bytes, *, flags: int = ACK, ack: int = 1000, sport: int = 5201, dport: int = 40000,
         v6: bool = False, opts: bytes = b"", ident: int = 7, tos: int = 0, ttl: int = 64,
         good_csum: bool = True) -> bytes:
@@ -56,9 +46,9 @@ def tcp(seq: int, payload: bytes, *, flags: int = ACK, ack: int = 1000, sport: i
     else:
         pseudo = SRC4 + DST4 + b"\0\x06" + seg_len.to_bytes(2, "big")
         ip = bytearray(struct.pack(">BBHHHBBH4s4s", 0x45, tos, 20 + seg_len, ident, 0x4000, ttl, 6, 0, SRC4, DST4))
-        ip[10:12] = csum(bytes(ip)).to_bytes(2, "big")
+        ip[10:12] = checksum(bytes(ip)).to_bytes(2, "big")
         ip = bytes(ip)
-    c = csum(pseudo + bytes(th) + payload)
+    c = checksum(pseudo + bytes(th) + payload)
     th[16:18] = (c if good_csum else c ^ 0x5A5A).to_bytes(2, "big")
     return ip + bytes(th) + payload
 
@@ -81,10 +71,10 @@ def segment(pkt: bytes) -> list[bytes]:
         pseudo = body[8:40] + (len(body) - 40).to_bytes(4, "big") + b"\0\0\0\x06"
     else:
         assert int.from_bytes(body[2:4], "big") == len(body)
-        assert csum(body[:ihl]) == 0, "IPv4 header checksum of the super packet"
+        assert checksum(body[:ihl]) == 0, "IPv4 header checksum of the super packet"
         pseudo = body[12:20] + b"\0\x06" + (len(body) - ihl).to_bytes(2, "big")
     # CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not complemented
-    assert int.from_bytes(body[ihl + 16 : ihl + 18], "big") == (~csum(pseudo) & 0xFFFF)
+    assert int.from_bytes(body[ihl + 16 : ihl + 18], "big") == ones_sum(pseudo)
     head, payload = body[:hdr_len], body[hdr_len:]
     seq0 = int.from_bytes(head[ihl + 4 : ihl + 8], "big")
     out = []
@@ -102,10 +92,10 @@ def segment(pkt: bytes) -> list[bytes]:
         else:
             h[2:4] = (ihl + seg_len).to_bytes(2, "big")
             h[10:12] = b"\0\0"
-            h[10:12] = csum(bytes(h[:ihl])).to_bytes(2, "big")
+            h[10:12] = checksum(bytes(h[:ihl])).to_bytes(2, "big")
             ps = bytes(h[12:20]) + b"\0\x06" + seg_len.to_bytes(2, "big")
         h[ihl + 16 : ihl + 18] = b"\0\0"
-        h[ihl + 16 : ihl + 18] = csum(ps + bytes(h[ihl:]) + chunk).to_bytes(2, "big")
+        h[ihl + 16 : ihl + 18] = checksum(ps + bytes(h[ihl:]) + chunk).to_bytes(2, "big")
         out.append(bytes(h) + chunk)
     return out
 

@@ -1,7 +1,7 @@
 """fabric.dataplane.segment: TSO/USO super packets from the TUN cut into segments,
 both implementations (C and Python) held to one behaviour.
 
-Checksums are verified with a separate RFC 1071 loop written here, not with the
+Checksums are verified with the tests' own RFC 1071 loop (tests/rfc1071.py), not with the
 code under test."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rfc1071 import ones_sum
 
 from fabric.dataplane import segment
 from fabric.dataplane.gro import GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR
@@ -22,17 +23,6 @@ if segment.split_native is not None:  # (FABRIC_REQUIRE_NATIVE=1 makes its absen
     IMPLS.append(("native", segment.split_native))
 
 
-def rfc1071(data: bytes) -> int:
-    """The one's complement sum, the plain way (RFC 1071 4.1)."""
-    if len(data) % 2:
-        data += b"\0"
-    total = 0
-    for i in range(0, len(data), 2):
-        total += (data[i] << 8) | data[i + 1]
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def l4_ok(pkt: bytes) -> bool:
     v6 = pkt[0] >> 4 == 6
     ihl = 40 if v6 else (pkt[0] & 15) * 4
@@ -40,11 +30,11 @@ def l4_ok(pkt: bytes) -> bool:
     l4 = pkt[ihl:]
     pseudo = (pkt[8:40] + struct.pack("!II", len(l4), proto)) if v6 else \
         (pkt[12:20] + struct.pack("!BBH", 0, proto, len(l4)))
-    return rfc1071(pseudo + l4) == 0xFFFF
+    return ones_sum(pseudo + l4) == 0xFFFF
 
 
 def ip_ok(pkt: bytes) -> bool:
-    return pkt[0] >> 4 == 6 or rfc1071(pkt[: (pkt[0] & 15) * 4]) == 0xFFFF
+    return pkt[0] >> 4 == 6 or ones_sum(pkt[: (pkt[0] & 15) * 4]) == 0xFFFF
 
 
 def ipv4(proto: int, l4: bytes, ident: int = 0x1234) -> bytes:
@@ -126,7 +116,7 @@ def test_a_partial_checksum_is_completed(name: str, split: Callable[[bytes], lis
     pseudo-header sum, the device finishes it (virtio 1.1 5.1.6.2)."""
     pkt = bytearray(ipv4(6, tcp(b"hello world, a short segment")))
     l4len = len(pkt) - 20
-    partial = rfc1071(bytes(pkt[12:20]) + struct.pack("!BBH", 0, 6, l4len))
+    partial = ones_sum(bytes(pkt[12:20]) + struct.pack("!BBH", 0, 6, l4len))
     struct.pack_into("!H", pkt, 36, partial)
     (out,) = split(vnet(GSO_NONE, 0, 20, 16) + bytes(pkt))
     assert l4_ok(out) and out[:36] == pkt[:36] and out[38:] == pkt[38:]
