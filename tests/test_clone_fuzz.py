@@ -279,23 +279,24 @@ def test_heartbeat_ahead_right_after_a_snapshot_is_quiet_mid_stream_warns(
     """The slow joiner seen through a heartbeat instead of the next update (what `fabric
     up` printed once at start-up): repaired quietly; mid-stream it is a warning."""
     b, s = pair
+
+    def lost_then_heartbeat(value: int) -> list[int]:
+        """An update the SUB never sees, then a heartbeat: the levels of "missed updates"
+        logged so far."""
+        b.set(b"a", {"v": value})
+        b.publish(b.hugz())
+        with caplog.at_level(logging.INFO, logger="fabric"):
+            s.pump()
+        return [r.levelno for r in caplog.records if "missed updates" in r.getMessage()]
+
     s.sync()
-    b.set(b"a", {"v": 1})  # published while the SUB was "still joining": lost
-    b.publish(b.hugz())
-    with caplog.at_level(logging.INFO, logger="fabric"):
-        s.pump()
-    missed = [r for r in caplog.records if "missed updates" in r.getMessage()]
-    assert [r.levelno for r in missed] == [logging.INFO]
+    # published while the SUB was "still joining": lost
+    assert lost_then_heartbeat(1) == [logging.INFO]
     _assert_converged(b, s)
     caplog.clear()
     b.publish(b.set(b"a", {"v": 2}))  # one update applied: the stream is running
     s.pump()
-    b.set(b"a", {"v": 3})  # lost mid-stream
-    b.publish(b.hugz())
-    with caplog.at_level(logging.INFO, logger="fabric"):
-        s.pump()
-    missed = [r for r in caplog.records if "missed updates" in r.getMessage()]
-    assert [r.levelno for r in missed] == [logging.WARNING]
+    assert lost_then_heartbeat(3) == [logging.WARNING]  # lost mid-stream
     _assert_converged(b, s)
 
 
